@@ -1,0 +1,60 @@
+"""Algorithm registry: a method is one file with the math, plus one line here.
+
+A Method names the statistics it needs from the pipeline ("hessian", "act_absmean") and turns one
+weight plus those statistics into a QTensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from qtensor import QTensor
+from qtensor.errors import QtoolError
+from qtensor.schemes import WeightSpec
+
+from .gptq import gptq_quantize
+from .rtn import quantize_weight
+
+
+@dataclass
+class Method:
+    name: str
+    stats: tuple
+    weight_dtypes: tuple  # numeric types it can produce
+    fn: Callable  # (weight, spec, stats, **options) -> (QTensor, note)
+    options: dict = field(default_factory=dict)
+    description: str = ""
+
+    def quantize(self, weight: torch.Tensor, spec: WeightSpec, stats: dict) -> tuple[QTensor, str]:
+        return self.fn(weight, spec, stats, **self.options)
+
+
+def _rtn(weight, spec, stats, mse_clip=False):
+    return quantize_weight(weight, spec, mse_clip=mse_clip), ""
+
+
+def _gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=False, blocksize=128):
+    acc = stats.get("hessian")
+    if acc is None or acc.n == 0:  # no calibration tokens: fall back to round-to-nearest
+        return quantize_weight(weight, spec, mse_clip=mse_clip), "no calibration tokens: round-to-nearest"
+    r = gptq_quantize(weight, acc.H, spec, damp=damp, blocksize=blocksize, act_order=act_order, static_groups=static_groups, mse_clip=mse_clip)
+    return r.qtensor, r.note
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
+        Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups"),
+    ]
+}
+
+
+def get_method(name: str, **options) -> Method:
+    if name not in METHODS:
+        raise QtoolError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
+    m = METHODS[name]
+    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description)

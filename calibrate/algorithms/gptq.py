@@ -1,0 +1,145 @@
+"""GPTQ (Frantar et al. 2022): column-by-column rounding with Hessian-based error compensation.
+
+Statistics in: H = 2/n * sum x x^T over the layer's calibration inputs. Out: a QTensor.
+Follows IST-DASLab's gptq.py: lazy block updates, damping, act order (optionally with static
+groups, so no g_idx is needed), Cholesky failure answered by raising the damping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qtensor import QTensor
+from qtensor import numerics as nm
+from qtensor.schemes import WeightSpec
+
+from .rtn import mse_clip_search
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum x x^T in float32 (float64 would be safer on huge n; float32 matches peers)."""
+
+    def __init__(self, k: int, device="cpu"):
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.t() @ x
+
+
+@dataclass
+class GPTQResult:
+    qtensor: QTensor
+    loss: float  # sum of squared, Hessian-weighted rounding errors
+    damp: float  # damping actually used
+    note: str = ""
+
+
+def _column_params(w: torch.Tensor, spec: WeightSpec, mse_clip: bool):
+    clip = mse_clip_search(w, spec.__class__(spec.dtype, spec.bits, -1, spec.sym, None, spec.scale_dtype)) if mse_clip else 1.0
+    return nm.int_qparams(w, spec.bits, -1, spec.sym, spec.scale_dtype, clip)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: WeightSpec,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    mse_clip: bool = False,
+) -> GPTQResult:
+    if spec.dtype != "int":
+        raise ValueError("GPTQ quantizes integer weights")
+    W = weight.detach().clone().float()
+    n, k = W.shape
+    H = H.detach().clone().float()
+    if not torch.isfinite(H).all():
+        raise FloatingPointError("non-finite values in the Hessian")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    G = k if spec.group_size <= 0 else spec.group_size
+    n_groups = nm.groups_of(k, spec.group_size)
+    scales = torch.empty(n, n_groups, dtype=spec.scale_dtype)
+    zeros = None if spec.sym else torch.empty(n, n_groups, dtype=torch.uint8)
+
+    def set_group(g: int, cols: torch.Tensor) -> None:
+        s, z = _column_params(cols, spec, mse_clip)
+        scales[:, g] = s[:, 0]
+        if zeros is not None:
+            zeros[:, g] = z[:, 0]
+
+    if spec.group_size <= 0 or static_groups:
+        for g in range(n_groups):
+            set_group(g, W[:, g * G : (g + 1) * G])
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    # group of each permuted column: static/per-channel groups follow the original index
+    orig_group = perm // G if (spec.group_size <= 0 or static_groups) else None
+
+    used = damp
+    note = ""
+    mean_diag = torch.mean(torch.diag(H))
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(used * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                break
+        used *= 10 if attempt else 5
+        note = f"Hessian not positive definite; damping raised to {used:g}"
+    else:
+        raise FloatingPointError("Hessian stays singular after raising damping to %g" % used)
+
+    Q = torch.zeros(n, k, dtype=torch.int16)
+    lo, hi = nm.int_range(spec.bits, spec.sym)
+    loss = torch.zeros(n)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if orig_group is None and col % G == 0:  # on-the-fly group parameters (updated weights)
+                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+                set_group(col // G, cols)
+            g = int(orig_group[col]) if orig_group is not None else col // G
+            s = scales[:, g].float()
+            z = 0.0 if zeros is None else zeros[:, g].float()
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, lo, hi)
+            dq = (q - z) * s
+            Q[:, col] = q.to(torch.int16)
+            d = Hinv1[i, i]
+            loss += (w - dq) ** 2 / d**2 / 2
+            err = (w - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    codes = Q[:, invperm]
+    codes = codes.to(torch.int8) if spec.sym else codes.to(torch.uint8)
+    g_idx = None
+    if act_order and not static_groups and spec.group_size > 0:
+        g_idx = (torch.arange(k) // G)[invperm].to(torch.int32)
+    qt = QTensor("int", spec.bits, codes, scales, zeros, spec.group_size, g_idx=g_idx)
+    return GPTQResult(qt, float(loss.sum()), used, note)

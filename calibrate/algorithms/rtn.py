@@ -1,0 +1,61 @@
+"""Round-to-nearest: the weight alone decides the scales. Every numeric type of the registry."""
+
+from __future__ import annotations
+
+import torch
+
+from qtensor import QTensor
+from qtensor import numerics as nm
+from qtensor.schemes import WeightSpec
+
+
+def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -> QTensor:
+    """Quantize one weight [N, K] with round-to-nearest scales (optionally MSE-optimal clipping for int)."""
+    w = w.float()
+    n, k = w.shape
+    if spec.dtype == "int":
+        clip = mse_clip_search(w, spec) if mse_clip else 1.0
+        scale, zero = nm.int_qparams(w, spec.bits, spec.group_size, spec.sym, spec.scale_dtype, clip)
+        codes = nm.int_quantize(w, scale, zero, spec.bits, spec.group_size)
+        return QTensor("int", spec.bits, codes, scale, zero, spec.group_size)
+    if spec.dtype == "fp8_e4m3":
+        if spec.block is not None:
+            scale = nm.fp8_scale_from_amax(nm.block_amax(w, spec.block))
+            codes = nm.fp8_quantize(w, nm.expand_blocks(scale, n, k, spec.block))
+            return QTensor("fp8_e4m3", 8, codes, scale, None, spec.block[1], block=spec.block)
+        if spec.group_size == 0:
+            scale = nm.fp8_scale_from_amax(w.abs().amax()).reshape(1)
+        else:
+            scale = nm.fp8_scale_from_amax(w.abs().amax(1, keepdim=True))
+        return QTensor("fp8_e4m3", 8, nm.fp8_quantize(w, scale.reshape(-1, 1) if scale.numel() > 1 else scale), scale, None, spec.group_size)
+    if spec.dtype == "e2m1" and spec.scale_dtype == torch.float8_e4m3fn:  # NVFP4
+        bs, gs = nm.nvfp4_qparams(w, spec.group_size)
+        return QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, spec.group_size), bs, None, spec.group_size, global_scale=gs)
+    if spec.dtype in ("e2m1", "mxfp8"):  # MX: e8m0 shared exponents per 32
+        emax = 2 if spec.dtype == "e2m1" else 8
+        e = nm.e8m0_scales(w, spec.group_size, emax)
+        s = nm.expand_to_columns(nm.e8m0_to_float(e), k, spec.group_size)
+        if spec.dtype == "e2m1":
+            codes = nm.e2m1_round(w / s)
+        else:
+            codes = nm.fp8_quantize(w, s)
+        return QTensor(spec.dtype, spec.bits, codes, e, None, spec.group_size)
+    raise ValueError(f"no round-to-nearest for {spec.dtype}")
+
+
+def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio: float = 0.75) -> torch.Tensor:
+    """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only)."""
+    n, k = w.shape
+    gsz = k if spec.group_size <= 0 else spec.group_size
+    wg = w.reshape(n, k // gsz, gsz)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best = torch.ones(wg.shape[:2])
+    for i in range(grid + 1):
+        r = 1.0 - (1.0 - min_ratio) * i / grid
+        scale, zero = nm.int_qparams(w, spec.bits, spec.group_size, spec.sym, spec.scale_dtype, r)
+        dq = nm.int_dequantize(nm.int_quantize(w, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
+        err = (dq - w).reshape_as(wg).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best

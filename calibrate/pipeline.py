@@ -1,0 +1,232 @@
+"""The layer-wise calibration pipeline (kept apart from the algorithms it drives).
+
+1. Run the calibration samples through the embeddings; every decoder layer is temporarily replaced
+   by a recorder that keeps the keyword arguments the model passes it (masks, rotary embeddings:
+   these differ per layer type, e.g. Gemma 3's sliding and global layers) and, for layer 0, the
+   hidden states. No per-architecture table: layers are found from the module tree and config.
+2. For each decoder layer in turn: find its linears and the order they run in (linears that read
+   the same input tensor form one group: q/k/v, gate/up), then for each group collect what the
+   algorithm needs (Hessians, activation ranges) with the earlier groups already quantized
+   (true-sequential), quantize the group and put the dequantized weights in place.
+3. Run the quantized layer to produce the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qtensor import ActQuant, QTensor
+from qtensor import numerics as nm
+from qtensor.errors import QtoolError
+from qtensor.schemes import Scheme, WeightSpec
+
+from .algorithms import Method
+
+
+class _Stop(Exception):
+    pass
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers (length == num_hidden_layers), found generically."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+                if best is None or len(name) < len(best[0]):
+                    best = (name, mod)
+    if best is None:
+        raise QtoolError("cannot find the decoder layers of this model (no ModuleList of num_hidden_layers blocks with linears)")
+    return best
+
+
+class _Recorder(nn.Module):
+    def __init__(self, idx: int, store: "_Capture"):
+        super().__init__()
+        self.idx, self.store = idx, store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.idx == 0:
+            self.store.inputs.append(hidden_states.detach())
+        if self.idx not in self.store.kwargs:
+            self.store.kwargs[self.idx] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "use_cache")}
+            self.store.args[self.idx] = args
+        if self.idx == self.store.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class _Capture:
+    last: int
+    inputs: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device: str) -> _Capture:
+    cap = _Capture(last=len(layers) - 1)
+    real = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, cap)
+    try:
+        with torch.no_grad():
+            for row in samples:
+                try:
+                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for i, m in enumerate(real):
+            layers[i] = m
+    return cap
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def linear_groups(layer: nn.Module, x: torch.Tensor, kwargs: dict, args: tuple) -> list[list[str]]:
+    """Linears of a layer in execution order, grouped by shared input (q/k/v; gate/up)."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    names = {m: n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    for mod, name in names.items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, inp, name=name: order.append((name, inp[0].data_ptr(), tuple(inp[0].shape)))))
+    try:
+        with torch.no_grad():
+            layer(x, *args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen = set()
+    last_key = None
+    for name, ptr, shape in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        key = (ptr, shape)
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    unseen = [n for n in names.values() if n not in seen]
+    if unseen:  # linears no calibration token reached (e.g. unused MoE experts): weight-only statistics
+        groups.append(unseen)
+    return groups
+
+
+@dataclass
+class LayerReport:
+    name: str
+    seconds: float
+    notes: list = field(default_factory=list)
+
+
+def _act_quant(scheme: Scheme, amax: torch.Tensor | None) -> ActQuant:
+    if scheme.act_kind == "none":
+        return ActQuant()
+    if scheme.act_kind == "dynamic":
+        return ActQuant("dynamic", scheme.act_dtype, scheme.act_granularity, group_size=16 if scheme.act_dtype == "e2m1" else 0)
+    # static per-tensor
+    a = torch.tensor(1.0) if amax is None else amax.float().reshape(())
+    qmax = nm.FP8_MAX if scheme.act_dtype == "fp8_e4m3" else 127.0
+    scale = (a / qmax).clamp(min=1e-12).reshape(1)
+    return ActQuant("static", scheme.act_dtype, "tensor", scale=scale)
+
+
+def quantize_layers(
+    model: nn.Module,
+    samples: torch.Tensor,
+    scheme: Scheme,
+    spec: WeightSpec,
+    method: Method,
+    device: str = "cpu",
+    progress=None,
+    on_layer=None,
+) -> tuple[dict[str, QTensor], list[LayerReport]]:
+    """Quantize every linear of every decoder layer; returns {module name: QTensor} and reports."""
+    prefix, layers = find_decoder_layers(model)
+    needs_data = bool(method.stats) or scheme.act_kind == "static"
+    cap = capture_layer_inputs(model, layers, samples if needs_data else samples[:1], device)
+    hidden = cap.inputs
+    result: dict[str, QTensor] = {}
+    reports: list[LayerReport] = []
+    task = progress.add_task(f"{method.name} {scheme.name}", total=len(layers)) if progress else None
+    for li, layer in enumerate(layers):
+        t0 = time.time()
+        kwargs, args = cap.kwargs.get(li, {}), cap.args.get(li, ())
+        rep = LayerReport(f"{prefix}.{li}", 0.0)
+        mods = dict(layer.named_modules())
+        groups = linear_groups(layer, hidden[0], kwargs, args)
+        for group in groups:
+            stats = {n: {} for n in group}
+            if needs_data:
+                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, scheme)
+            for name in group:
+                lin = mods[name]
+                st = stats[name]
+                if method.stats and st.get("n", 0) == 0:
+                    rep.notes.append(f"{name}: no calibration tokens reached it; weight-only statistics")
+                qt, note = method.quantize(lin.weight.data, spec, st)
+                if note:
+                    rep.notes.append(f"{name}: {note}")
+                w = qt.dequantize()
+                if not torch.isfinite(w).all():
+                    raise QtoolError(f"non-finite values after quantizing {prefix}.{li}.{name}")
+                qt.act = _act_quant(scheme, st.get("amax"))
+                qt.orig_dtype = lin.weight.dtype
+                lin.weight.data.copy_(w.to(lin.weight.dtype))
+                result[f"{prefix}.{li}.{name}"] = qt
+        if li + 1 < len(layers):
+            with torch.no_grad():
+                hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise QtoolError(f"non-finite activations after layer {li}")
+        rep.seconds = time.time() - t0
+        reports.append(rep)
+        if on_layer:
+            on_layer(li, rep)
+        if progress:
+            progress.update(task, advance=1)
+    return result, reports
+
+
+def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple, scheme: Scheme):
+    from .algorithms.gptq import HessianAccumulator
+
+    hooks = []
+    for name, mod in linears.items():
+        st = stats[name]
+        st["n"] = 0
+        if "hessian" in needs:
+            st["hessian"] = HessianAccumulator(mod.in_features, mod.weight.device)
+
+        def hook(m, inp, st=st):
+            x = inp[0].detach()
+            x2 = x.reshape(-1, x.shape[-1])
+            st["n"] += x2.shape[0]
+            if "hessian" in st:
+                st["hessian"].add(x2)
+            a = x2.abs().amax() if x2.numel() else torch.tensor(0.0)
+            st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a.float().cpu())
+            if "act_absmean" in needs:
+                s = x2.abs().float().sum(0)
+                st["act_abssum"] = st.get("act_abssum", 0) + s
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for h in hidden:
+                layer(h, *args, **kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()

@@ -1,0 +1,191 @@
+"""GPTQ v1 layout (GPTQModel / AutoGPTQ; loaded by vLLM, SGLang, transformers+optimum).
+
+qweight int32 [K*bits/32, N] packed along K; qzeros int32 [K/G, N*bits/32] packed along N holding
+z-1 (v1; v2 stores z); scales fp16 [K/G, N]; g_idx int32 [K].
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from qtensor import QTensor, __version__
+from qtensor import packing as pk
+from qtensor.errors import QtoolError
+
+from .base import Checkpoint, Format, check_tensor, module_names_with, passthrough, register
+from .io import TensorDir
+
+BITS = (2, 3, 4, 8)
+
+
+def fp16_exact(s: torch.Tensor) -> bool:
+    if s.dtype == torch.float16:
+        return True
+    if not s.dtype.is_floating_point:
+        return False
+    h = s.to(torch.float16)
+    return bool(torch.isfinite(h).all()) and torch.equal(h.to(s.dtype), s)
+
+
+def int_weight_only_reason(qt: QTensor, bits=BITS, allow_act_order=True) -> str | None:
+    """Shared check for the GPTQ-style layouts (GPTQ, AutoRound auto_gptq)."""
+    if qt.dtype != "int":
+        return f"{qt.dtype} weights (GPTQ holds integer weights)"
+    if qt.bits not in bits:
+        return f"{qt.bits}-bit weights"
+    if qt.act.kind != "none":
+        return "activation quantization (GPTQ is weight-only)"
+    if qt.block is not None or qt.group_size == 0:
+        return "block or per-tensor scales"
+    n, k = qt.shape
+    if qt.group_size > 0 and k % qt.group_size:
+        return f"in_features {k} not a multiple of group size {qt.group_size}"
+    if (n * qt.bits) % 32 or (k * qt.bits) % 32 or (qt.bits == 3 and (n % 32 or k % 32)):
+        return f"shape {n}x{k} does not pack into int32 words at {qt.bits} bits"
+    if not fp16_exact(qt.scales):
+        return "scales not representable in fp16 (use --requantize)"
+    if qt.zeros is not None and int(qt.zeros.min()) == 0:
+        return "an asymmetric zero point of 0 cannot be stored in GPTQ v1 (z-1 underflows)"
+    if qt.act_order and not allow_act_order:
+        return "act order"
+    return None
+
+
+def encode_gptq_tensors(name: str, qt: QTensor) -> dict[str, torch.Tensor]:
+    n, k = qt.shape
+    codes = pk.signed_to_offset(qt.codes, qt.bits) if qt.sym else qt.codes
+    zeros = torch.full_like(qt.scales, 1 << (qt.bits - 1), dtype=torch.uint8) if qt.sym else qt.zeros
+    return {
+        f"{name}.qweight": pk.pack_int32(codes.t(), qt.bits, dim=0),
+        f"{name}.qzeros": pk.pack_int32((zeros.to(torch.int16) - 1).t().to(torch.uint8), qt.bits, dim=1),
+        f"{name}.scales": qt.scales.t().to(torch.float16).contiguous(),
+        f"{name}.g_idx": qt.column_groups().to(torch.int32),
+    }
+
+
+def decode_gptq_tensors(td, name: str, bits: int, group_size: int, sym: bool, v2: bool = False) -> QTensor:
+    qweight = td[f"{name}.qweight"]
+    for suffix in ("qzeros", "scales"):
+        if f"{name}.{suffix}" not in td:
+            raise QtoolError(f"checkpoint is missing tensor {name}.{suffix}")
+    qzeros, scales = td[f"{name}.qzeros"], td[f"{name}.scales"]
+    check_tensor(f"{name}.qweight", qweight, dtypes=(torch.int32,))
+    if qweight.dim() != 2:
+        raise QtoolError(f"tensor {name}.qweight is not 2-D")
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    ng = 1 if group_size <= 0 else k // group_size
+    check_tensor(f"{name}.scales", scales, shape=[ng, n], dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    check_tensor(f"{name}.qzeros", qzeros, shape=[ng, n * bits // 32], dtypes=(torch.int32,))
+    codes = pk.unpack_int32(qweight, bits, dim=0).t().contiguous()
+    z = pk.unpack_int32(qzeros, bits, dim=1).t().to(torch.int16)
+    z = z + (0 if v2 else 1)  # v1 stores z-1
+    g_idx = td[f"{name}.g_idx"] if f"{name}.g_idx" in td else None
+    if g_idx is not None:
+        check_tensor(f"{name}.g_idx", g_idx, shape=[k])
+        g_idx = g_idx.to(torch.int32)
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
+            raise QtoolError(f"tensor {name}.g_idx points outside the {ng} groups")
+        plain = (torch.arange(k) // (group_size if group_size > 0 else k)).to(torch.int32)
+        if torch.equal(g_idx, plain):
+            g_idx = None
+    mid = 1 << (bits - 1)
+    if sym and bool((z == mid).all()):
+        return QTensor("int", bits, pk.offset_to_signed(codes, bits), scales.t().contiguous(), None, group_size, g_idx=g_idx)
+    if int(z.min()) < 0 or int(z.max()) >= (1 << bits):
+        raise QtoolError(f"tensor {name}.qzeros holds zero points outside {bits}-bit range")
+    return QTensor("int", bits, codes, scales.t().contiguous(), z.to(torch.uint8), group_size, g_idx=g_idx)
+
+
+def dynamic_override(dynamic: dict | None, module: str) -> dict | None:
+    """GPTQModel `dynamic`: {regex: overrides}; '-:regex' excludes; '+:' or bare regex overrides."""
+    if not dynamic:
+        return {}
+    for pattern, override in dynamic.items():
+        neg = pattern.startswith("-:")
+        pat = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+        if re.match(pat, module):
+            return None if neg else dict(override or {})
+    return {}
+
+
+@register
+class GPTQFormat(Format):
+    name = "gptq"
+    description = "GPTQ v1 (GPTQModel/AutoGPTQ): vLLM, SGLang, transformers"
+    schemes = ("w4a16", "w8a16")
+
+    def can_hold(self, name, qt):
+        return int_weight_only_reason(qt)
+
+    def encode(self, name, qt):
+        return encode_gptq_tensors(name, qt)
+
+    def _base(self, ckpt: Checkpoint) -> QTensor:
+        return max(ckpt.qtensors.values(), key=lambda q: sum(1 for o in ckpt.qtensors.values() if (o.bits, o.group_size, o.sym) == (q.bits, q.group_size, q.sym)))
+
+    def quant_config(self, ckpt):
+        base = self._base(ckpt)
+        dynamic = {}
+        for name, qt in ckpt.qtensors.items():
+            if (qt.bits, qt.group_size, qt.sym) != (base.bits, base.group_size, base.sym):
+                dynamic[f"+:^{re.escape(name)}$"] = {"bits": qt.bits, "group_size": qt.group_size, "sym": qt.sym}
+        cfg = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": base.bits,
+            "group_size": base.group_size,
+            "sym": base.sym,
+            "desc_act": any(q.act_order for q in ckpt.qtensors.values()),
+            "lm_head": False,
+            "true_sequential": True,
+            "pack_dtype": "int32",
+            "damp_percent": ckpt.meta.get("options", {}).get("damp", 0.01),
+            "meta": {"quantizer": [f"qtool:{__version__}"]},
+        }
+        if dynamic:
+            cfg["dynamic"] = dynamic
+        return cfg
+
+    def extra_files(self, ckpt):
+        return {"quantize_config.json": self.quant_config(ckpt)}
+
+    def detect(self, path, config):
+        qc = config.get("quantization_config") or {}
+        return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
+
+    def decode(self, path: Path, config: dict) -> Checkpoint:
+        qc = config["quantization_config"]
+        try:
+            bits, gs, sym = int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
+        except (KeyError, TypeError, ValueError):
+            raise QtoolError("gptq quantization_config lacks a valid 'bits'/'group_size'") from None
+        if bits not in BITS:
+            raise QtoolError(f"gptq quantization_config: unsupported bits {bits}")
+        v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
+        td = TensorDir(path)
+        qts, claimed = {}, set()
+        for name in module_names_with(td, ".qweight"):
+            ov = dynamic_override(qc.get("dynamic"), name)
+            ov = ov or {}
+            b, g, s = int(ov.get("bits", bits)), int(ov.get("group_size", gs)), bool(ov.get("sym", sym))
+            qts[name] = decode_gptq_tensors(td, name, b, g, s, v2)
+            claimed |= {f"{name}.{x}" for x in ("qweight", "qzeros", "scales", "g_idx")}
+        if not qts:
+            raise QtoolError(f"{path}: gptq config but no .qweight tensors")
+        return Checkpoint(config, qts, passthrough(td, claimed), path)
+
+    def engines(self, ckpt):
+        qts = list(ckpt.qtensors.values())
+        out = []
+        marlin = all(q.bits in (4, 8) and q.sym and q.group_size in (-1, 32, 64, 128) for q in qts)
+        act_order_groups = any(q.act_order and q.group_size > 0 for q in qts)
+        if act_order_groups:
+            out.append(("vllm", False, "desc_act with groups is rejected by vLLM 0.33"))
+        else:
+            out.append(("vllm", True, "gptq_marlin" if marlin else "gptq (non-Marlin kernel)"))
+        out.append(("sglang", True, "gptq_marlin" if marlin else "gptq"))
+        out.append(("transformers", True, "through optimum + gptqmodel"))
+        return out

@@ -1,0 +1,176 @@
+"""Scale math and rounding for every numeric type, in exactly one place.
+
+int:   real = scale * (code - zero); symmetric codes are signed in [-2^(b-1), 2^(b-1)-1] with no zero.
+fp8:   real = float(e4m3 code) * scale.
+e2m1:  real = E2M1[code] * block_scale(e4m3) * global_scale (NVFP4), or * 2^(e8m0 - 127) (MXFP4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+E2M1_MAX = 6.0
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_E2M1_POS = E2M1_VALUES[:8]
+
+
+def int_range(bits: int, sym: bool) -> tuple[int, int]:
+    if sym:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def groups_of(k: int, group_size: int) -> int:
+    return 1 if group_size <= 0 else (k + group_size - 1) // group_size
+
+
+def expand_to_columns(s: torch.Tensor, k: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group tensor [N, n_groups] (or [N, 1], [1]) -> per-element [N, K] (broadcastable)."""
+    if s.dim() == 0 or s.numel() == 1:
+        return s.reshape(1, 1)
+    if s.shape[-1] == 1:
+        return s
+    if g_idx is None:
+        g_idx = torch.arange(k) // group_size
+    return s[:, g_idx.long()]
+
+
+def expand_blocks(s: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> torch.Tensor:
+    bn, bk = block
+    return s.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+
+def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    if group_size <= 0:
+        return w.reshape(n, 1, k)
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group size {group_size}")
+    return w.reshape(n, k // group_size, group_size)
+
+
+def int_qparams(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    clip: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales [N, G] in `scale_dtype` and zero points (uint8, asym only) from a weight [N, K].
+
+    Symmetric uses GPTQ's convention scale = 2*absmax / (2^b - 1); asymmetric min/max with an
+    integer zero point. `clip` shrinks the range (a scalar or [N, G] tensor, for clipping searches).
+    """
+    g = _group_view(w.float(), group_size)
+    lo, hi = int_range(bits, sym)
+    if sym:
+        amax = g.abs().amax(-1) * clip
+        scale = 2 * amax / (hi - lo)
+    else:
+        mn = g.amin(-1).clamp(max=0) * clip
+        mx = g.amax(-1).clamp(min=0) * clip
+        scale = (mx - mn) / (hi - lo)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))  # underflow in fp16
+    if sym:
+        return scale, None
+    zero = torch.round(-mn / scale.float()).clamp(lo, hi).to(torch.uint8)
+    return scale, zero
+
+
+def int_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Codes for w [N, K] given per-group scales: int8 signed (sym) or uint8 (asym)."""
+    k = w.shape[1]
+    s = expand_to_columns(scale.float(), k, group_size, g_idx)
+    sym = zero is None
+    lo, hi = int_range(bits, sym)
+    q = torch.round(w.float() / s)
+    if not sym:
+        q = q + expand_to_columns(zero.float(), k, group_size, g_idx)
+    q = q.clamp(lo, hi)
+    return q.to(torch.int8 if sym else torch.uint8)
+
+
+def int_dequantize(codes, scale, zero, group_size, g_idx=None) -> torch.Tensor:
+    k = codes.shape[1]
+    q = codes.float()
+    if zero is not None:
+        q = q - expand_to_columns(zero.float(), k, group_size, g_idx)
+    return q * expand_to_columns(scale.float(), k, group_size, g_idx)
+
+
+# ---- FP8 (E4M3) ----------------------------------------------------------------------------------
+
+
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    s = amax.float() / FP8_MAX
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def block_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    n, k = w.shape
+    bn, bk = block
+    pn, pk = (-n) % bn, (-k) % bk
+    wp = torch.nn.functional.pad(w.float().abs(), (0, pk, 0, pn))
+    return wp.reshape((n + pn) // bn, bn, (k + pk) // bk, bk).amax(dim=(1, 3))
+
+
+# ---- E2M1 (FP4) with E4M3 block scales (NVFP4) or E8M0 scales (MX) -------------------------------
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (ties to even code), returning 4-bit codes (uint8)."""
+    a = x.abs().clamp(max=E2M1_MAX)
+    mids = (_E2M1_POS[1:] + _E2M1_POS[:-1]) / 2  # decision boundaries
+    idx = torch.bucketize(a, mids.to(a.device), right=False)
+    # ties: bucketize(right=False) puts a value equal to a midpoint in the lower bucket; move to even code
+    tie = torch.isin(a, mids.to(a.device))
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)
+    sign = (x < 0) & (idx > 0)
+    return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    return E2M1_VALUES.to(codes.device)[codes.long()]
+
+
+def nvfp4_qparams(w: torch.Tensor, block: int = 16, amax: torch.Tensor | None = None):
+    """(block scales e4m3 [N, K/block], global scale float32 scalar) with real = e2m1*bs*gs."""
+    n, k = w.shape
+    amax = w.float().abs().amax() if amax is None else amax.float()
+    gs = (amax / (E2M1_MAX * FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).reshape(())
+    bamax = w.float().abs().reshape(n, k // block, block).amax(-1)
+    bs = (bamax / E2M1_MAX / gs).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    return bs, gs
+
+
+def nvfp4_quantize(w: torch.Tensor, bs: torch.Tensor, gs: torch.Tensor, block: int = 16) -> torch.Tensor:
+    n, k = w.shape
+    s = bs.float() * gs.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return e2m1_round(w.float().reshape(n, k // block, block) / s[..., None]).reshape(n, k)
+
+
+def e8m0_scales(w: torch.Tensor, block: int, elem_emax: int) -> torch.Tensor:
+    """MX shared exponents (uint8, bias 127): 2^(floor(log2(amax)) - elem_emax)."""
+    n, k = w.shape
+    amax = w.float().abs().reshape(n, k // block, block).amax(-1)
+    e = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - elem_emax
+    return (e.clamp(-127, 127) + 127).to(torch.uint8)
+
+
+def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(e.float() - 127)

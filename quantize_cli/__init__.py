@@ -1,0 +1,1 @@
+"""qtool's command line and Python API (quantize_cli.api)."""

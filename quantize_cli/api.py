@@ -1,0 +1,264 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    from quantize_cli import api
+    api.quantize("gemma-3-270m", scheme="w4a16", method="gptq", format="gptq", out="out/g")
+    api.evaluate("out/g")
+    api.export("out/g", format="qtool", out="out/q")
+    api.inspect("out/g")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from calibrate import data as cdata
+from calibrate import models as cmodels
+from calibrate.algorithms import METHODS, get_method
+from calibrate.pipeline import quantize_layers
+from exporters import FORMATS, Checkpoint, get_format, read_checkpoint, write_checkpoint
+from exporters.base import detect_format, file_sha256, prepare_out
+from qtensor import SCHEMES, __version__, get_scheme
+from qtensor.errors import GateFailed, QtoolError
+from qtensor.schemes import WeightSpec
+
+BACKENDS = ("native", "modelopt", "autoround", "gptqmodel")
+
+
+def combinations() -> list[tuple[str, str, str]]:
+    """(backend/method, scheme, format) triples that work today, from the registries."""
+    out = []
+    for m in METHODS.values():
+        for s in SCHEMES.values():
+            if s.weight_dtype not in m.weight_dtypes:
+                continue
+            for f in FORMATS.values():
+                if s.name in getattr(f, "schemes", ()):
+                    out.append((f"native/{m.name}", s.name, f.name))
+    return out
+
+
+def _combo_error(what: str) -> QtoolError:
+    lines = sorted({f"{m} --scheme {s} --format {f}" for m, s, f in combinations()})
+    return QtoolError(f"{what} is not built yet; working combinations: " + "; ".join(lines))
+
+
+def check_combination(scheme: str, method: str, fmt: str, backend: str = "native") -> None:
+    sch = get_scheme(scheme)
+    if fmt not in FORMATS:
+        get_format(fmt)  # raises the unknown-format error
+    if backend not in BACKENDS:
+        raise QtoolError(f"unknown backend '{backend}' (choose from: {', '.join(BACKENDS)})")
+    if backend != "native":
+        raise _combo_error(f"backend {backend}")
+    m = get_method(method)
+    if sch.weight_dtype not in m.weight_dtypes:
+        raise _combo_error(f"method {method} with scheme {scheme}")
+    if scheme not in getattr(FORMATS[fmt], "schemes", ()):
+        raise _combo_error(f"scheme {scheme} in format {fmt}")
+
+
+def _model_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return getattr(torch, str(name), torch.bfloat16)
+
+
+def quantize(
+    model: str,
+    scheme: str,
+    method: str = "rtn",
+    format: str = "gptq",
+    out: str | Path = "",
+    calib: str | None = None,
+    samples: int = 64,
+    seqlen: int = 512,
+    group_size: int | None = None,
+    bits: int | None = None,
+    sym: bool | None = None,
+    backend: str = "native",
+    device: str = "cpu",
+    seed: int = 0,
+    force: bool = False,
+    field: str = "text",
+    options: dict | None = None,
+    progress=None,
+) -> dict:
+    t0 = time.time()
+    if not out:
+        raise QtoolError("--out is required")
+    check_combination(scheme, method, format, backend)
+    sch = get_scheme(scheme)
+    if bits is not None:
+        if sch.weight_dtype != "int" or sch.act_kind != "none" or bits not in (2, 3, 4, 8):
+            raise QtoolError(f"--bits {bits} is not valid for scheme {scheme} (weight-only int schemes take 2, 3, 4 or 8)")
+        from dataclasses import replace
+
+        sch = replace(sch, weight_bits=bits)
+    if device not in ("cpu", "cuda"):
+        raise QtoolError(f"unknown device '{device}' (cpu or cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QtoolError("--device cuda asked for, but no CUDA device is available")
+    spec = WeightSpec.of(sch, group_size, sym)
+    prepare_out(Path(out), force)
+    mdir = cmodels.resolve_model(model, progress=progress)
+    config = cmodels.load_config(mdir)
+    tok = cmodels.load_tokenizer(mdir)
+    meth = get_method(method, **(options or {}))
+    n_samples = samples if (meth.stats or sch.act_kind == "static") else 1
+    ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
+    torch.manual_seed(seed)
+    net = cmodels.load_model(mdir, torch.float32, device)
+    qts, reports = quantize_layers(net, ids, sch, spec, meth, device, progress)
+    # everything that is not a quantized weight passes through in the source dtype
+    src_dtype = _model_dtype(config)
+    state = net.state_dict()
+    seen_ptrs = set()
+    tensors = {}
+    for k, v in state.items():
+        if k.endswith(".weight") and k[: -len(".weight")] in qts:
+            continue
+        ptr = (v.data_ptr(), tuple(v.shape))
+        if ptr in seen_ptrs:  # tied weights are written once
+            continue
+        seen_ptrs.add(ptr)
+        tensors[k] = v.detach().to("cpu").to(src_dtype) if v.is_floating_point() else v.detach().cpu()
+    for qt in qts.values():
+        qt.orig_dtype = src_dtype
+    safetensors = sorted(mdir.glob("*.safetensors"))
+    meta = {
+        "source": model,
+        "source_path": str(mdir.resolve()),
+        "source_sha256": file_sha256(safetensors),
+        "scheme": scheme,
+        "method": method,
+        "backend": backend,
+        "weight": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym},
+        "calibration": {
+            "data": calib or cdata.BUILTIN_DATA,
+            "samples": n_samples,
+            "seqlen": seqlen,
+            "seed": seed,
+            "field": field,
+            "tokens_sha256": __import__("hashlib").sha256(ids.numpy().tobytes()).hexdigest(),
+        },
+        "options": meth.options,
+        "device": device,
+        "notes": [n for r in reports for n in r.notes],
+    }
+    ckpt = Checkpoint(config, qts, tensors, mdir, meta)
+    write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
+    seconds = time.time() - t0
+    _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
+    return {"out": str(out), "format": format, "scheme": scheme, "method": method, "layers": len(reports), "modules": len(qts), "seconds": round(seconds, 2), "notes": meta["notes"]}
+
+
+def _update_meta(path: Path, fields: dict) -> None:
+    p = path / "qtool.json"
+    meta = json.loads(p.read_text()) if p.is_file() else {}
+    meta.update(fields)
+    tmp = p.with_name(f".qtool.json.{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+
+
+def export(src: str | Path, format: str, out: str | Path, force: bool = False, progress=None) -> dict:
+    src = Path(src)
+    if not src.exists():
+        raise QtoolError(f"path not found: {src}")
+    fmt = get_format(format)
+    prepare_out(Path(out), force)
+    ckpt = read_checkpoint(src)
+    write_checkpoint(ckpt, fmt.name, Path(out), force=force, progress=progress)
+    return {"out": str(out), "from": ckpt.format, "format": fmt.name, "modules": len(ckpt.qtensors)}
+
+
+def _reference_dir(path: Path, reference: str | None, meta: dict) -> Path | None:
+    if reference:
+        return cmodels.resolve_model(reference)
+    src = meta.get("source")
+    if src in cmodels.BUILTIN:
+        return cmodels.resolve_model(src)
+    sp = meta.get("source_path")
+    if sp and Path(sp).is_dir():
+        return Path(sp)
+    return None
+
+
+def evaluate(
+    path: str | Path,
+    reference: str | None = None,
+    data: str | None = None,
+    windows: int = cdata.EVAL_WINDOWS,
+    max_ppl_increase: float | None = None,
+    max_kl: float | None = None,
+    min_top1: float | None = None,
+    prompt: str | None = None,
+    field: str = "text",
+    device: str = "cpu",
+    progress=None,
+) -> dict:
+    from runtime.eval import evaluate as run_eval
+    from runtime.eval import greedy
+    from runtime.loader import load_quantized
+
+    path = Path(path)
+    if not path.exists():
+        raise QtoolError(f"path not found: {path}")
+    if windows < 1:
+        raise QtoolError("--windows must be at least 1")
+    quantized = path.is_dir() and detect_format(path) is not None
+    if quantized:
+        model, ckpt = load_quantized(path, torch.float32, device)
+        meta = ckpt.meta
+    else:
+        mdir = cmodels.resolve_model(str(path))
+        model, meta = cmodels.load_model(mdir, torch.float32, device), {}
+    ref_dir = _reference_dir(path, reference, meta) if quantized or reference else None
+    if (max_kl is not None or min_top1 is not None or max_ppl_increase is not None) and ref_dir is None:
+        raise QtoolError("thresholds need a reference model: pass --reference (the checkpoint records none)")
+    tok_dir = path if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else ref_dir
+    if tok_dir is None:
+        raise QtoolError(f"no tokenizer in {path} and no reference model to take one from")
+    tok = cmodels.load_tokenizer(tok_dir)
+    wins = cdata.eval_windows(tok, data, windows, field=field)
+    ref = cmodels.load_model(ref_dir, torch.float32, device) if ref_dir is not None else None
+    res = run_eval(model, wins, ref, progress)
+    out = res.to_dict()
+    out["ppl_increase_pct"] = res.ppl_increase_pct
+    out["data"] = data or cdata.BUILTIN_DATA
+    out["reference"] = str(ref_dir) if ref_dir else None
+    if prompt:
+        out["prompt"] = prompt
+        out["generation"] = greedy(model, tok, prompt)
+        out["reference_generation"] = greedy(ref, tok, prompt) if ref is not None else None
+    failed = []
+    if max_ppl_increase is not None and res.ppl_increase_pct is not None and res.ppl_increase_pct > max_ppl_increase:
+        failed.append(f"perplexity increase {res.ppl_increase_pct:.2f}% > --max-ppl-increase {max_ppl_increase}%")
+    if max_kl is not None and res.kl_divergence is not None and res.kl_divergence > max_kl:
+        failed.append(f"KL divergence {res.kl_divergence:.4f} > --max-kl {max_kl}")
+    if min_top1 is not None and res.top1_agreement is not None and res.top1_agreement < min_top1:
+        failed.append(f"top-1 agreement {res.top1_agreement:.4f} < --min-top1 {min_top1}")
+    out["passed"] = not failed
+    out["failed"] = failed
+    if quantized and os.access(path, os.W_OK):
+        _update_meta(path, {"eval": {k: v for k, v in out.items() if k not in ("generation", "reference_generation")}})
+    if failed:
+        raise GateFailed("; ".join(failed), out)
+    return out
+
+
+def inspect(path: str | Path) -> dict:
+    from exporters.inspect import summarize
+
+    path = Path(path)
+    if not path.exists():
+        raise QtoolError(f"path not found: {path}")
+    return summarize(path)
+
+
+def models() -> dict:
+    return {name: {"description": desc, "cached": (cmodels.cache_dir() / name / "config.json").is_file()} for name, desc in cmodels.BUILTIN.items()}

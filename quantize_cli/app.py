@@ -1,0 +1,230 @@
+"""The `qtool` command line: a thin typer layer over quantize_cli.api.
+
+Human output and progress go to stderr; `--json` prints one JSON object on stdout.
+Bad input: one line `error: ...` and exit 2. A failed eval gate: exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qtensor.errors import GateFailed, QtoolError
+
+import logging as _logging
+
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)  # torchao's import-time chatter
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="qtool: quantize LLM checkpoints, convert formats, check accuracy.")
+err = Console(stderr=True)
+
+
+@contextmanager
+def _progress(enabled: bool = True):
+    if not enabled:
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=False) as p:
+        yield p
+
+
+def _run(fn, as_json: bool):
+    """Call the API; map errors to exit codes; never let a traceback reach the user."""
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        with _progress(sys.stderr.isatty() or os.environ.get("QTOOL_PROGRESS") == "1") as p:
+            return fn(p)
+    except GateFailed as e:
+        if as_json:
+            print(json.dumps(e.result, default=str))
+        err.print(f"[red]eval gate failed:[/] {e}", markup=True, highlight=False)
+        raise typer.Exit(1)
+    except QtoolError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("error: interrupted", markup=False)
+        raise typer.Exit(130)
+    except MemoryError:
+        err.print("error: out of memory", markup=False)
+        raise typer.Exit(2)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("QTOOL_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err.print(f"error: internal error ({type(e).__name__}): {msg} (set QTOOL_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _emit(result: dict, as_json: bool, human) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        human(result)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, built-in name (gemma-3-270m) or hub id"),
+    scheme: str = typer.Option(..., "--scheme", help="w4a16, w8a16, w8a8-int8, fp8, nvfp4, ..."),
+    method: str = typer.Option("rtn", "--method", help="rtn, gptq, ..."),
+    format: str = typer.Option(..., "--format", help="gptq, qtool, ..."),
+    out: str = typer.Option(..., "--out", help="output directory"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration data: .txt, .jsonl, .parquet, datasets dir (default: built-in pydoc)"),
+    field: str = typer.Option("text", "--field", help="text field of .jsonl/.parquet/datasets"),
+    samples: int = typer.Option(64, "--samples"),
+    seqlen: int = typer.Option(512, "--seqlen"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="-1 = per channel"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="weight bits for weight-only int schemes (2, 3, 4, 8)"),
+    asym: bool = typer.Option(False, "--asym", help="asymmetric int weights (zero points)"),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal"),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
+    mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
+    backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Calibrate MODEL and write a quantized checkpoint."""
+    from . import api
+
+    options = {}
+    if method == "gptq":
+        options = {"act_order": act_order, "damp": damp, "mse_clip": mse_clip}
+    elif method == "rtn" and mse_clip:
+        options = {"mse_clip": True}
+    res = _run(
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p),
+        as_json,
+    )
+
+    def human(r):
+        err.print(f"wrote {r['format']} checkpoint ({r['scheme']}, {r['method']}, {r['modules']} modules) to {r['out']} in {r['seconds']:.1f} s")
+        for n in r["notes"]:
+            err.print(f"  note: {n}", markup=False)
+
+    _emit(res, as_json, human)
+
+
+@app.command()
+def export(
+    src: str = typer.Argument(..., help="a quantized checkpoint directory qtool can read"),
+    format: str = typer.Option(..., "--format"),
+    out: str = typer.Option(..., "--out"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Write a quantized checkpoint in another format, exactly."""
+    from . import api
+
+    res = _run(lambda p: api.export(src, format, out, force, p), as_json)
+    _emit(res, as_json, lambda r: err.print(f"converted {r['from']} -> {r['format']} ({r['modules']} modules): {r['out']}"))
+
+
+@app.command("eval")
+def eval_(
+    path: str = typer.Argument(..., help="quantized checkpoint directory (or a plain model)"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="reference model (default: the source recorded in qtool.json)"),
+    data: Optional[str] = typer.Option(None, "--data", help="evaluation data (default: built-in pydoc split)"),
+    field: str = typer.Option("text", "--field"),
+    windows: int = typer.Option(40, "--windows", help="number of 512-token windows"),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="fail (exit 1) above this perplexity increase, in percent"),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="also generate a greedy continuation from both models"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Perplexity, KL divergence and top-1 agreement against the unquantized model; gate on thresholds."""
+    from . import api
+
+    res = _run(lambda p: api.evaluate(path, reference, data, windows, max_ppl_increase, max_kl, min_top1, prompt, field, "cpu", p), as_json)
+
+    def human(r):
+        t = Table(title=f"qtool eval {path}", show_header=True)
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("perplexity", f"{r['perplexity']:.4f}")
+        if r["reference_perplexity"] is not None:
+            t.add_row("reference perplexity", f"{r['reference_perplexity']:.4f}")
+            t.add_row("perplexity increase", f"{r['ppl_increase_pct']:+.2f}%")
+            t.add_row("KL divergence", f"{r['kl_divergence']:.5f}")
+            t.add_row("top-1 agreement", f"{r['top1_agreement']:.4f}")
+        t.add_row("tokens", str(r["tokens"]))
+        t.add_row("seconds", f"{r['seconds']:.1f}")
+        err.print(t)
+        if r.get("generation") is not None:
+            err.print(f"[bold]quantized:[/] {r['generation']}", highlight=False)
+            err.print(f"[bold]reference:[/] {r['reference_generation']}", highlight=False)
+
+    _emit(res, as_json, human)
+
+
+@app.command()
+def inspect(path: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """What a checkpoint is, layer by layer."""
+    from . import api
+
+    res = _run(lambda p: api.inspect(path), as_json)
+
+    def human(r):
+        if not r["quantized"]:
+            err.print(f"{r['path']}: unquantized {r['model_type']} model, {r['tensors']} tensors, {r['size_bytes'] / 1e6:.1f} MB")
+            return
+        err.print(f"[bold]{r['path']}[/]: format [bold]{r['format']}[/], {r['model_type']}, {r['quantized_modules']} quantized linears")
+        err.print(f"bits per weight: {r['bits_per_weight_quantized']} (quantized linears), {r['bits_per_weight_overall']} (whole model)")
+        s = r["size_bytes"]
+        err.print(f"size: {s['quantized'] / 1e6:.1f} MB quantized + {s['unquantized'] / 1e6:.1f} MB unquantized; files {s['files'] / 1e6:.1f} MB")
+        for sch, c in r["schemes"].items():
+            err.print(f"  {c:4d} x {sch}", markup=False)
+        for e in r["engines"]:
+            err.print(f"  {e['engine']}: {'loads' if e['loads'] else 'does NOT load'} ({e['note']})", markup=False)
+        t = Table(show_header=True)
+        for c in ("layer", "shape", "scheme", "bits/weight"):
+            t.add_column(c)
+        for l in r["layers"]:
+            t.add_row(l["name"], "x".join(map(str, l["shape"])), l["scheme"], str(l["bits_per_weight"]))
+        err.print(t)
+
+    _emit(res, as_json, human)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")):
+    """List the built-in model names."""
+    from . import api
+
+    res = _run(lambda p: api.models(), as_json)
+    _emit(res, as_json, lambda r: [print(f"{k}\t{'cached' if v['cached'] else 'not yet built'}\t{v['description']}") for k, v in r.items()])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click usage errors become one line and exit 2 as well."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx
+
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except cx.UsageError as e:
+        err.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except cx.Abort:
+        err.print("error: aborted", markup=False)
+        sys.exit(130)
+    except cx.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,34 @@
+"""Shared test helpers: a Checkpoint built straight from a tiny model's weights."""
+
+from pathlib import Path
+
+import torch
+
+from calibrate.algorithms.gptq import gptq_quantize
+from calibrate.algorithms.rtn import quantize_weight
+from calibrate.models import load_config
+from exporters import Checkpoint
+from exporters.io import TensorDir
+from qtensor.schemes import WeightSpec
+
+
+def linear_names(td, config) -> list[str]:
+    return sorted(k[:-7] for k in td if k.endswith(".weight") and ".layers." in k and len(td.shape(k)) == 2 and "norm" not in k)
+
+
+def make_checkpoint(model_dir: Path, spec: WeightSpec, act_order: bool = False, static_groups: bool = True, method: str = "rtn") -> Checkpoint:
+    td = TensorDir(model_dir)
+    config = load_config(model_dir)
+    names = linear_names(td, config)
+    qts = {}
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        w = td[f"{n}.weight"].float()
+        if method == "gptq" or act_order:
+            x = torch.randn(256, w.shape[1], generator=g) * torch.linspace(0.1, 3, w.shape[1])
+            H = 2 * x.t() @ x / x.shape[0]
+            qts[n] = gptq_quantize(w, H, spec, act_order=act_order, static_groups=static_groups).qtensor
+        else:
+            qts[n] = quantize_weight(w, spec)
+    tensors = {k: td[k] for k in td if k[:-7] not in qts}
+    return Checkpoint(config, qts, tensors, model_dir, {"source": str(model_dir), "source_path": str(model_dir)})
