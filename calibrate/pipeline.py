@@ -92,6 +92,11 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def batched(hidden: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """Per-sample hidden states [1, S, H] -> batches [B, S, H] (the recorded kwargs broadcast over B)."""
+    return [torch.cat(hidden[i : i + batch]) for i in range(0, len(hidden), batch)]
+
+
 def linear_groups(layer: nn.Module, x: torch.Tensor, kwargs: dict, args: tuple) -> list[list[str]]:
     """Linears of a layer in execution order, grouped by shared input (q/k/v; gate/up)."""
     order: list[tuple[str, int]] = []
@@ -131,6 +136,41 @@ class LayerReport:
     notes: list = field(default_factory=list)
 
 
+@dataclass
+class LayerContext:
+    """What a layer-level algorithm (AWQ, SmoothQuant) sees of the layer being quantized."""
+
+    name: str  # e.g. "model.layers.3"
+    layer: nn.Module
+    inputs: list[torch.Tensor]  # batches of hidden states entering the layer
+    kwargs: dict
+    args: tuple
+    groups: list[list[str]]  # linear names in execution order, grouped by shared input
+    scheme: Scheme
+    spec: WeightSpec
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    @torch.no_grad()
+    def run(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The layer's outputs for each input batch."""
+        return [_layer_out(self.layer(h, *self.args, **self.kwargs)) for h in (self.inputs if inputs is None else inputs)]
+
+    @torch.no_grad()
+    def linear_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The inputs every named linear receives over all batches, [tokens, in_features] each."""
+        got: dict[str, list] = {n: [] for n in names}
+        hooks = [self.module(n).register_forward_pre_hook(lambda m, inp, n=n: got[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+                 for n in names]
+        try:
+            self.run()
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: torch.cat(v) if v else torch.empty(0, self.module(n).in_features) for n, v in got.items()}
+
+
 def _act_quant(scheme: Scheme, amax: torch.Tensor | None) -> ActQuant:
     if scheme.act_kind == "none":
         return ActQuant()
@@ -152,12 +192,13 @@ def quantize_layers(
     device: str = "cpu",
     progress=None,
     on_layer=None,
+    batch_size: int = 8,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer; returns {module name: QTensor} and reports."""
     prefix, layers = find_decoder_layers(model)
-    needs_data = bool(method.stats) or scheme.act_kind == "static"
+    needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None
     cap = capture_layer_inputs(model, layers, samples if needs_data else samples[:1], device)
-    hidden = cap.inputs
+    hidden = batched(cap.inputs, batch_size)
     result: dict[str, QTensor] = {}
     reports: list[LayerReport] = []
     task = progress.add_task(f"{method.name} {scheme.name}", total=len(layers)) if progress else None
@@ -166,19 +207,27 @@ def quantize_layers(
         kwargs, args = cap.kwargs.get(li, {}), cap.args.get(li, ())
         rep = LayerReport(f"{prefix}.{li}", 0.0)
         mods = dict(layer.named_modules())
-        groups = linear_groups(layer, hidden[0], kwargs, args)
+        groups = linear_groups(layer, hidden[0][:1], kwargs, args)
+        if method.prepare is not None:
+            ctx = LayerContext(f"{prefix}.{li}", layer, hidden, kwargs, args, groups, scheme, spec)
+            rep.notes.extend(f"{prefix}.{li}: {n}" for n in method.prepare(ctx, **method.options))
         for group in groups:
             stats = {n: {} for n in group}
             if needs_data:
-                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, scheme)
+                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats)
             for name in group:
                 lin = mods[name]
                 st = stats[name]
                 if method.stats and st.get("n", 0) == 0:
-                    rep.notes.append(f"{name}: no calibration tokens reached it; weight-only statistics")
-                qt, note = method.quantize(lin.weight.data, spec, st)
+                    rep.notes.append(f"{prefix}.{li}.{name}: no calibration tokens reached it; weight-only statistics")
+                if not torch.isfinite(lin.weight).all():
+                    raise QtoolError(f"non-finite values in the weight of {prefix}.{li}.{name}")
+                try:
+                    qt, note = method.quantize(lin.weight.data, spec, st)
+                except FloatingPointError as e:
+                    raise QtoolError(f"{prefix}.{li}.{name}: {e}") from None
                 if note:
-                    rep.notes.append(f"{name}: {note}")
+                    rep.notes.append(f"{prefix}.{li}.{name}: {note}")
                 w = qt.dequantize()
                 if not torch.isfinite(w).all():
                     raise QtoolError(f"non-finite values after quantizing {prefix}.{li}.{name}")
@@ -200,7 +249,8 @@ def quantize_layers(
     return result, reports
 
 
-def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple, scheme: Scheme):
+def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple):
+    """Run the layer over the batches with hooks on one group; stop as soon as the group has run."""
     from .algorithms.gptq import HessianAccumulator
 
     hooks = []
@@ -211,22 +261,29 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
             st["hessian"] = HessianAccumulator(mod.in_features, mod.weight.device)
 
         def hook(m, inp, st=st):
-            x = inp[0].detach()
-            x2 = x.reshape(-1, x.shape[-1])
+            x2 = inp[0].detach().reshape(-1, inp[0].shape[-1])
             st["n"] += x2.shape[0]
             if "hessian" in st:
                 st["hessian"].add(x2)
-            a = x2.abs().amax() if x2.numel() else torch.tensor(0.0)
-            st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a.float().cpu())
+            a = x2.abs().amax().float().cpu() if x2.numel() else torch.tensor(0.0)
+            st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a)
             if "act_absmean" in needs:
-                s = x2.abs().float().sum(0)
-                st["act_abssum"] = st.get("act_abssum", 0) + s
+                st["act_abssum"] = st.get("act_abssum", 0) + x2.abs().float().sum(0)
 
         hooks.append(mod.register_forward_pre_hook(hook))
+    last = list(linears.values())[-1]
+
+    def stop(m, inp):
+        raise _Stop
+
+    hooks.append(last.register_forward_pre_hook(stop))  # registered after the stats hooks: runs after them
     try:
         with torch.no_grad():
             for h in hidden:
-                layer(h, *args, **kwargs)
+                try:
+                    layer(h, *args, **kwargs)
+                except _Stop:
+                    pass
     finally:
         for hk in hooks:
             hk.remove()

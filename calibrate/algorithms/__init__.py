@@ -27,6 +27,9 @@ class Method:
     fn: Callable  # (weight, spec, stats, **options) -> (QTensor, note)
     options: dict = field(default_factory=dict)
     description: str = ""
+    # optional layer-level step run before the per-linear quantization (AWQ scaling, SmoothQuant
+    # migration): prepare(ctx: pipeline.LayerContext, **options) -> list of notes
+    prepare: Callable | None = None
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, stats: dict) -> tuple[QTensor, str]:
         return self.fn(weight, spec, stats, **self.options)
@@ -57,4 +60,4 @@ def get_method(name: str, **options) -> Method:
     if name not in METHODS:
         raise QtoolError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
     m = METHODS[name]
-    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description)
+    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare)
