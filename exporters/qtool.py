@@ -16,7 +16,7 @@ from qtensor.errors import QtoolError
 from .base import Checkpoint, Format, passthrough, register
 from .io import TensorDir
 
-_TENSORS = ("codes", "scales", "zeros", "g_idx", "global_scale", "input_scale", "input_offset")
+_TENSORS = ("codes", "scales", "zeros", "g_idx", "global_scale", "input_scale", "input_offset", "pre_scale")
 
 
 @register
@@ -30,7 +30,7 @@ class QtoolFormat(Format):
 
     def encode(self, name, qt):
         t = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros, "g_idx": qt.g_idx, "global_scale": qt.global_scale,
-             "input_scale": qt.act.scale, "input_offset": qt.act.offset}
+             "input_scale": qt.act.scale, "input_offset": qt.act.offset, "pre_scale": qt.pre_scale}
         return {f"{name}.qt.{k}": v.reshape(1) if v.dim() == 0 else v for k, v in t.items() if v is not None}
 
     def quant_config(self, ckpt):
@@ -67,7 +67,8 @@ class QtoolFormat(Format):
                 gs = t.get("global_scale")
                 qts[name] = QTensor(m["dtype"], int(m["bits"]), t["codes"], t["scales"], t.get("zeros"), int(m["group_size"]),
                                     tuple(m["block"]) if m.get("block") else None, t.get("g_idx"),
-                                    gs.reshape(()) if gs is not None else None, act, getattr(torch, m.get("orig_dtype", "bfloat16")))
+                                    gs.reshape(()) if gs is not None else None, act, getattr(torch, m.get("orig_dtype", "bfloat16")),
+                                    t.get("pre_scale"))
             except (KeyError, TypeError, ValueError) as e:
                 raise QtoolError(f"qtool config entry for {name} is invalid: {e}") from None
             if list(qts[name].codes.shape) != list(qts[name].codes.shape[:2]) or qts[name].codes.dim() != 2:

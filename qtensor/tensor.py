@@ -41,6 +41,8 @@ class QTensor:
     g_idx      int32 [K], group of each input channel (act order); None = k // group_size
     global_scale float32 scalar multiplied on top of the scales (NVFP4 level 2)
     act        activation quantization
+    pre_scale  float32 [K] or None: the layer computes W @ (x * pre_scale) (ModelOpt AWQ
+               pre_quant_scale, where smoothing could not be folded into a preceding op)
     """
 
     dtype: str
@@ -54,6 +56,7 @@ class QTensor:
     global_scale: torch.Tensor | None = None
     act: ActQuant = field(default_factory=ActQuant)
     orig_dtype: torch.dtype = torch.bfloat16
+    pre_scale: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,6 +127,7 @@ class QTensor:
             and self.act.dtype == other.act.dtype
             and same(self.act.scale, other.act.scale)
             and same(self.act.offset, other.act.offset)
+            and same(self.pre_scale, other.pre_scale)
         )
 
     def nbytes(self) -> int:

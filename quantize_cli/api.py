@@ -54,7 +54,14 @@ def check_combination(scheme: str, method: str, fmt: str, backend: str = "native
     if backend not in BACKENDS:
         raise QtoolError(f"unknown backend '{backend}' (choose from: {', '.join(BACKENDS)})")
     if backend != "native":
-        raise _combo_error(f"backend {backend}")
+        from calibrate.backends import get_backend
+
+        b = get_backend(backend)
+        if scheme not in b.schemes:
+            raise _combo_error(f"backend {backend} with scheme {scheme}")
+        if scheme not in getattr(FORMATS[fmt], "schemes", ()):
+            raise _combo_error(f"scheme {scheme} in format {fmt}")
+        return
     m = get_method(method)
     if sch.weight_dtype not in m.weight_dtypes:
         raise _combo_error(f"method {method} with scheme {scheme}")
@@ -107,25 +114,24 @@ def quantize(
     mdir = cmodels.resolve_model(model, progress=progress)
     config = cmodels.load_config(mdir)
     tok = cmodels.load_tokenizer(mdir)
-    meth = get_method(method, **(options or {}))
-    n_samples = samples if (meth.stats or sch.act_kind == "static") else 1
+    meth = get_method(method, **(options or {})) if backend == "native" else None
+    n_samples = samples if (meth is None or meth.stats or meth.prepare or sch.act_kind == "static") else 1
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
-    net = cmodels.load_model(mdir, torch.float32, device)
-    qts, reports = quantize_layers(net, ids, sch, spec, meth, device, progress)
-    # everything that is not a quantized weight passes through in the source dtype
     src_dtype = _model_dtype(config)
-    state = net.state_dict()
-    seen_ptrs = set()
-    tensors = {}
-    for k, v in state.items():
-        if k.endswith(".weight") and k[: -len(".weight")] in qts:
-            continue
-        ptr = (v.data_ptr(), tuple(v.shape))
-        if ptr in seen_ptrs:  # tied weights are written once
-            continue
-        seen_ptrs.add(ptr)
-        tensors[k] = v.detach().to("cpu").to(src_dtype) if v.is_floating_point() else v.detach().cpu()
+    notes: list = []
+    if backend != "native":
+        from calibrate.backends import get_backend
+
+        res = get_backend(backend).quantize(mdir, sch, spec, ids, options or {}, device, progress)
+        qts, tensors, notes = res.qtensors, res.tensors, list(res.notes)
+        meth_options = res.options
+    else:
+        net = cmodels.load_model(mdir, torch.float32, device)
+        qts, reports = quantize_layers(net, ids, sch, spec, meth, device, progress)
+        notes = [n for r in reports for n in r.notes]
+        meth_options = meth.options
+        tensors = passthrough_tensors(net, qts, src_dtype)
     for qt in qts.values():
         qt.orig_dtype = src_dtype
     safetensors = sorted(mdir.glob("*.safetensors"))
@@ -145,15 +151,30 @@ def quantize(
             "field": field,
             "tokens_sha256": __import__("hashlib").sha256(ids.numpy().tobytes()).hexdigest(),
         },
-        "options": meth.options,
+        "options": meth_options,
         "device": device,
-        "notes": [n for r in reports for n in r.notes],
+        "notes": notes,
     }
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
-    return {"out": str(out), "format": format, "scheme": scheme, "method": method, "layers": len(reports), "modules": len(qts), "seconds": round(seconds, 2), "notes": meta["notes"]}
+    return {"out": str(out), "format": format, "scheme": scheme, "method": method, "backend": backend, "modules": len(qts), "seconds": round(seconds, 2), "notes": notes}
+
+
+def passthrough_tensors(net, qts: dict, dtype: torch.dtype) -> dict:
+    """Every tensor of a model that is not a quantized weight, in the checkpoint dtype; tied weights once."""
+    seen_ptrs = set()
+    tensors = {}
+    for k, v in net.state_dict().items():
+        if k.endswith(".weight") and k[: -len(".weight")] in qts:
+            continue
+        ptr = (v.data_ptr(), tuple(v.shape))
+        if ptr in seen_ptrs:
+            continue
+        seen_ptrs.add(ptr)
+        tensors[k] = v.detach().to("cpu").to(dtype) if v.is_floating_point() else v.detach().cpu()
+    return tensors
 
 
 def _update_meta(path: Path, fields: dict) -> None:

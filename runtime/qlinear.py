@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
         return self.meta.replace(codes=c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.meta.pre_scale is not None:
+            x = x * self.meta.pre_scale.to(x.dtype)
         x = fake_quant_act(x, self.meta.act)
         w = self.qtensor().dequantize(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
