@@ -1,6 +1,6 @@
 """Formats: one module per on-disk format (encode beside decode), registered by name in base.FORMATS."""
 
-from . import gptq, qtool  # noqa: F401  (each module registers itself)
+from . import auto_round, awq, gptq, qtool  # noqa: F401  (each module registers itself)
 from .base import FORMATS, Checkpoint, Format, detect_format, get_format, read_checkpoint, write_checkpoint
 
 ALL = tuple(FORMATS)
