@@ -120,6 +120,44 @@ def load_config(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
+def defuse(model) -> bool:
+    """Fused MoE experts (3-D gate_up_proj/down_proj tensors in transformers 5) -> per-expert nn.Linear
+    modules named as on disk (experts.{e}.gate_proj ...), same forward math. Uses ModelCloud's Defuser."""
+    import logging
+
+    try:
+        from defuser import convert_model
+    except ImportError:  # pragma: no cover - defuser comes with gptqmodel
+        return False
+    logging.getLogger("defuser").setLevel(logging.ERROR)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return bool(convert_model(model))
+
+
+def build_skeleton(config: dict, trust_remote_code: bool = False):
+    """The model from config.json with parameters on the meta device (buffers real), experts defused."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise QtoolError("config.json has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except QtoolError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise QtoolError(f"cannot build a {model_type} model from config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    defuse(model)
+    return model.eval()
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
     """Load a full-precision HF causal LM (safetensors only)."""
     from transformers import AutoModelForCausalLM
@@ -131,6 +169,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QtoolError(f"cannot load model from {model_dir}: {msg}") from None
+    defuse(model)
     return model.to(device).eval()
 
 

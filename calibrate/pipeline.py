@@ -98,12 +98,16 @@ def batched(hidden: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
 
 
 def linear_groups(layer: nn.Module, x: torch.Tensor, kwargs: dict, args: tuple) -> list[list[str]]:
-    """Linears of a layer in execution order, grouped by shared input (q/k/v; gate/up)."""
-    order: list[tuple[str, int]] = []
+    """Linears of a layer in execution order, grouped by shared input (q/k/v; gate/up).
+
+    The input tensors are kept alive until the grouping is done, so that a freed tensor's address
+    cannot be reused by a later input and fake a shared input.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
     hooks = []
     names = {m: n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     for mod, name in names.items():
-        hooks.append(mod.register_forward_pre_hook(lambda m, inp, name=name: order.append((name, inp[0].data_ptr(), tuple(inp[0].shape)))))
+        hooks.append(mod.register_forward_pre_hook(lambda m, inp, name=name: order.append((name, inp[0]))))
     try:
         with torch.no_grad():
             layer(x, *args, **kwargs)
@@ -112,17 +116,18 @@ def linear_groups(layer: nn.Module, x: torch.Tensor, kwargs: dict, args: tuple) 
             h.remove()
     groups: list[list[str]] = []
     seen = set()
-    last_key = None
-    for name, ptr, shape in order:
+    last = None
+    for name, t in order:
         if name in seen:
             continue
         seen.add(name)
-        key = (ptr, shape)
-        if groups and key == last_key:
+        same = last is not None and (t is last or (t.data_ptr() == last.data_ptr() and t.shape == last.shape and t.stride() == last.stride()))
+        if groups and same:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_key = key
+        last = t
+    order.clear()
     unseen = [n for n in names.values() if n not in seen]
     if unseen:  # linears no calibration token reached (e.g. unused MoE experts): weight-only statistics
         groups.append(unseen)
@@ -193,24 +198,43 @@ def quantize_layers(
     progress=None,
     on_layer=None,
     batch_size: int = 8,
+    stream=None,
+    start_layer: int = 0,
+    resume_hidden: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
-    """Quantize every linear of every decoder layer; returns {module name: QTensor} and reports."""
+    """Quantize every linear of every decoder layer.
+
+    stream: a calibrate.stream.StreamedModel; each layer is then loaded before and released after.
+    on_layer(li, qtensors_of_layer, other_tensors_of_layer, hidden_after, report): called after
+    each layer (the work directory persists it); the returned dict then stays empty.
+    start_layer / resume_hidden: continue a run whose first layers are done.
+    """
     prefix, layers = find_decoder_layers(model)
     needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None
+    if stream is not None:
+        out_emb = model.get_output_embeddings()
+        skip = [n for n, m in model.named_modules() if m is out_emb]
+        stream.materialize("", exclude=(prefix + ".", *(f"{n}." for n in skip)))
     cap = capture_layer_inputs(model, layers, samples if needs_data else samples[:1], device)
-    hidden = batched(cap.inputs, batch_size)
+    hidden = batched(cap.inputs, batch_size) if resume_hidden is None else resume_hidden
+    cap.inputs = []
     result: dict[str, QTensor] = {}
     reports: list[LayerReport] = []
-    task = progress.add_task(f"{method.name} {scheme.name}", total=len(layers)) if progress else None
-    for li, layer in enumerate(layers):
+    task = progress.add_task(f"{method.name} {scheme.name}", total=len(layers), completed=start_layer) if progress else None
+    for li in range(start_layer, len(layers)):
         t0 = time.time()
+        lname = f"{prefix}.{li}"
+        if stream is not None:
+            stream.materialize(lname)
+        layer = layers[li]
         kwargs, args = cap.kwargs.get(li, {}), cap.args.get(li, ())
-        rep = LayerReport(f"{prefix}.{li}", 0.0)
+        rep = LayerReport(lname, 0.0)
         mods = dict(layer.named_modules())
         groups = linear_groups(layer, hidden[0][:1], kwargs, args)
         if method.prepare is not None:
-            ctx = LayerContext(f"{prefix}.{li}", layer, hidden, kwargs, args, groups, scheme, spec)
-            rep.notes.extend(f"{prefix}.{li}: {n}" for n in method.prepare(ctx, **method.options))
+            ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec)
+            rep.notes.extend(f"{lname}: {n}" for n in method.prepare(ctx, **method.options))
+        layer_q: dict[str, QTensor] = {}
         for group in groups:
             stats = {n: {} for n in group}
             if needs_data:
@@ -218,35 +242,54 @@ def quantize_layers(
             for name in group:
                 lin = mods[name]
                 st = stats[name]
+                full = f"{lname}.{name}"
                 if method.stats and st.get("n", 0) == 0:
-                    rep.notes.append(f"{prefix}.{li}.{name}: no calibration tokens reached it; weight-only statistics")
+                    rep.notes.append(f"{full}: no calibration tokens reached it; weight-only statistics")
                 if not torch.isfinite(lin.weight).all():
-                    raise QtoolError(f"non-finite values in the weight of {prefix}.{li}.{name}")
+                    raise QtoolError(f"non-finite values in the weight of {full}")
                 try:
                     qt, note = method.quantize(lin.weight.data, spec, st)
                 except FloatingPointError as e:
-                    raise QtoolError(f"{prefix}.{li}.{name}: {e}") from None
+                    raise QtoolError(f"{full}: {e}") from None
                 if note:
-                    rep.notes.append(f"{prefix}.{li}.{name}: {note}")
-                w = qt.dequantize()
+                    rep.notes.append(f"{full}: {note}")
+                w = qt.dequantize().to(lin.weight.device)
                 if not torch.isfinite(w).all():
-                    raise QtoolError(f"non-finite values after quantizing {prefix}.{li}.{name}")
+                    raise QtoolError(f"non-finite values after quantizing {full}")
+                err = float((w - lin.weight.data.float()).norm() / lin.weight.data.float().norm().clamp(min=1e-12))
+                if err > 0.5:
+                    rep.notes.append(f"{full}: relative weight error {err:.2f} (quantization error exploded)")
                 qt.act = _act_quant(scheme, st.get("amax"))
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
-                result[f"{prefix}.{li}.{name}"] = qt
+                layer_q[full] = _to_cpu(qt)
         if li + 1 < len(layers):
             with torch.no_grad():
                 hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
             if not all(torch.isfinite(h).all() for h in hidden):
-                raise QtoolError(f"non-finite activations after layer {li}")
+                raise QtoolError(f"non-finite activations after layer {li} ({lname})")
         rep.seconds = time.time() - t0
         reports.append(rep)
-        if on_layer:
-            on_layer(li, rep)
+        if on_layer is not None:
+            weights = {f"{lname}.{n}.weight" for n in mods if f"{lname}.{n}" in layer_q}
+            others = {f"{lname}.{k}": v.detach().cpu() for k, v in layer.state_dict().items() if f"{lname}.{k}" not in weights}
+            on_layer(li, layer_q, others, hidden if li + 1 < len(layers) else None, rep)
+        else:
+            result.update(layer_q)
+        if stream is not None:
+            stream.release(lname)
         if progress:
             progress.update(task, advance=1)
     return result, reports
+
+
+def _to_cpu(qt: QTensor) -> QTensor:
+    if qt.codes.device.type == "cpu":
+        return qt
+    mv = lambda t: None if t is None else t.cpu()  # noqa: E731
+    act = qt.act
+    act = type(act)(act.kind, act.dtype, act.granularity, mv(act.scale), mv(act.offset), act.group_size)
+    return qt.replace(codes=qt.codes.cpu(), scales=qt.scales.cpu(), zeros=mv(qt.zeros), g_idx=mv(qt.g_idx), global_scale=mv(qt.global_scale), act=act, pre_scale=mv(qt.pre_scale))
 
 
 def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple):

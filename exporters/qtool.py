@@ -1,7 +1,8 @@
 """qtool's own lossless form: every field of the representation, for the export-later workflow.
 
-Tensors `<module>.qt.codes|scales|zeros|g_idx|global_scale|input_scale|input_offset`; the per-module
-fields that are not tensors live in config.json quantization_config.modules.
+Tensors `<module>.qt.codes|scales|zeros|g_idx|global_scale|input_scale|input_offset|pre_scale`; the
+per-module fields that are not tensors live in config.json quantization_config.modules. The same
+per-module encoding serves the quantize work directory (resume).
 """
 
 from __future__ import annotations
@@ -19,6 +20,40 @@ from .io import TensorDir
 _TENSORS = ("codes", "scales", "zeros", "g_idx", "global_scale", "input_scale", "input_offset", "pre_scale")
 
 
+def encode_module(name: str, qt: QTensor) -> dict[str, torch.Tensor]:
+    t = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros, "g_idx": qt.g_idx, "global_scale": qt.global_scale,
+         "input_scale": qt.act.scale, "input_offset": qt.act.offset, "pre_scale": qt.pre_scale}
+    return {f"{name}.qt.{k}": (v.reshape(1) if v.dim() == 0 else v).contiguous() for k, v in t.items() if v is not None}
+
+
+def module_meta(qt: QTensor) -> dict:
+    return {"dtype": qt.dtype, "bits": qt.bits, "group_size": qt.group_size, "block": list(qt.block) if qt.block else None,
+            "act": {"kind": qt.act.kind, "dtype": qt.act.dtype, "granularity": qt.act.granularity, "group_size": qt.act.group_size},
+            "orig_dtype": str(qt.orig_dtype).replace("torch.", "")}
+
+
+def decode_module(td, name: str, m: dict) -> QTensor:
+    t = {k: td[f"{name}.qt.{k}"] for k in _TENSORS if f"{name}.qt.{k}" in td}
+    for k in ("codes", "scales"):
+        if k not in t:
+            raise QtoolError(f"checkpoint is missing tensor {name}.qt.{k}")
+    if t["codes"].dim() != 2:
+        raise QtoolError(f"tensor {name}.qt.codes is not 2-D")
+    try:
+        a = m.get("act") or {}
+        act = ActQuant(a.get("kind", "none"), a.get("dtype", ""), a.get("granularity", "token"), t.get("input_scale"), t.get("input_offset"), int(a.get("group_size", 0)))
+        gs = t.get("global_scale")
+        return QTensor(m["dtype"], int(m["bits"]), t["codes"], t["scales"], t.get("zeros"), int(m["group_size"]),
+                       tuple(m["block"]) if m.get("block") else None, t.get("g_idx"),
+                       gs.reshape(()) if gs is not None else None, act, getattr(torch, m.get("orig_dtype", "bfloat16")), t.get("pre_scale"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise QtoolError(f"qtool config entry for {name} is invalid: {e}") from None
+
+
+def module_tensor_names(td, name: str) -> set[str]:
+    return {f"{name}.qt.{k}" for k in _TENSORS if f"{name}.qt.{k}" in td}
+
+
 @register
 class QtoolFormat(Format):
     name = "qtool"
@@ -29,16 +64,10 @@ class QtoolFormat(Format):
         return None
 
     def encode(self, name, qt):
-        t = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros, "g_idx": qt.g_idx, "global_scale": qt.global_scale,
-             "input_scale": qt.act.scale, "input_offset": qt.act.offset, "pre_scale": qt.pre_scale}
-        return {f"{name}.qt.{k}": v.reshape(1) if v.dim() == 0 else v for k, v in t.items() if v is not None}
+        return encode_module(name, qt)
 
     def quant_config(self, ckpt):
-        mods = {}
-        for name, qt in ckpt.qtensors.items():
-            mods[name] = {"dtype": qt.dtype, "bits": qt.bits, "group_size": qt.group_size, "block": list(qt.block) if qt.block else None,
-                          "act": {"kind": qt.act.kind, "dtype": qt.act.dtype, "granularity": qt.act.granularity, "group_size": qt.act.group_size},
-                          "orig_dtype": str(qt.orig_dtype).replace("torch.", "")}
+        mods = {name: module_meta(qt) for name, qt in ckpt.qtensors.items()}
         return {"quant_method": "qtool", "version": __version__, "scheme": ckpt.meta.get("scheme"), "modules": mods}
 
     def detect(self, path, config):
@@ -52,25 +81,11 @@ class QtoolFormat(Format):
         td = TensorDir(path)
         qts, claimed = {}, set()
         for name, m in mods.items():
-            t = {}
-            for k in _TENSORS:
-                key = f"{name}.qt.{k}"
-                if key in td:
-                    t[k] = td[key]
-                    claimed.add(key)
-            for k in ("codes", "scales"):
-                if k not in t:
-                    raise QtoolError(f"checkpoint is missing tensor {name}.qt.{k}")
-            try:
-                a = m.get("act") or {}
-                act = ActQuant(a.get("kind", "none"), a.get("dtype", ""), a.get("granularity", "token"), t.get("input_scale"), t.get("input_offset"), int(a.get("group_size", 0)))
-                gs = t.get("global_scale")
-                qts[name] = QTensor(m["dtype"], int(m["bits"]), t["codes"], t["scales"], t.get("zeros"), int(m["group_size"]),
-                                    tuple(m["block"]) if m.get("block") else None, t.get("g_idx"),
-                                    gs.reshape(()) if gs is not None else None, act, getattr(torch, m.get("orig_dtype", "bfloat16")),
-                                    t.get("pre_scale"))
-            except (KeyError, TypeError, ValueError) as e:
-                raise QtoolError(f"qtool config entry for {name} is invalid: {e}") from None
-            if list(qts[name].codes.shape) != list(qts[name].codes.shape[:2]) or qts[name].codes.dim() != 2:
-                raise QtoolError(f"tensor {name}.qt.codes is not 2-D")
+            if not isinstance(m, dict):
+                raise QtoolError(f"qtool config entry for {name} is not an object")
+            qts[name] = decode_module(td, name, m)
+            claimed |= module_tensor_names(td, name)
         return Checkpoint(config, qts, passthrough(td, claimed), path)
+
+    def engines(self, ckpt):
+        return [("vllm", False, "qtool's own form: convert with qtool export"), ("sglang", False, "qtool's own form: convert with qtool export")]

@@ -93,6 +93,7 @@ def quantize(
     field: str = "text",
     options: dict | None = None,
     progress=None,
+    resume: bool = False,
 ) -> dict:
     t0 = time.time()
     if not out:
@@ -119,22 +120,17 @@ def quantize(
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
     src_dtype = _model_dtype(config)
-    notes: list = []
-    if backend != "native":
-        from calibrate.backends import get_backend
-
-        res = get_backend(backend).quantize(mdir, sch, spec, ids, options or {}, device, progress)
-        qts, tensors, notes = res.qtensors, res.tensors, list(res.notes)
-        meth_options = res.options
-    else:
-        net = cmodels.load_model(mdir, torch.float32, device)
-        qts, reports = quantize_layers(net, ids, sch, spec, meth, device, progress)
-        notes = [n for r in reports for n in r.notes]
-        meth_options = meth.options
-        tensors = passthrough_tensors(net, qts, src_dtype)
-    for qt in qts.values():
-        qt.orig_dtype = src_dtype
     safetensors = sorted(mdir.glob("*.safetensors"))
+    import hashlib
+
+    calibration = {
+        "data": calib or cdata.BUILTIN_DATA,
+        "samples": n_samples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "field": field,
+        "tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+    }
     meta = {
         "source": model,
         "source_path": str(mdir.resolve()),
@@ -143,20 +139,27 @@ def quantize(
         "method": method,
         "backend": backend,
         "weight": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym},
-        "calibration": {
-            "data": calib or cdata.BUILTIN_DATA,
-            "samples": n_samples,
-            "seqlen": seqlen,
-            "seed": seed,
-            "field": field,
-            "tokens_sha256": __import__("hashlib").sha256(ids.numpy().tobytes()).hexdigest(),
-        },
-        "options": meth_options,
+        "calibration": calibration,
         "device": device,
-        "notes": notes,
     }
+    work = None
+    if backend != "native":
+        from calibrate.backends import get_backend
+
+        res = get_backend(backend).quantize(mdir, sch, spec, ids, options or {}, device, progress)
+        qts, tensors, notes = res.qtensors, res.tensors, list(res.notes)
+        meta["options"] = res.options
+        for qt in qts.values():
+            qt.orig_dtype = src_dtype
+    else:
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype,
+                                            {**{k: v for k, v in meta.items() if k != "source"}, "options": meth.options, "qtool": __version__})
+        meta["options"] = meth.options
+    meta["notes"] = notes
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
+    if work is not None:
+        work.remove()
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
     return {"out": str(out), "format": format, "scheme": scheme, "method": method, "backend": backend, "modules": len(qts), "seconds": round(seconds, 2), "notes": notes}
@@ -175,6 +178,35 @@ def passthrough_tensors(net, qts: dict, dtype: torch.dtype) -> dict:
         seen_ptrs.add(ptr)
         tensors[k] = v.detach().to("cpu").to(dtype) if v.is_floating_point() else v.detach().cpu()
     return tensors
+
+
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint):
+    """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
+    from collections import ChainMap
+
+    from calibrate.pipeline import find_decoder_layers
+    from calibrate.stream import StreamedModel
+    from calibrate.workdir import WorkDir
+    from exporters.io import Subset
+
+    sm = StreamedModel(mdir, torch.float32, device)
+    prefix, layers = find_decoder_layers(sm.model)
+    work = WorkDir(Path(out), fingerprint, resume)
+    start = work.done
+    hidden = work.load_hidden(start - 1, device) if 0 < start < len(layers) else None
+
+    def on_layer(li, layer_q, others, hidden_after, rep):
+        for qt in layer_q.values():
+            qt.orig_dtype = src_dtype
+        others = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in others.items()}
+        work.save_layer(li, layer_q, others, hidden_after, rep.notes)
+
+    if start < len(layers):
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden)
+    qts, layer_tensors = work.results(len(layers))
+    outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]
+    tensors = ChainMap(layer_tensors, Subset(sm.td, outside))
+    return qts, tensors, work.notes(), work
 
 
 def _update_meta(path: Path, fields: dict) -> None:
@@ -221,6 +253,8 @@ def evaluate(
     field: str = "text",
     device: str = "cpu",
     progress=None,
+    report: str | None = None,
+    no_reference: bool = False,
 ) -> dict:
     from runtime.eval import evaluate as run_eval
     from runtime.eval import greedy
@@ -238,7 +272,19 @@ def evaluate(
     else:
         mdir = cmodels.resolve_model(str(path))
         model, meta = cmodels.load_model(mdir, torch.float32, device), {}
-    ref_dir = _reference_dir(path, reference, meta) if quantized or reference else None
+    if no_reference and reference:
+        raise QtoolError("--no-reference and --reference exclude each other")
+    if no_reference and report:
+        raise QtoolError("--report compares every layer with the reference model: drop --no-reference")
+    if report and not quantized:
+        raise QtoolError(f"--report needs a quantized checkpoint; {path} is not one")
+    if report:
+        from runtime.report import check_report_dir
+
+        check_report_dir(report)
+    ref_dir = _reference_dir(path, reference, meta) if (quantized or reference) and not no_reference else None
+    if report and ref_dir is None:
+        raise QtoolError("--report needs a reference model: pass --reference (the checkpoint records none)")
     if (max_kl is not None or min_top1 is not None or max_ppl_increase is not None) and ref_dir is None:
         raise QtoolError("thresholds need a reference model: pass --reference (the checkpoint records none)")
     tok_dir = path if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else ref_dir
@@ -265,6 +311,10 @@ def evaluate(
         failed.append(f"top-1 agreement {res.top1_agreement:.4f} < --min-top1 {min_top1}")
     out["passed"] = not failed
     out["failed"] = failed
+    if report:
+        from runtime.report import write_report
+
+        out["report"] = write_report(report, path, model, ref, list(ckpt.qtensors), tok, meta, out, progress)
     if quantized and os.access(path, os.W_OK):
         _update_meta(path, {"eval": {k: v for k, v in out.items() if k not in ("generation", "reference_generation")}})
     if failed:

@@ -96,6 +96,7 @@ def quantize(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Calibrate MODEL and write a quantized checkpoint."""
@@ -107,7 +108,7 @@ def quantize(
     elif method == "rtn" and mse_clip:
         options = {"mse_clip": True}
     res = _run(
-        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p),
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume),
         as_json,
     )
 
@@ -145,12 +146,14 @@ def eval_(
     max_kl: Optional[float] = typer.Option(None, "--max-kl"),
     min_top1: Optional[float] = typer.Option(None, "--min-top1"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="also generate a greedy continuation from both models"),
+    report: Optional[str] = typer.Option(None, "--report", help="write per-layer diagnostics (report.md, layer_errors.png, report.json) into this directory"),
+    no_reference: bool = typer.Option(False, "--no-reference", help="perplexity only: do not load the reference model"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Perplexity, KL divergence and top-1 agreement against the unquantized model; gate on thresholds."""
     from . import api
 
-    res = _run(lambda p: api.evaluate(path, reference, data, windows, max_ppl_increase, max_kl, min_top1, prompt, field, "cpu", p), as_json)
+    res = _run(lambda p: api.evaluate(path, reference, data, windows, max_ppl_increase, max_kl, min_top1, prompt, field, "cpu", p, report, no_reference), as_json)
 
     def human(r):
         t = Table(title=f"qtool eval {path}", show_header=True)
@@ -165,6 +168,11 @@ def eval_(
         t.add_row("tokens", str(r["tokens"]))
         t.add_row("seconds", f"{r['seconds']:.1f}")
         err.print(t)
+        if r.get("report"):
+            rep = r["report"]
+            err.print(f"layer report: {rep['dir']}/report.md; mean relative output error {rep['mean_rel_error']:.4f}, worst layers:", markup=False)
+            for w in rep["worst"]:
+                err.print(f"  {w['rel_error']:.4f}  {w['name']}", markup=False)
         if r.get("generation") is not None:
             err.print(f"[bold]quantized:[/] {r['generation']}", highlight=False)
             err.print(f"[bold]reference:[/] {r['reference_generation']}", highlight=False)
@@ -191,12 +199,23 @@ def inspect(path: str = typer.Argument(...), as_json: bool = typer.Option(False,
             err.print(f"  {c:4d} x {sch}", markup=False)
         for e in r["engines"]:
             err.print(f"  {e['engine']}: {'loads' if e['loads'] else 'does NOT load'} ({e['note']})", markup=False)
-        t = Table(show_header=True)
-        for c in ("layer", "shape", "scheme", "bits/weight"):
-            t.add_column(c)
+        for c in r.get("convert_to", []):
+            err.print(f"  qtool export --format {c['format']} -> loads in {', '.join(c['engines'])}", markup=False)
+        sk = Table(show_header=True, title="size by module type")
+        for c in ("module type", "quantized MB", "unquantized MB", "total MB"):
+            sk.add_column(c, justify="right" if c != "module type" else "left")
+        for kind, v in r.get("size_by_kind", {}).items():
+            sk.add_row(kind, f"{v['quantized'] / 1e6:.2f}", f"{v['unquantized'] / 1e6:.2f}", f"{v['total'] / 1e6:.2f}")
+        err.print(sk)
+        t = Table(show_header=True, title="quantized layers")
+        for c in ("layer", "shape", "scheme", "bits/weight", "KB"):
+            t.add_column(c, justify="right" if c in ("bits/weight", "KB") else "left", no_wrap=c == "layer", overflow="fold")
         for l in r["layers"]:
-            t.add_row(l["name"], "x".join(map(str, l["shape"])), l["scheme"], str(l["bits_per_weight"]))
+            name = l["name"][len("model."):] if l["name"].startswith("model.") else l["name"]
+            t.add_row(name, "x".join(map(str, l["shape"])), l["scheme"], f"{l['bits_per_weight']:.3f}", f"{l.get('bytes', 0) / 1e3:.1f}")
         err.print(t)
+        for w in r.get("warnings", []):
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
 
     _emit(res, as_json, human)
 

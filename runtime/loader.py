@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calibrate.models import build_skeleton
 from exporters import Checkpoint, read_checkpoint
 from qtensor.errors import QtoolError
 
@@ -20,25 +21,6 @@ from .qlinear import QuantLinear
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def build_skeleton(config: dict, trust_remote_code: bool = False) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise QtoolError("config.json has no model_type")
-    try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
-    except QtoolError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise QtoolError(f"cannot build a {model_type} model from config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return model
 
 
 def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

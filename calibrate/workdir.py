@@ -1,0 +1,187 @@
+"""The quantize work directory beside --out: per-layer results on disk, so a killed run resumes.
+
+    .<out>.qtool-work/
+        manifest.json                 fingerprint of the run + number of finished layers
+        layer-00003.safetensors       layer 3's QTensors (qtool lossless encoding) + its other tensors
+        hidden-00003.safetensors      hidden states after layer 3 (inputs of layer 4)
+
+Each file is written to a temporary name and renamed; the manifest is updated last, so whatever the
+moment of a kill, the manifest names only complete files. Results are read back lazily when the
+final checkpoint is written, so quantized layers never accumulate in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from exporters.qtool import decode_module, encode_module, module_meta
+from qtensor import QTensor
+from qtensor.errors import QtoolError
+
+_PT = "pt::"  # prefix of pass-through tensors inside layer files
+
+
+def work_path(out: Path) -> Path:
+    out = Path(out)
+    return out.resolve().parent / f".{out.name}.qtool-work"
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class WorkDir:
+    def __init__(self, out: Path, fingerprint: dict, resume: bool):
+        self.path = work_path(out)
+        self.fingerprint = fingerprint
+        man = self.path / "manifest.json"
+        if self.path.exists():
+            old = None
+            try:
+                old = json.loads(man.read_text())
+            except (OSError, ValueError):
+                old = None
+            if resume:
+                if old is None:
+                    raise QtoolError(f"work directory {self.path} has no readable manifest; remove it to start over")
+                if old.get("fingerprint") != fingerprint:
+                    diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {})) if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+                    raise QtoolError(f"work directory {self.path} is from a different run (differs in: {', '.join(diff)}); remove it or run without --resume")
+                self.done = int(old.get("layers_done", 0))
+                return
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self.done = 0
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        tmp = self.path / f".manifest.{os.getpid()}"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "layers_done": self.done}, indent=2, sort_keys=True))
+        os.replace(tmp, self.path / "manifest.json")
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def hidden_file(self, i: int) -> Path:
+        return self.path / f"hidden-{i:05d}.safetensors"
+
+    def save_layer(self, i: int, qts: dict[str, QTensor], tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor] | None, notes: list[str]) -> None:
+        out = {}
+        meta = {}
+        for name, qt in qts.items():
+            out.update(encode_module(name, qt))
+            meta[name] = module_meta(qt)
+        for k, v in tensors.items():
+            out[_PT + k] = v
+        _atomic_save(out, self.layer_file(i), {"modules": json.dumps(meta), "notes": json.dumps(notes)})
+        if hidden is not None:
+            _atomic_save({f"h{j}": h.detach().cpu() for j, h in enumerate(hidden)}, self.hidden_file(i))
+        self.done = i + 1
+        self._write_manifest()
+        if i > 0 and self.hidden_file(i - 1).exists():
+            self.hidden_file(i - 1).unlink()
+
+    def load_hidden(self, i: int, device: str = "cpu") -> list[torch.Tensor]:
+        p = self.hidden_file(i)
+        if not p.is_file():
+            raise QtoolError(f"work directory {self.path} lacks {p.name}; remove it to start over")
+        with safe_open(str(p), "pt") as f:
+            return [f.get_tensor(f"h{j}").to(device) for j in range(len(list(f.keys())))]
+
+    def notes(self) -> list[str]:
+        out = []
+        for i in range(self.done):
+            with safe_open(str(self.layer_file(i)), "pt") as f:
+                out += json.loads((f.metadata() or {}).get("notes", "[]"))
+        return out
+
+    def results(self, n_layers: int) -> tuple["LazyQTensors", "LazyTensors"]:
+        files = [self.layer_file(i) for i in range(n_layers)]
+        for f in files:
+            if not f.is_file():
+                raise QtoolError(f"work directory {self.path} lacks {f.name}")
+        return LazyQTensors(files), LazyTensors(files)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _LayerFiles:
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._handles = {}
+
+    def handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), "pt")
+        return self._handles[f]
+
+
+class LazyQTensors(Mapping):
+    """module name -> QTensor, decoded from the layer files on access."""
+
+    def __init__(self, files: list[Path]):
+        self._lf = _LayerFiles(files)
+        self._where: dict[str, tuple[Path, dict]] = {}
+        for f in files:
+            mods = json.loads(self._lf.handle(f).metadata().get("modules", "{}"))
+            for name, m in mods.items():
+                self._where[name] = (f, m)
+
+    def __getitem__(self, name: str) -> QTensor:
+        f, m = self._where[name]
+        h = self._lf.handle(f)
+
+        class _Get(Mapping):
+            def __getitem__(self_, k):
+                return h.get_tensor(k)
+
+            def __contains__(self_, k):
+                return k in h.keys()
+
+            def __iter__(self_):
+                return iter(h.keys())
+
+            def __len__(self_):
+                return len(h.keys())
+
+        return decode_module(_Get(), name, m)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+class LazyTensors(Mapping):
+    """Pass-through tensors of the layers (norms, biases, possibly rescaled by AWQ/SmoothQuant)."""
+
+    def __init__(self, files: list[Path]):
+        self._lf = _LayerFiles(files)
+        self._where = {}
+        for f in files:
+            for k in self._lf.handle(f).keys():
+                if k.startswith(_PT):
+                    self._where[k[len(_PT):]] = f
+
+    def __getitem__(self, k):
+        return self._lf.handle(self._where[k]).get_tensor(_PT + k)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
