@@ -38,7 +38,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 0, order: list[int] | 
     x = x.reshape(n // chunk, chunk, *x.shape[1:])
     if order is not None:
         x = x[:, order]
-    out = torch.zeros((n // chunk, words, *x.shape[2:]), dtype=torch.int64)
+    out = torch.zeros((n // chunk, words, *x.shape[2:]), dtype=torch.int64, device=x.device)
     for i in range(chunk):
         off = i * bits
         w, s = divmod(off, 32)
@@ -101,3 +101,14 @@ def signed_to_offset(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def offset_to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def signed_to_twos(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes -> their `bits`-wide two's-complement pattern as uint8 (int4 -8 -> 0x8, -1 -> 0xF)."""
+    return (codes.to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def twos_to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of signed_to_twos: `bits`-wide two's-complement patterns (uint8) -> signed int8 codes."""
+    c = codes.to(torch.int16) & ((1 << bits) - 1)
+    return torch.where(c >= (1 << (bits - 1)), c - (1 << bits), c).to(torch.int8)

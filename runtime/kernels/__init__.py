@@ -1,0 +1,82 @@
+"""Triton / torch._scaled_mm kernels behind QuantLinear on CUDA.
+
+`linear(module, x)` returns the layer's output from a kernel, or None when no kernel covers the
+weight's layout (QuantLinear then uses its torch reference path). The repacked weight is built once
+per module and device (`prepare(qt)`), like Marlin's load-time repack.
+
+weight_only  int4/int8 weights (GPTQ/AWQ groups, sym/asym, act order), NVFP4 and MXFP4 weights
+w8a8         FP8 (per-tensor, row-wise) via torch._scaled_mm, block-FP8 and INT8 via Triton
+act_quant    fused per-token / per-group activation quantizers, NVFP4 activation fake-quant
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qtensor import QTensor
+
+from . import act_quant, w8a8, weight_only
+
+
+class Prepared:
+    """One layer's kernel-ready weight and the call that uses it."""
+
+    def __init__(self, qt: QTensor, state, device: torch.device):
+        self.state = state
+        self.device = device
+        self.act = qt.act
+        self.pre_scale = None
+        self.weight_only = isinstance(state, weight_only.WeightOnlyState)
+
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        if self.weight_only:
+            if self.act.kind == "dynamic" and self.act.dtype == "e2m1":  # NVFP4 W4A4: activations fake-quantized
+                x2 = act_quant.nvfp4_fake_quant(x.reshape(-1, x.shape[-1]).contiguous(), self.act.scale)
+                x = x2.reshape(x.shape)
+            return weight_only.matmul(x, self.state, path)
+        return w8a8.matmul(x, self.state, path)
+
+
+def _on(qt: QTensor, dev: torch.device) -> QTensor:
+    mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    act = qt.act
+    if act.scale is not None or act.offset is not None:
+        from dataclasses import replace
+
+        act = replace(act, scale=mv(act.scale), offset=mv(act.offset))
+    return qt.replace(codes=mv(qt.codes), scales=mv(qt.scales), zeros=mv(qt.zeros), g_idx=mv(qt.g_idx),
+                      global_scale=mv(qt.global_scale), act=act)
+
+
+def prepare(qt: QTensor) -> Prepared | None:
+    """Kernel-ready weight for a QTensor (every tensor moved to the codes' device), or None."""
+    qt = _on(qt, qt.codes.device)
+    if qt.dtype in ("int", "e2m1"):
+        act = qt.act
+        if act.kind == "none" or (qt.dtype == "e2m1" and act.kind == "dynamic" and act.dtype == "e2m1"):
+            st = weight_only.prepare(qt)
+            return None if st is None else Prepared(qt, st, qt.codes.device)
+    if qt.dtype in ("int", "fp8_e4m3"):
+        st = w8a8.prepare(qt)
+        return None if st is None else Prepared(qt, st, qt.codes.device)
+    return None
+
+
+_MISSING = object()
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor | None:
+    """QuantLinear's CUDA path (pre_scale already applied by the caller). None = no kernel for this layer."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    prep = getattr(module, "_kernel_prep", _MISSING)
+    if prep is _MISSING or (prep is not None and prep.device != x.device):
+        qt = module.qtensor()
+        prep = prepare(qt.replace(codes=qt.codes.to(x.device)))
+        module._kernel_prep = prep
+    if prep is None:
+        return None
+    y = prep(x)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y

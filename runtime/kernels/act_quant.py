@@ -1,0 +1,119 @@
+"""Fused activation quantizers (one pass over x per row): per-token / per-token-group int8 and fp8,
+static per-tensor (with msModelSlim's asymmetric int8 offset), and NVFP4 quantize-dequantize.
+
+Arithmetic matches runtime.qlinear.fake_quant_act: scale = amax / qmax (clamped at 1e-12), codes =
+round-half-even(x / scale) for int, the e4m3 conversion's rounding for fp8."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtensor import numerics as nm
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+
+@triton.jit
+def _e4m3_round(v):
+    """Round fp32 (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic: exact on
+    the GPU and under the interpreter (whose float8 conversion rounds wrongly)."""
+    a = tl.abs(v)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    e = tl.maximum(e, -6) - 3  # quantum exponent: 3 mantissa bits, subnormals below 2^-6
+    quantum = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    r = _round_half_even(a / quantum) * quantum
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, sstat_ptr, off_ptr, K, stride_xm, stride_qm, n_groups,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr,
+    HAS_OFF: tl.constexpr, QMAX: tl.constexpr,
+):
+    row = tl.program_id(0)
+    grp = tl.program_id(1)
+    offs = grp * GROUP + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < GROUP) & (offs < K)
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        s = tl.load(sstat_ptr).to(tl.float32)
+    else:
+        amax = tl.max(tl.abs(x), axis=0)
+        s = tl.maximum(tl.div_rn(amax, QMAX), 1e-12)
+        tl.store(s_ptr + row * n_groups + grp, s)
+    v = tl.div_rn(x, s)
+    if IS_INT:
+        v = _round_half_even(v)
+        if HAS_OFF:
+            v = v + tl.load(off_ptr).to(tl.float32)
+        q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
+    else:
+        q = _e4m3_round(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
+
+
+def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
+             offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (codes [M, K] int8 / float8_e4m3fn, scales fp32 [M, K/group] or [M, 1]; the static scale
+    as given when static). group 0 = one scale per token."""
+    m, k = x2.shape
+    is_int = dtype == "int8"
+    q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.float8_e4m3fn, device=x2.device)
+    gsz = group if group > 0 else k
+    ng = triton.cdiv(k, gsz)
+    static = static_scale is not None
+    s = torch.empty((m, ng), dtype=torch.float32, device=x2.device) if not static else static_scale.float().reshape(1)
+    block = triton.next_power_of_2(gsz)
+    _act_quant_kernel[(m, ng)](
+        x2, q, s, s, offset.reshape(1) if offset is not None else s, k, x2.stride(0), q.stride(0), ng,
+        GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
+        QMAX=127.0 if is_int else nm.FP8_MAX, num_warps=8 if block >= 4096 else 4,
+    )
+    return q, s
+
+
+@triton.jit
+def _e2m1_round_abs(a):
+    a = tl.minimum(a, 6.0)
+    return tl.where(a <= 0.25, 0.0, tl.where(a < 0.75, 0.5, tl.where(a <= 1.25, 1.0, tl.where(a < 1.75, 1.5,
+           tl.where(a <= 2.5, 2.0, tl.where(a < 3.5, 3.0, tl.where(a <= 5.0, 4.0, 6.0)))))))
+
+
+@triton.jit
+def _nvfp4_fake_kernel(x_ptr, y_ptr, gs_ptr, K, stride_xm, stride_ym, BLOCK: tl.constexpr):
+    """NVFP4 activation quantize-dequantize: e4m3 scale per 16 under the global scale, e2m1 values."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    gs = tl.load(gs_ptr)
+    xg = tl.reshape(x, (BLOCK // 16, 16))
+    bamax = tl.max(tl.abs(xg), axis=1)
+    bs = tl.minimum(tl.div_rn(tl.div_rn(bamax, 6.0), gs), 448.0)
+    bs = _e4m3_round(bs)
+    sc = bs * gs
+    sc = tl.where(sc > 0, sc, 1.0)
+    v = tl.div_rn(xg, sc[:, None])
+    r = _e2m1_round_abs(tl.abs(v))
+    r = tl.where(v < 0, -r, r)
+    y = tl.reshape(r * sc[:, None], (BLOCK,))
+    tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=offs < K)
+
+
+def nvfp4_fake_quant(x2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """As fake_quant_act for NVFP4 activations (global amax from act.scale when static, else from x)."""
+    m, k = x2.shape
+    amax = scale.float() * nm.E2M1_MAX * nm.FP8_MAX if scale is not None else x2.abs().amax().float()
+    gs = (amax / (nm.E2M1_MAX * nm.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    y = torch.empty_like(x2)
+    block = 256
+    _nvfp4_fake_kernel[(m, triton.cdiv(k, block))](x2, y, gs, k, x2.stride(0), y.stride(0), BLOCK=block, num_warps=4)
+    return y

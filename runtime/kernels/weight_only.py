@@ -1,0 +1,315 @@
+"""Weight-only GEMM: int4/int8 (GPTQ/AWQ groups, sym/asym, act order), NVFP4 and MXFP4 weights.
+
+Layout (repacked once from the QTensor, like Marlin): `qw` int32 [K / PER, N] with PER = 32 / bits
+codes per word, N contiguous. K is cut into blocks of 16 * PER codes; word-row r of block b holds,
+in slot i, the code of input channel k = b * 16 * PER + i * 16 + r. Slot i of a [16, BN] word tile
+is therefore the weight of 16 *consecutive* channels, so one 16-wide slice of x multiplies it:
+no reshape in the kernel, one group scale per slice (groups are multiples of 16).
+
+Scales are stored transposed, [n_groups, N], in their storage dtype (fp16/bf16; NVFP4 e4m3 and
+MX e8m0 as raw bytes); `gblk[j]` is the group of the 16-channel run j. Act order (GPTQ desc_act)
+is handled by sorting K by g_idx at load time and gathering x through the same permutation.
+
+Paths: M = 1 a GEMV (CUDA-core FMAs, split-K), M <= 16 and medium M a fused dequant + tl.dot
+kernel (split-K for small M), large M a dequantize kernel followed by cuBLAS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qtensor import QTensor
+from qtensor import packing as pk
+
+from . import tuning
+
+WTYPE_INT, WTYPE_NVFP4, WTYPE_MXFP4 = 0, 1, 2
+RUN = 16  # consecutive input channels per slot
+
+
+@dataclass
+class WeightOnlyState:
+    qw: torch.Tensor  # int32 [K/PER, N]
+    scales: torch.Tensor  # [NG, N]
+    zeros: torch.Tensor | None  # uint8 [NG, N] (asym int)
+    gblk: torch.Tensor  # int32 [K/16]
+    perm: torch.Tensor | None  # int32 [K] (act order) or None
+    global_scale: torch.Tensor  # float32 [1]
+    n: int
+    k: int
+    bits: int
+    wtype: int
+
+    def nbytes(self) -> int:
+        b = self.qw.numel() * 4 + self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            b += self.zeros.numel()
+        return b
+
+    def clone(self) -> "WeightOnlyState":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return WeightOnlyState(self.qw.clone(), self.scales.clone(), c(self.zeros), self.gblk, self.perm, self.global_scale, self.n, self.k, self.bits, self.wtype)
+
+
+def supports(qt: QTensor) -> str | None:
+    """None when a weight-only kernel can run this weight, else the reason."""
+    n, k = qt.shape
+    if qt.act.kind != "none" and qt.dtype == "int":
+        return "activation quantization"
+    if qt.dtype == "int":
+        if qt.bits not in (4, 8):
+            return f"{qt.bits}-bit"
+        if qt.group_size > 0 and qt.group_size % RUN:
+            return f"group size {qt.group_size}"
+    elif qt.dtype == "e2m1":
+        if qt.group_size not in (16, 32):
+            return "e2m1 group size"
+    else:
+        return qt.dtype
+    per = 32 // qt.bits
+    if k % (RUN * per):
+        return f"in_features {k} not a multiple of {RUN * per}"
+    return None
+
+
+def prepare(qt: QTensor) -> WeightOnlyState | None:
+    """Repack one weight for the kernels (on the weight's device). None when the layout does not fit."""
+    if supports(qt) is not None:
+        return None
+    n, k = qt.shape
+    dev = qt.codes.device
+    bits = qt.bits
+    per = 32 // bits
+    perm = None
+    if qt.dtype == "int":
+        u = pk.signed_to_offset(qt.codes, bits) if qt.sym else qt.codes.to(torch.uint8)
+        if qt.group_size == 0:  # per tensor
+            scales = qt.scales.reshape(1, 1).expand(1, n)
+            zeros = None if qt.zeros is None else qt.zeros.reshape(1, 1).expand(1, n)
+            g = torch.zeros(k, dtype=torch.long, device=dev)
+        else:
+            scales = qt.scales.reshape(n, -1).t()
+            zeros = None if qt.zeros is None else qt.zeros.reshape(n, -1).t()
+            g = qt.column_groups().to(dev)
+        if qt.g_idx is not None and bool((g[1:] < g[:-1]).any()):
+            p = torch.argsort(g, stable=True)
+            u, g, perm = u[:, p], g[p], p.to(torch.int32)
+        runs = g.reshape(-1, RUN)
+        if not bool((runs == runs[:, :1]).all()):
+            return None  # groups not aligned to 16-channel runs: the torch path handles it
+        gblk = runs[:, 0].to(torch.int32).contiguous()
+        wtype = WTYPE_INT
+        gs = torch.ones(1, dtype=torch.float32, device=dev)
+    else:
+        u = qt.codes.to(torch.uint8)
+        gsz = qt.group_size
+        if qt.scales.dtype == torch.uint8:  # MX e8m0
+            wtype, scales = WTYPE_MXFP4, qt.scales.t()
+        else:
+            wtype, scales = WTYPE_NVFP4, qt.scales.view(torch.uint8).t()
+        zeros = None
+        gblk = (torch.arange(k // RUN, device=dev) * RUN // gsz).to(torch.int32)
+        gs = (qt.global_scale.float().reshape(1) if qt.global_scale is not None else torch.ones(1)).to(dev)
+    nb = k // (RUN * per)
+    t = u.reshape(n, nb, per, RUN).permute(1, 3, 2, 0).reshape(k, n)  # [b, r, i] along dim 0
+    qw = pk.pack_int32(t.contiguous(), bits, dim=0)
+    return WeightOnlyState(
+        qw.contiguous(), scales.contiguous(), None if zeros is None else zeros.to(torch.uint8).contiguous(),
+        gblk, perm, gs.float().contiguous(), n, k, bits, wtype,
+    )
+
+
+@triton.jit
+def _dequant_slot(words, i: tl.constexpr, s_ptr, z_ptr, gs, g, offs_n, mask_n, N,
+                  BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_AFTER: tl.constexpr):
+    """Slot i of a [16, BN] word tile -> (values [16, BN] fp32, scale [BN] fp32, zero [BN] fp32).
+
+    With SCALE_AFTER the values are the raw codes (int) and the caller applies (v - zero) * scale after
+    its reduction; otherwise the values are already dequantized."""
+    q = (words >> (i * BITS)) & ((1 << BITS) - 1)
+    if WTYPE == 0:
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + (1 << (BITS - 1))
+        v = q.to(tl.float32)
+    else:
+        # e2m1 -> fp16 bit pattern (sign<<15 | e<<10 | m<<9), value * 2^-14 exactly (subnormals too)
+        h = ((q & 7) << 9) | ((q & 8) << 12)
+        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        b = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.int32)
+        if WTYPE == 1:  # e4m3 block scale * global scale
+            e = (b >> 3) & 15
+            m = (b & 7).to(tl.float32)
+            sv = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2(e.to(tl.float32) - 10.0))
+            sv = tl.where((b & 128) != 0, -sv, sv)
+            s = sv * 16384.0  # the global scale is applied by the caller
+        else:  # e8m0
+            s = tl.exp2(b.to(tl.float32) - 127.0) * 16384.0
+        z = tl.zeros_like(s)
+    if not SCALE_AFTER:
+        v = (v - z[None, :]) * s[None, :]
+    return v, s, z
+
+
+@triton.jit
+def _wo_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, gs_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
+):
+    PER: tl.constexpr = 32 // BITS
+    BLK: tl.constexpr = 16 * PER
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    nblk = K // BLK
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    gs = tl.load(gs_ptr)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for b in range(b0, b1):
+        words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        for i in tl.static_range(PER):
+            g = tl.load(gblk_ptr + b * PER + i)
+            kk = b * BLK + i * 16 + offs_r
+            if HAS_PERM:
+                kk = tl.load(perm_ptr + kk)
+            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
+            if DOT:
+                w, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, False)
+                acc += tl.dot(xs, w.to(xs.dtype))
+            else:
+                v, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, True)
+                xf = xs.to(tl.float32)
+                t = tl.sum(xf[:, :, None] * v[None, :, :], axis=1)
+                xsum = tl.sum(xf, axis=1)
+                acc += (t - xsum[:, None] * z[None, :]) * s[None, :]
+    if WTYPE == 1:
+        acc = acc * gs
+    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(optrs, acc, mask=omask)
+
+
+@triton.jit
+def _wo_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
+    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
+):
+    """Dequantize to out [N, K] (in the permuted channel order when act order)."""
+    PER: tl.constexpr = 32 // BITS
+    BLK: tl.constexpr = 16 * PER
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    mask_n = offs_n < N
+    gs = tl.load(gs_ptr)
+    words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    for i in tl.static_range(PER):
+        g = tl.load(gblk_ptr + b * PER + i)
+        w, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, False)
+        if WTYPE == 1:
+            w = w * gs
+        kk = b * BLK + i * 16 + offs_r
+        tl.store(out_ptr + offs_n[None, :] * K + kk[:, None], w.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+
+GEMV_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
+    (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4), (128, 8, 4), (256, 4, 8),
+]]
+SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
+    (32, 1, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4), (128, 8, 8),
+]]
+TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
+    (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
+]]
+DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
+
+
+def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool) -> torch.Tensor:
+    m = x2.shape[0]
+    bm = cfg.get("BM", 1)
+    sk = cfg["SPLIT_K"]
+    if sk == 1:
+        out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    else:
+        out = torch.zeros((m, st.n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(st.n, cfg["BN"]), sk)
+    dummy = st.qw
+    _wo_gemm_kernel[grid](
+        x2, st.qw, st.scales, st.zeros if st.zeros is not None else dummy, st.gblk,
+        st.perm if st.perm is not None else st.gblk, st.global_scale, out,
+        m, st.n, st.k, x2.stride(0), out.stride(0),
+        BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
+        BM=bm, BN=cfg["BN"], SPLIT_K=sk, DOT=dot,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )
+    return out if sk == 1 else out.to(x2.dtype)
+
+
+def dequantize(st: WeightOnlyState, dtype: torch.dtype) -> torch.Tensor:
+    """The full weight [N, K] (channels in the permuted order when act order)."""
+    out = torch.empty((st.n, st.k), dtype=dtype, device=st.qw.device)
+    bn = 64
+    grid = (st.k // (16 * (32 // st.bits)), triton.cdiv(st.n, bn))
+    _wo_dequant_kernel[grid](
+        st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.global_scale, out,
+        st.n, st.k, BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, BN=bn, num_warps=4,
+    )
+    return out
+
+
+def _key(st: WeightOnlyState, path: str, m: int):
+    return ("wo", path, tuning.m_bucket(m), st.n, st.k, st.bits, st.wtype)
+
+
+def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> torch.Tensor:
+    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces gemv | small | tiled | dequant."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if path is None:
+        path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
+    if path == "dequant":
+        w = dequantize(st, x2.dtype)
+        xp = x2 if st.perm is None else x2[:, st.perm.long()]
+        y = torch.nn.functional.linear(xp, w)
+    else:
+        configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "tiled": TILED_CONFIGS}[path]
+        dot = path != "gemv"
+        if path == "gemv" and m > 1:
+            configs = [dict(c, BM=1) for c in configs]
+        run = lambda cfg: _launch_gemm(x2, st, cfg, dot)  # noqa: E731
+        cfg = tuning.pick(_key(st, path, m), configs, run, default=_default(path, st.n))
+        if path == "gemv" and m > 1:  # one row per program row; M <= a few
+            cfg = dict(cfg, BM=1)
+        y = run(cfg)
+    return y.reshape(*shape[:-1], st.n)
+
+
+def _default(path: str, n: int) -> dict:
+    if path == "gemv":
+        return dict(BN=64, SPLIT_K=2 if n <= 8192 else 1, num_warps=4)
+    if path == "small":
+        return dict(BM=16, BN=64, SPLIT_K=2, num_warps=4)
+    return dict(BM=64, BN=64, SPLIT_K=1, num_warps=4, num_stages=2)

@@ -1,0 +1,188 @@
+"""runtime.kernels against the torch reference (QTensor.dequantize + matmul, fake_quant_act), on CPU
+under the Triton interpreter (TRITON_INTERPRET=1 is set before triton is imported). Tiny shapes."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from qtensor import ActQuant, QTensor  # noqa: E402
+from qtensor import numerics as nm  # noqa: E402
+from runtime import kernels  # noqa: E402
+from runtime.kernels import act_quant, w8a8, weight_only  # noqa: E402
+from runtime.qlinear import QuantLinear, fake_quant_act  # noqa: E402
+
+DT = torch.float16
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    assert torch.isfinite(y).all()
+    return float((y - ref).norm() / ref.norm())
+
+
+def int_qt(n, k, bits, group, sym, act_order=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zero = nm.int_qparams(w, bits, group, sym, torch.float16)
+    g_idx = None
+    if act_order:
+        # GPTQ desc_act: channel k belongs to group perm[k] // G for a random permutation
+        perm = torch.randperm(k, generator=g)
+        g_idx = (perm // group).to(torch.int32)
+    codes = nm.int_quantize(w, scale, zero, bits, group, g_idx)
+    return QTensor("int", bits, codes, scale, zero, group, g_idx=g_idx)
+
+
+def x_of(m, k, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DT)
+
+
+def ref_linear(x, qt):
+    xq = fake_quant_act(x.float(), qt.act)
+    return xq @ qt.dequantize(torch.float32).t()
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [
+    (4, 128, True, False), (4, 32, False, False), (4, 64, True, True), (8, -1, True, False), (8, 64, False, True),
+])
+@pytest.mark.parametrize("path,m", [("gemv", 1), ("small", 5), ("tiled", 33), ("dequant", 7)])
+def test_weight_only_int(bits, group, sym, act_order, path, m):
+    n, k = 48, 256
+    qt = int_qt(n, k, bits, group, sym, act_order)
+    prep = kernels.prepare(qt)
+    assert prep is not None and prep.weight_only
+    assert (prep.state.perm is not None) == act_order
+    x = x_of(m, k)
+    y = prep(x, path)
+    assert y.shape == (m, n) and y.dtype == DT
+    # the weight is exact in fp16; only fp16 rounding of products/outputs differs
+    assert rel_err(y, x.float() @ qt.dequantize(torch.float32).t()) < 2e-3
+
+
+def test_weight_only_split_k_and_dequant_exact():
+    qt = int_qt(40, 512, 4, 128, False)
+    st = weight_only.prepare(qt)
+    # every repacked code comes back: the dequantize kernel is bit-exact against QTensor.dequantize
+    w = weight_only.dequantize(st, torch.float32)
+    assert torch.equal(w, qt.dequantize(torch.float32))
+    x = x_of(3, 512)
+    y1 = weight_only._launch_gemm(x, st, dict(BM=16, BN=32, SPLIT_K=1), True)
+    y4 = weight_only._launch_gemm(x, st, dict(BM=16, BN=32, SPLIT_K=4), True)
+    ref = x.float() @ w.t()
+    assert rel_err(y1, ref) < 2e-3 and rel_err(y4, ref) < 2e-3
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [1, 6, 20])
+def test_fp4_weights(scheme, m):
+    n, k = 32, 256
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    if scheme == "nvfp4":
+        bs, gs = nm.nvfp4_qparams(w, 16)
+        qt = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, 16), bs, None, 16, global_scale=gs,
+                     act=ActQuant("dynamic", "e2m1", "group", group_size=16))
+    else:
+        e = nm.e8m0_scales(w, 32, 2)
+        codes = nm.e2m1_round(w / nm.expand_to_columns(nm.e8m0_to_float(e), k, 32))
+        qt = QTensor("e2m1", 4, codes, e, None, 32)
+    prep = kernels.prepare(qt)
+    st = prep.state
+    assert torch.equal(weight_only.dequantize(st, torch.float32), qt.dequantize(torch.float32))
+    x = x_of(m, k)
+    y = prep(x)
+    assert rel_err(y, ref_linear(x, qt)) < 3e-3
+
+
+def test_nvfp4_activation_fake_quant_matches_reference():
+    x = x_of(5, 128) * 3
+    act = ActQuant("dynamic", "e2m1", "group", group_size=16)
+    y = act_quant.nvfp4_fake_quant(x, None)
+    assert torch.equal(y, fake_quant_act(x, act))
+
+
+@pytest.mark.parametrize("dtype,static,group", [("int8", False, 0), ("int8", True, 0), ("fp8_e4m3", False, 0),
+                                                ("fp8_e4m3", False, 128), ("fp8_e4m3", True, 0)])
+def test_act_quant_codes_exact(dtype, static, group):
+    x = x_of(6, 256) * 4
+    x[0, 3] = 0.5 * 127 / 127  # a value on a rounding tie for some scales
+    sc = torch.tensor([0.03]) if static else None
+    off = torch.tensor([3.0]) if static and dtype == "int8" else None
+    q, s = act_quant.quantize(x, dtype, group, sc, off)
+    xf = x.float()
+    if static:
+        ref_s = sc
+    elif group:
+        ref_s = (xf.reshape(6, -1, group).abs().amax(-1) / (127.0 if dtype == "int8" else nm.FP8_MAX)).clamp(min=1e-12)
+    else:
+        ref_s = (xf.abs().amax(-1, keepdim=True) / (127.0 if dtype == "int8" else nm.FP8_MAX)).clamp(min=1e-12)
+    assert torch.equal(s.reshape(ref_s.shape) if not static else s, ref_s.reshape(-1) if static else ref_s)
+    se = ref_s.repeat_interleave(group, 1) if group else ref_s
+    if dtype == "int8":
+        ref_q = torch.clamp(torch.round(xf / se) + (off if off is not None else 0), -128, 127).to(torch.int8)
+        assert torch.equal(q, ref_q)
+    else:
+        ref_q = nm.fp8_quantize(xf, se)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def fp8_qt(n, k, kind):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(5))
+    if kind == "block":
+        scale = nm.fp8_scale_from_amax(nm.block_amax(w, (128, 128)))
+        codes = nm.fp8_quantize(w, nm.expand_blocks(scale, n, k, (128, 128)))
+        return QTensor("fp8_e4m3", 8, codes, scale, None, 128, block=(128, 128),
+                       act=ActQuant("dynamic", "fp8_e4m3", "group", group_size=128))
+    if kind == "tensor":
+        scale = nm.fp8_scale_from_amax(w.abs().amax()).reshape(1)
+        return QTensor("fp8_e4m3", 8, nm.fp8_quantize(w, scale), scale, None, 0,
+                       act=ActQuant("static", "fp8_e4m3", "tensor", scale=torch.tensor([0.01])))
+    scale = nm.fp8_scale_from_amax(w.abs().amax(1, keepdim=True))
+    return QTensor("fp8_e4m3", 8, nm.fp8_quantize(w, scale), scale, None, -1, act=ActQuant("dynamic", "fp8_e4m3", "token"))
+
+
+@pytest.mark.parametrize("kind", ["tensor", "token", "block"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_fp8_w8a8(kind, m):
+    n, k = 160, 256
+    qt = fp8_qt(n, k, kind)
+    prep = kernels.prepare(qt)
+    assert prep is not None and prep.state.kind == ("fp8_block" if kind == "block" else "fp8")
+    x = x_of(m, k)
+    y = prep(x)
+    assert y.shape == (m, n)
+    assert rel_err(y, ref_linear(x, qt)) < 2e-3
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("m", [1, 20])
+def test_int8_w8a8(static, m):
+    n, k = 48, 256
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7))
+    scale, _ = nm.int_qparams(w, 8, -1, True, torch.float32)
+    codes = nm.int_quantize(w, scale, None, 8, -1)
+    act = ActQuant("static", "int8", "tensor", scale=torch.tensor([0.025]), offset=torch.tensor([-4.0])) if static \
+        else ActQuant("dynamic", "int8", "token")
+    qt = QTensor("int", 8, codes, scale, None, -1, act=act)
+    prep = kernels.prepare(qt)
+    assert prep is not None and prep.state.kind == "int8"
+    x = x_of(m, k) + (0.1 if static else 0.0)
+    y = prep(x)
+    assert rel_err(y, ref_linear(x, qt)) < 2e-3
+    if m > 16:  # the torch._int_mm route gives the same integers
+        assert rel_err(w8a8.matmul(x, prep.state, "int_mm"), ref_linear(x, qt)) < 2e-3
+
+
+def test_quantlinear_dispatch_matches_torch_path():
+    qt = int_qt(32, 128, 4, 32, True)
+    mod = QuantLinear(qt, bias=torch.randn(32).to(DT))
+    x = x_of(2, 128)
+    ref = mod(x)  # CPU: the torch reference path
+    y = kernels.linear(mod, x)  # what forward() returns on CUDA
+    assert y is not None and rel_err(y, ref) < 2e-3
+    # layouts without a kernel fall back (3-bit)
+    assert kernels.linear(QuantLinear(int_qt(32, 128, 3, 32, True)), x) is None
