@@ -40,3 +40,6 @@ def get_backend(name: str):
     if name not in BACKENDS:
         raise QtoolError(f"backend '{name}' is not built yet (available: native{''.join(', ' + b for b in BACKENDS)})")
     return BACKENDS[name]
+
+
+from . import modelopt  # noqa: E402,F401  (each module registers itself)
