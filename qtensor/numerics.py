@@ -184,43 +184,6 @@ def e2m1_round_half_down(x: torch.Tensor) -> torch.Tensor:
     return (idx + (x < 0).to(idx.dtype) * 8 * (idx > 0)).to(torch.uint8)
 
 
-# ---- scales from calibrated amax, as NVIDIA ModelOpt / TensorRT-LLM compute them -------------------
-
-
-def int_scale_from_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric int scale with absmax mapped to 2^(b-1)-1 (ModelOpt INT4 AWQ: amax/7, INT8: amax/127)."""
-    s = amax.float() / ((1 << (bits - 1)) - 1)
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
-def nvfp4_scales_from_amax(w: torch.Tensor, amax: torch.Tensor, block: int = 16):
-    """ModelOpt's NVFP4 weight scales from the calibrated per-tensor amax: global = amax/(6*448) (float32
-    scalar), block = block_amax/(6*global) with 0 -> 1, clamped to [2^-9, 448], cast to e4m3."""
-    n, k = w.shape
-    gs = amax.float().reshape(()) / (E2M1_MAX * FP8_MAX)
-    bamax = w.float().abs().reshape(n, k // block, block).amax(-1)
-    bs = bamax / (E2M1_MAX * gs)
-    bs = torch.where(bs == 0, torch.ones_like(bs), bs)
-    return bs.clamp(min=2.0**-9, max=FP8_MAX).to(torch.float8_e4m3fn), gs
-
-
-def e8m0_scales_ceil(w: torch.Tensor, block: int, elem_max: float) -> torch.Tensor:
-    """MX shared exponents as ModelOpt computes them: 2^ceil(log2(block_amax / elem_max)) (uint8, bias 127),
-    so no element exceeds elem_max (448 for MXFP8, 6 for MXFP4); all-zero blocks get 2^-127."""
-    n, k = w.shape
-    d = w.float().abs().reshape(n, k // block, block).amax(-1) / elem_max
-    e = torch.ceil(torch.where(d > 0, torch.log2(d), torch.full_like(d, -127.0)))
-    return (e.clamp(-127, 127) + 127).to(torch.uint8)
-
-
-def e2m1_round_half_down(x: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes with ties toward zero (ModelOpt's MXFP4 cast: a value on a midpoint takes the smaller
-    magnitude); no clamp, the caller's scale keeps |x| <= 6."""
-    mids = ((_E2M1_POS[1:] + _E2M1_POS[:-1]) / 2).to(x.device)
-    idx = (x.abs().unsqueeze(-1) > mids).sum(-1)
-    return (idx + (x < 0).to(idx.dtype) * 8 * (idx > 0)).to(torch.uint8)
-
-
 def nvfp4_qparams(w: torch.Tensor, block: int = 16, amax: torch.Tensor | None = None):
     """(block scales e4m3 [N, K/block], global scale float32 scalar) with real = e2m1*bs*gs."""
     n, k = w.shape
