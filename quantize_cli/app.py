@@ -49,7 +49,7 @@ def _run(fn, as_json: bool):
     except GateFailed as e:
         if as_json:
             print(json.dumps(e.result, default=str))
-        err.print(f"[red]eval gate failed:[/] {e}", markup=True, highlight=False)
+        err.print(f"[red]eval gate failed:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except QtoolError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)

@@ -32,3 +32,25 @@ def make_checkpoint(model_dir: Path, spec: WeightSpec, act_order: bool = False, 
             qts[n] = quantize_weight(w, spec)
     tensors = {k: td[k] for k in td if k[:-7] not in qts}
     return Checkpoint(config, qts, tensors, model_dir, {"source": str(model_dir), "source_path": str(model_dir)})
+
+
+def corrupt_scales(ckpt_dir: Path, module: str, factor: float = 4.0) -> None:
+    """Multiply the stored scales of one module (`{module}.scales`, `{module}.weight_scale`, ...) in place,
+    rewriting its safetensors file with the same metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    hit = False
+    for p in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        with safe_open(str(p), "pt") as h:
+            meta = h.metadata()
+            names = [k for k in h.keys() if k.startswith(module + ".") and k[len(module) + 1 :] in ("scales", "weight_scale", "weight_scale_inv")]
+        if not names:
+            continue
+        tensors = load_file(p)
+        for k in names:
+            tensors[k] = (tensors[k].float() * factor).to(tensors[k].dtype)
+        save_file(tensors, str(p), metadata=meta)
+        hit = True
+    if not hit:
+        raise KeyError(f"no scales of {module} in {ckpt_dir}")
