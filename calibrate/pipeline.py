@@ -240,15 +240,23 @@ def quantize_layers(
             if needs_data:
                 _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats)
             for name in group:
+                if not torch.isfinite(mods[name].weight).all():
+                    raise QtoolError(f"non-finite values in the weight of {lname}.{name}")
+            joint = None
+            shared_h = len(group) > 1 and all(stats[n].get("hessian") is stats[group[0]].get("hessian") for n in group)
+            if method.group_fn is not None and shared_h and stats[group[0]].get("n", 0) > 0:
+                try:  # one pass over the concatenated rows (q/k/v, gate/up share the Hessian)
+                    joint = dict(zip(group, method.group_fn([mods[n].weight.data for n in group], spec, stats[group[0]], **method.options)))
+                except FloatingPointError as e:
+                    raise QtoolError(f"{lname}.{group[0]}: {e}") from None
+            for name in group:
                 lin = mods[name]
                 st = stats[name]
                 full = f"{lname}.{name}"
                 if method.stats and st.get("n", 0) == 0:
                     rep.notes.append(f"{full}: no calibration tokens reached it; weight-only statistics")
-                if not torch.isfinite(lin.weight).all():
-                    raise QtoolError(f"non-finite values in the weight of {full}")
                 try:
-                    qt, note = method.quantize(lin.weight.data, spec, st)
+                    qt, note = joint[name] if joint is not None else method.quantize(lin.weight.data, spec, st)
                 except FloatingPointError as e:
                     raise QtoolError(f"{full}: {e}") from None
                 if note:
@@ -293,20 +301,27 @@ def _to_cpu(qt: QTensor) -> QTensor:
 
 
 def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple):
-    """Run the layer over the batches with hooks on one group; stop as soon as the group has run."""
+    """Run the layer over the batches with hooks on one group; stop as soon as the group has run.
+
+    The linears of a group read the same input, so one Hessian serves them all.
+    """
     from .algorithms.gptq import HessianAccumulator
 
     hooks = []
+    shared = len({m.in_features for m in linears.values()}) == 1
+    first = next(iter(linears.values()))
+    acc = HessianAccumulator(first.in_features, first.weight.device) if "hessian" in needs and shared else None
     for name, mod in linears.items():
         st = stats[name]
         st["n"] = 0
         if "hessian" in needs:
-            st["hessian"] = HessianAccumulator(mod.in_features, mod.weight.device)
+            st["hessian"] = acc if acc is not None else HessianAccumulator(mod.in_features, mod.weight.device)
+        owner = acc is None or mod is first
 
-        def hook(m, inp, st=st):
+        def hook(m, inp, st=st, owner=owner):
             x2 = inp[0].detach().reshape(-1, inp[0].shape[-1])
             st["n"] += x2.shape[0]
-            if "hessian" in st:
+            if "hessian" in st and owner:
                 st["hessian"].add(x2)
             a = x2.abs().amax().float().cpu() if x2.numel() else torch.tensor(0.0)
             st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a)

@@ -143,3 +143,14 @@ def gptq_quantize(
         g_idx = (torch.arange(k) // G)[invperm].to(torch.int32)
     qt = QTensor("int", spec.bits, codes, scales, zeros, spec.group_size, g_idx=g_idx)
     return GPTQResult(qt, float(loss.sum()), used, note)
+
+
+def split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
+    """Split a QTensor of concatenated output rows back into its parts (per-row scales/zeros)."""
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append(qt.replace(codes=qt.codes[sl].contiguous(), scales=qt.scales[sl].contiguous(),
+                              zeros=None if qt.zeros is None else qt.zeros[sl].contiguous()))
+        start += n
+    return out
