@@ -43,3 +43,5 @@ def get_backend(name: str):
 
 
 from . import modelopt  # noqa: E402,F401  (each module registers itself)
+from . import autoround  # noqa: E402,F401
+from . import gptqmodel  # noqa: E402,F401
