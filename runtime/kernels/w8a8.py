@@ -51,6 +51,8 @@ def _scaled_gemm_kernel(
             sa = tl.load(sa_ptr + offs_m * sa_stride + kb, mask=mask_m, other=0.0)
             sb = tl.load(sb_ptr + (offs_n // 128) * sb_stride + kb, mask=mask_n, other=0.0)
             acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        elif IS_INT:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BK

@@ -180,6 +180,7 @@ def _wo_gemm_kernel(
     b1 = tl.minimum(b0 + per_split, nblk)
     gs = tl.load(gs_ptr)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((16, BN), dtype=tl.float32)  # GEMV (BM == 1): reduced over the 16 rows once, at the end
     for b in range(b0, b1):
         words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
         for i in tl.static_range(PER):
@@ -187,16 +188,16 @@ def _wo_gemm_kernel(
             kk = b * BLK + i * 16 + offs_r
             if HAS_PERM:
                 kk = tl.load(perm_ptr + kk)
-            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
             if DOT:
+                xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
                 w, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, False)
                 acc += tl.dot(xs, w.to(xs.dtype))
             else:
-                v, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, True)
-                xf = xs.to(tl.float32)
-                t = tl.sum(xf[:, :, None] * v[None, :, :], axis=1)
-                xsum = tl.sum(xf, axis=1)
-                acc += (t - xsum[:, None] * z[None, :]) * s[None, :]
+                w, s, z = _dequant_slot(words, i, s_ptr, z_ptr, gs, g, offs_n, mask_n, N, BITS, WTYPE, HAS_ZERO, False)
+                xcol = tl.load(x_ptr + pid_m * stride_xm + kk).to(tl.float32)
+                acc2 += w * xcol[:, None]
+    if not DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
     if WTYPE == 1:
         acc = acc * gs
     optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -244,8 +245,9 @@ TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for b
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
 
 
-def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool) -> torch.Tensor:
+def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool, use_perm: bool = True) -> torch.Tensor:
     m = x2.shape[0]
+    has_perm = st.perm is not None and use_perm
     bm = cfg.get("BM", 1)
     sk = cfg["SPLIT_K"]
     if sk == 1:
@@ -256,9 +258,9 @@ def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool) -> torch.Tensor:
     dummy = st.qw
     _wo_gemm_kernel[grid](
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else dummy, st.gblk,
-        st.perm if st.perm is not None else st.gblk, st.global_scale, out,
+        st.perm if has_perm else st.gblk, st.global_scale, out,
         m, st.n, st.k, x2.stride(0), out.stride(0),
-        BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
+        BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm,
         BM=bm, BN=cfg["BN"], SPLIT_K=sk, DOT=dot,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
@@ -299,7 +301,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         dot = path != "gemv"
         if path == "gemv" and m > 1:
             configs = [dict(c, BM=1) for c in configs]
-        run = lambda cfg: _launch_gemm(x2, st, cfg, dot)  # noqa: E731
+        use_perm = True
+        if st.perm is not None and m > 16:  # gather x once (coalesced tiles) instead of per tile
+            x2, use_perm = x2[:, st.perm.long()], False
+        run = lambda cfg: _launch_gemm(x2, st, cfg, dot, use_perm)  # noqa: E731
         cfg = tuning.pick(_key(st, path, m), configs, run, default=_default(path, st.n))
         if path == "gemv" and m > 1:  # one row per program row; M <= a few
             cfg = dict(cfg, BM=1)

@@ -1,0 +1,136 @@
+"""End-to-end tokens/s on the GPU: an 8B-shaped (Llama-3-8B widths) random-weight decoder with fewer
+layers, bf16 vs w4a16 (int4 g128, Triton kernels) vs fp8 (fp8-dynamic: row-wise _scaled_mm), side by side.
+
+    python bench/e2e_gpu.py [--layers 8] [--out results.json]
+
+The decoder layers' seven linears become QuantLinear (the runtime's module, CUDA kernels dispatched
+inside); embeddings and lm_head (128256 x 4096) stay bf16 in every variant. Measured: eval-style
+prefill (batch 8 x 512 tokens, as qtool eval's windows) and greedy decode steps with a KV cache at
+batch 1 and 16 (eager, no CUDA graphs: launch overhead is part of the number)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.kernels import rand_fp8, rand_int  # noqa: E402
+from runtime.kernels import tuning  # noqa: E402
+from runtime.qlinear import QuantLinear  # noqa: E402
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,
+                      tie_word_embeddings=False)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def swap(model, make):
+    """Replace each decoder linear by make(n, k) -> QuantLinear; returns the originals to restore."""
+    orig = {}
+    for i, layer in enumerate(model.model.layers):
+        for path in LINEARS:
+            parent_name, attr = path.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, attr)
+            orig[(i, path)] = lin
+            n, k = lin.weight.shape
+            setattr(parent, attr, QuantLinear(make(n, k)) if make else lin)
+    return orig
+
+
+def restore(model, orig):
+    for (i, path), lin in orig.items():
+        parent_name, attr = path.split(".")
+        setattr(getattr(model.model.layers[i], parent_name), attr, lin)
+
+
+def sync_time(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+@torch.inference_mode()
+def measure(model, vocab):
+    out = {}
+    ids = torch.randint(0, vocab, (8, 512), device="cuda")
+    t = sync_time(lambda: model(ids, use_cache=False), 5)
+    out["prefill_tok_s"] = ids.numel() / t
+    for b in (1, 16):
+        prompt = torch.randint(0, vocab, (b, 128), device="cuda")
+        steps = 32
+        res = model(prompt, use_cache=True)
+        pkv = res.past_key_values
+        nxt = res.logits[:, -1:].argmax(-1)
+        for _ in range(3):  # warm the decode shapes (kernel choice, cuBLAS heuristics)
+            res = model(nxt, past_key_values=res.past_key_values if _ else pkv, use_cache=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+            nxt = res.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        out[f"decode_b{b}_tok_s"] = b * steps / (time.perf_counter() - t0)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    tuning.enable(True)
+    model = build(a.layers)
+    vocab = model.config.vocab_size
+    res = {}
+    measure(model, vocab)  # warm-up pass (first-use costs land here, not on bf16)
+    res["bf16"] = measure(model, vocab)
+    print("bf16", res["bf16"], flush=True)
+    variants = {
+        "w4a16-g128": lambda n, k: rand_int(n, k, 4, 128, True),
+        "fp8-dynamic": lambda n, k: rand_fp8(n, k, "token"),
+    }
+    for name, make in variants.items():
+        orig = swap(model, make)
+        res[name] = measure(model, vocab)
+        q = model.model.layers[0].mlp.down_proj
+        assert isinstance(q, QuantLinear) and getattr(q, "_kernel_prep", None) is not None, "kernel not dispatched"
+        print(name, res[name], flush=True)
+        restore(model, orig)
+        torch.cuda.empty_cache()
+    res["bf16 (again)"] = measure(model, vocab)
+    print("bf16 again", res["bf16 (again)"], flush=True)
+    dev = torch.cuda.get_device_name()
+    print(f"\n# {dev}: Llama-3-8B-shaped decoder, {a.layers} layers (of 32), random weights, lm_head bf16 in all")
+    keys = list(res["bf16"])
+    print(f"{'variant':<14}" + "".join(f"{k:>18}" for k in keys))
+    for name, r in res.items():
+        print(f"{name:<14}" + "".join(f"{r[k]:>11.0f} x{r[k] / res['bf16'][k]:4.2f}" for k in keys))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=dev, layers=a.layers, results=res), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""GPU kernel benchmark on Llama-3-8B linear shapes, every kernel beside torch's bf16 matmul in one process.
+
+    python bench/kernels.py [--out results.json] [--ms 1,16,128,4096] [--quick]
+
+For each kernel, shape (qkv 4096x6144, o 4096x4096, gate_up 4096x28672, down 14336x4096) and M:
+time per call (mean of >= 20 back-to-back calls, cycling through enough weight copies that the
+weights come from HBM, not L2; median of 3 such means), the ratio bf16 time / kernel time, and the
+achieved bandwidth (weights + activations + output bytes / time) as a share of the card's peak.
+Correctness first: each kernel against the torch reference (dequantize + fp32 matmul) at full size.
+Imports only torch, triton, qtensor and runtime (no transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from qtensor import ActQuant, QTensor  # noqa: E402
+from runtime import kernels  # noqa: E402
+from runtime.kernels import tuning, w8a8  # noqa: E402
+from runtime.qlinear import fake_quant_act  # noqa: E402
+
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]  # (K, N)
+L2_ROTATE = 256 << 20  # bytes of weight copies cycled per measurement
+PEAK = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def peak_bw(name: str) -> float:
+    for k, v in PEAK.items():
+        if k in name:
+            return v
+    return 3.35e12
+
+
+def copy_bw() -> float:
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 4 * 10 / (s.elapsed_time(e) * 1e-3)
+
+
+def time_calls(fns, calls: int = 20, rounds: int = 3) -> float:
+    """Seconds per call: events around `calls` back-to-back calls cycling through fns; median of rounds."""
+    n = max(calls, len(fns))
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    means = []
+    for _ in range(rounds):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        for i in range(n):
+            fns[i % len(fns)]()
+        e.record()
+        torch.cuda.synchronize()
+        means.append(s.elapsed_time(e) * 1e-3 / n)
+    return statistics.median(means)
+
+
+def time_graph(fns, calls: int = 20, rounds: int = 3) -> float:
+    """As time_calls, but the back-to-back calls are captured once in a CUDA graph and replayed, so
+    the number is GPU time without Python/launch overhead (how serving engines run decode)."""
+    n = max(calls, len(fns))
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    means = []
+    for _ in range(rounds):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        means.append(s.elapsed_time(e) * 1e-3 / n)
+    del g
+    return statistics.median(means)
+
+
+# ---- random quantized weights (codes and scales drawn directly; values do not change speed) -------
+
+
+def rand_int(n, k, bits, group, sym, act_order=False, act=None, scale_dtype=torch.float16):
+    dev = "cuda"
+    ng = 1 if group <= 0 else k // group
+    if sym:
+        codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8, device=dev)
+        zeros = None
+    else:
+        codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=dev)
+        zeros = torch.randint(0, 1 << bits, (n, ng), dtype=torch.uint8, device=dev)
+    scales = (torch.rand(n, ng, device=dev) * 0.02 + 0.002).to(scale_dtype)
+    g_idx = None
+    if act_order:
+        g_idx = (torch.randperm(k, device=dev) // group).to(torch.int32)
+    return QTensor("int", bits, codes, scales, zeros, group, g_idx=g_idx, act=act or ActQuant())
+
+
+def rand_fp4(n, k, nv: bool):
+    dev = "cuda"
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)
+    if nv:
+        bs = (torch.rand(n, k // 16, device=dev) * 400 + 1).to(torch.float8_e4m3fn)
+        return QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(1e-4, device=dev),
+                       act=ActQuant("dynamic", "e2m1", "group", group_size=16))
+    e = torch.randint(118, 126, (n, k // 32), dtype=torch.uint8, device=dev)
+    return QTensor("e2m1", 4, codes, e, None, 32)
+
+
+def rand_fp8(n, k, kind):
+    dev = "cuda"
+    codes = (torch.randn(n, k, device=dev) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    if kind == "block":
+        s = torch.rand(n // 128, k // 128, device=dev) * 1e-4 + 1e-5
+        return QTensor("fp8_e4m3", 8, codes, s, None, 128, block=(128, 128), act=ActQuant("dynamic", "fp8_e4m3", "group", group_size=128))
+    if kind == "tensor":
+        return QTensor("fp8_e4m3", 8, codes, torch.tensor([1e-4], device=dev), None, 0,
+                       act=ActQuant("static", "fp8_e4m3", "tensor", scale=torch.tensor([0.01], device=dev)))
+    return QTensor("fp8_e4m3", 8, codes, torch.rand(n, 1, device=dev) * 1e-4 + 1e-5, None, -1, act=ActQuant("dynamic", "fp8_e4m3", "token"))
+
+
+KERNELS = {
+    "w4a16-g128": lambda n, k: rand_int(n, k, 4, 128, True),
+    "w4a16-g128-asym": lambda n, k: rand_int(n, k, 4, 128, False),
+    "w4a16-g128-actorder": lambda n, k: rand_int(n, k, 4, 128, True, act_order=True),
+    "w8a16-g128": lambda n, k: rand_int(n, k, 8, 128, True),
+    "nvfp4(w only)": lambda n, k: rand_fp4(n, k, True),
+    "nvfp4(+act fq)": lambda n, k: rand_fp4(n, k, True),
+    "mxfp4": lambda n, k: rand_fp4(n, k, False),
+    "fp8-rowwise": lambda n, k: rand_fp8(n, k, "token"),
+    "fp8-tensor": lambda n, k: rand_fp8(n, k, "tensor"),
+    "fp8-block": lambda n, k: rand_fp8(n, k, "block"),
+    "int8-w8a8": lambda n, k: rand_int(n, k, 8, -1, True, act=ActQuant("dynamic", "int8", "token"), scale_dtype=torch.float32),
+    "int8-w8a8(_int_mm)": lambda n, k: rand_int(n, k, 8, -1, True, act=ActQuant("dynamic", "int8", "token"), scale_dtype=torch.float32),
+}
+
+
+def call_of(name: str, prep):
+    if name == "nvfp4(w only)":
+        from runtime.kernels import weight_only
+
+        return lambda x: weight_only.matmul(x, prep.state)
+    if name == "int8-w8a8(_int_mm)":
+        return lambda x: w8a8.matmul(x, prep.state, "int_mm")
+    return prep
+
+
+def tinygemm(n, k, group=128):
+    """torch's int4 weight-only kernel (tinygemm, torchao's int4 weight-only)."""
+    u = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    packed = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)
+    wp = torch._convert_weight_to_int4pack(packed, 8)
+    sz = torch.stack([torch.rand(k // group, n, device="cuda"), torch.rand(k // group, n, device="cuda")], -1).to(torch.bfloat16).contiguous()
+    return (wp, sz), lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, group, sz), wp.numel() * wp.element_size() + sz.numel() * 2
+
+
+def nbytes_of(prep) -> int:
+    return prep.state.nbytes()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--ms", default="1,16,128,4096")
+    ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
+    ap.add_argument("--no-tune", action="store_true")
+    a = ap.parse_args()
+    ms = [int(v) for v in a.ms.split(",")]
+    names = a.kernels.split(",")
+    tuning.enable(not a.no_tune)
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    peak = peak_bw(dev)
+    cbw = copy_bw()
+    print(f"# {dev}  datasheet peak {peak / 1e12:.2f} TB/s, measured copy {cbw / 1e12:.2f} TB/s  torch {torch.__version__}", flush=True)
+    rows, checks = [], []
+    for sname, k, n in SHAPES:
+        # bf16 baseline copies
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        nb = max(2, math.ceil(L2_ROTATE / (n * k * 2)))
+        bf16_copies = [wb.clone() for _ in range(nb)]
+        preps = {}
+        for name in names:
+            if name in ("bf16",):
+                continue
+            try:
+                if name == "tinygemm":
+                    keep, fn, wbytes = tinygemm(n, k)
+                    copies = [tinygemm(n, k) for _ in range(max(1, math.ceil(L2_ROTATE / wbytes)))]
+                    preps[name] = ([c[1] for c in copies], wbytes, None, None)
+                    continue
+                qt = KERNELS[name](n, k)
+                prep = kernels.prepare(qt)
+                assert prep is not None, "no kernel"
+                wbytes = nbytes_of(prep)
+                copies = []
+                for _ in range(max(1, math.ceil(L2_ROTATE / wbytes))):
+                    p2 = copy.copy(prep)
+                    p2.state = prep.state.clone()
+                    copies.append(call_of(name, p2))
+                preps[name] = (copies, wbytes, qt, call_of(name, prep))
+            except Exception as e:  # report and go on
+                print(f"  {name} {sname}: setup failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        # correctness at full size (M = 1, 16, 128): against dequantize + fp32 matmul
+        for name, (copies, wbytes, qt, fn) in preps.items():
+            if qt is None:
+                continue
+            try:
+                wref = qt.dequantize(torch.float32)
+                for m in (1, 16, 128):
+                    if "_int_mm" in name and m <= 16:  # torch._int_mm needs M > 16
+                        continue
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    act = ActQuant() if name == "nvfp4(w only)" else qt.act
+                    ref = fake_quant_act(x.float(), act) @ wref.t()
+                    y = fn(x)
+                    err = float((y.double() - ref.double()).norm() / ref.double().norm())
+                    checks.append(dict(kernel=name, shape=sname, m=m, rel_err=err, ok=bool(err < 1e-2 and torch.isfinite(y).all())))
+                del wref
+            except Exception as e:
+                checks.append(dict(kernel=name, shape=sname, m=-1, rel_err=float("nan"), ok=False, error=str(e)[:200]))
+        bad = [c for c in checks if c["shape"] == sname and not c["ok"]]
+        print(f"  correctness {sname}: {sum(c['ok'] for c in checks if c['shape'] == sname)} ok, {len(bad)} bad {bad[:3]}", flush=True)
+        for m in ms:
+            xs = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            io = m * k * 2 + m * n * 2
+            bf_fns = [lambda w=w: torch.nn.functional.linear(xs, w) for w in bf16_copies]
+            e_bf = time_calls(bf_fns)
+            t_bf = time_graph(bf_fns)
+            rows.append(dict(kernel="bf16", shape=sname, m=m, us=t_bf * 1e6, ratio=1.0, gbs=(n * k * 2 + io) / t_bf / 1e9,
+                             peak_share=(n * k * 2 + io) / t_bf / peak, us_eager=e_bf * 1e6, ratio_eager=1.0))
+            for name, (copies, wbytes, qt, fn) in preps.items():
+                try:
+                    fns = [lambda c=c: c(xs) for c in copies]
+                    te = time_calls(fns, rounds=1 if m >= 4096 and name == "tinygemm" else 3)
+                    try:
+                        t = time_graph(fns, rounds=1 if m >= 4096 and name == "tinygemm" else 3)
+                    except Exception as e:
+                        print(f"  {name} {sname} M={m}: graph capture failed ({str(e)[:100]}), eager time used", flush=True)
+                        t = te
+                except Exception as e:
+                    print(f"  {name} {sname} M={m}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    continue
+                rows.append(dict(kernel=name, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
+                                 peak_share=(wbytes + io) / t / peak, us_eager=te * 1e6, ratio_eager=e_bf / te))
+            for r in [r for r in rows if r["shape"] == sname and r["m"] == m]:
+                print(f"  {r['kernel']:<22} {sname:<8} M={m:<5} {r['us']:9.1f} us  x{r['ratio']:5.2f} bf16  "
+                      f"{r['gbs']:7.0f} GB/s  {100 * r['peak_share']:5.1f}% peak | eager {r['us_eager']:8.1f} us x{r['ratio_eager']:5.2f}", flush=True)
+            if m >= 128 and "w4a16-g128" in preps:  # the fused tiled path beside dequant + cuBLAS
+                from runtime.kernels import weight_only
+
+                st_copies = [c.state for c in preps["w4a16-g128"][0]]
+                for path in ("tiled", "dequant"):
+                    try:
+                        pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
+                        te = time_calls(pf)
+                        t = time_graph(pf)
+                        rows.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t,
+                                         gbs=(preps["w4a16-g128"][1] + io) / t / 1e9, peak_share=(preps["w4a16-g128"][1] + io) / t / peak,
+                                         us_eager=te * 1e6, ratio_eager=e_bf / te))
+                        print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
+                    except Exception as e:
+                        print(f"  w4a16 {path} M={m}: failed {str(e)[:160]}", flush=True)
+        del preps, bf16_copies
+        torch.cuda.empty_cache()
+    # summary: geometric mean over the four shapes of the ratio to bf16
+    kn = sorted({r["kernel"] for r in rows}, key=lambda s: [r["kernel"] for r in rows].index(s))
+    summary = {}
+    for key, what in (("ratio_eager", "eager calls (Python launch overhead included)"), ("ratio", "CUDA-graph replay (GPU time)")):
+        print(f"\n# summary on {dev}, {what}: geometric mean over the 4 shapes of bf16 time / kernel time")
+        print(f"{'kernel':<24}" + "".join(f"{'M=' + str(m):>10}" for m in ms))
+        for name in kn:
+            line = f"{name:<24}"
+            for m in ms:
+                rs = [r[key] for r in rows if r["kernel"] == name and r["m"] == m]
+                if len(rs) == len(SHAPES):
+                    g = math.exp(sum(math.log(v) for v in rs) / len(rs))
+                    summary[f"{key}:{name}@{m}"] = g
+                    line += f"{g:10.2f}"
+                else:
+                    line += f"{'-':>10}"
+            print(line)
+    nbad = sum(not c["ok"] for c in checks)
+    print(f"# correctness: {len(checks) - nbad}/{len(checks)} checks under 1e-2 relative error; max "
+          f"{max((c['rel_err'] for c in checks if c['rel_err'] == c['rel_err']), default=float('nan')):.2e}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=dev, peak=peak, copy_bw=cbw, torch=torch.__version__, rows=rows, checks=checks,
+                           summary=summary, tuned={str(k): v for k, v in tuning.chosen().items()}), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
