@@ -180,6 +180,9 @@ def passthrough_tensors(net, qts: dict, dtype: torch.dtype) -> dict:
     return tensors
 
 
+layer_seconds: list = []  # seconds per layer of the last native run in this process (bench/quantize_speed.py)
+
+
 def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
@@ -189,13 +192,18 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
     from calibrate.workdir import WorkDir
     from exporters.io import Subset
 
-    sm = StreamedModel(mdir, torch.float32, device)
+    # CPU computes the calibration forwards in fp32; a GPU in bf16 (Gemma overflows in fp16), with
+    # Hessians and the GPTQ solve in fp32
+    sm = StreamedModel(mdir, torch.float32 if device == "cpu" else torch.bfloat16, device)
     prefix, layers = find_decoder_layers(sm.model)
     work = WorkDir(Path(out), fingerprint, resume)
     start = work.done
     hidden = work.load_hidden(start - 1, device) if 0 < start < len(layers) else None
 
+    layer_seconds.clear()
+
     def on_layer(li, layer_q, others, hidden_after, rep):
+        layer_seconds.append(round(rep.seconds, 3))
         for qt in layer_q.values():
             qt.orig_dtype = src_dtype
         others = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in others.items()}

@@ -34,7 +34,15 @@ class HessianAccumulator:
         self.H *= self.n / (self.n + m)
         self.n += m
         x = math.sqrt(2 / self.n) * x
-        self.H += x.t() @ x
+        if x.is_cuda:  # TF32 tensor cores for the big x^T x (fp32 accumulation); restored after
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                self.H.addmm_(x.t(), x)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        else:
+            self.H += x.t() @ x
 
 
 @dataclass
@@ -59,12 +67,14 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     mse_clip: bool = False,
+    use_triton: bool | None = None,
 ) -> GPTQResult:
     if spec.dtype != "int":
         raise ValueError("GPTQ quantizes integer weights")
     W = weight.detach().clone().float()
     n, k = W.shape
-    H = H.detach().clone().float()
+    H = H.detach().clone().float().to(W.device)
+    dev = W.device
     if not torch.isfinite(H).all():
         raise FloatingPointError("non-finite values in the Hessian")
     dead = torch.diag(H) == 0
@@ -72,8 +82,8 @@ def gptq_quantize(
     W[:, dead] = 0
     G = k if spec.group_size <= 0 else spec.group_size
     n_groups = nm.groups_of(k, spec.group_size)
-    scales = torch.empty(n, n_groups, dtype=spec.scale_dtype)
-    zeros = None if spec.sym else torch.empty(n, n_groups, dtype=torch.uint8)
+    scales = torch.empty(n, n_groups, dtype=spec.scale_dtype, device=dev)
+    zeros = None if spec.sym else torch.empty(n, n_groups, dtype=torch.uint8, device=dev)
 
     def set_group(g: int, cols: torch.Tensor) -> None:
         s, z = _column_params(cols, spec, mse_clip)
@@ -85,7 +95,7 @@ def gptq_quantize(
         for g in range(n_groups):
             set_group(g, W[:, g * G : (g + 1) * G])
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k, device=dev)
     W = W[:, perm]
     H = H[perm][:, perm]
     # group of each permuted column: static/per-channel groups follow the original index
@@ -107,32 +117,55 @@ def gptq_quantize(
         note = f"Hessian not positive definite; damping raised to {used:g}"
     else:
         raise FloatingPointError("Hessian stays singular after raising damping to %g" % used)
+    if note:
+        note += f" (mean Hessian diagonal {float(mean_diag):.3g})"
 
-    Q = torch.zeros(n, k, dtype=torch.int16)
+    Q = torch.zeros(n, k, dtype=torch.int16, device=dev)
     lo, hi = nm.int_range(spec.bits, spec.sym)
-    loss = torch.zeros(n)
-    for i1 in range(0, k, blocksize):
+    loss = torch.zeros(n, device=dev)
+    from . import gptq_triton
+
+    if use_triton is None:
+        use_triton = dev.type == "cuda" and gptq_triton.available(dev)
+    if use_triton and orig_group is not None:
+        S = scales.float()
+        Z = None if zeros is None else zeros.float()
+        for i1 in range(0, k, blocksize):
+            i2 = min(i1 + blocksize, k)
+            q, err = gptq_triton.block_quantize(W[:, i1:i2], Hinv[i1:i2, i1:i2], S, Z, orig_group[i1:i2], lo, hi, loss)
+            Q[:, i1:i2] = q.to(torch.int16)
+            W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+        k_done = k
+    else:
+        k_done = 0
+    for i1 in range(k_done, k, blocksize):
         i2 = min(i1 + blocksize, k)
         W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if orig_group is not None:  # group parameters known up front: gather them once per block
+            S1 = scales.float()[:, orig_group[i1:i2]]
+            Z1 = None if zeros is None else zeros.float()[:, orig_group[i1:i2]]
         for i in range(i2 - i1):
             col = i1 + i
-            if orig_group is None and col % G == 0:  # on-the-fly group parameters (updated weights)
-                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
-                set_group(col // G, cols)
-            g = int(orig_group[col]) if orig_group is not None else col // G
-            s = scales[:, g].float()
-            z = 0.0 if zeros is None else zeros[:, g].float()
+            if orig_group is None:
+                if col % G == 0:  # on-the-fly group parameters (from the updated weights)
+                    cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+                    set_group(col // G, cols)
+                s = scales[:, col // G].float()
+                z = 0.0 if zeros is None else zeros[:, col // G].float()
+            else:
+                s = S1[:, i]
+                z = 0.0 if Z1 is None else Z1[:, i]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s) + z, lo, hi)
-            dq = (q - z) * s
-            Q[:, col] = q.to(torch.int16)
-            d = Hinv1[i, i]
-            loss += (w - dq) ** 2 / d**2 / 2
-            err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int16)
+        loss += (Err1**2).sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
@@ -140,7 +173,7 @@ def gptq_quantize(
     codes = codes.to(torch.int8) if spec.sym else codes.to(torch.uint8)
     g_idx = None
     if act_order and not static_groups and spec.group_size > 0:
-        g_idx = (torch.arange(k) // G)[invperm].to(torch.int32)
+        g_idx = (torch.arange(k, device=dev) // G)[invperm].to(torch.int32)
     qt = QTensor("int", spec.bits, codes, scales, zeros, spec.group_size, g_idx=g_idx)
     return GPTQResult(qt, float(loss.sum()), used, note)
 
