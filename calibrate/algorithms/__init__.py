@@ -15,6 +15,7 @@ from qtensor import QTensor
 from qtensor.errors import QtoolError
 from qtensor.schemes import WeightSpec
 
+from . import awq, fpscale, smoothquant
 from .gptq import gptq_quantize
 from .rtn import quantize_weight
 
@@ -30,6 +31,9 @@ class Method:
     # optional layer-level step run before the per-linear quantization (AWQ scaling, SmoothQuant
     # migration): prepare(ctx: pipeline.LayerContext, **options) -> list of notes
     prepare: Callable | None = None
+    # optional: quantize the linears of one shared-input group at once (weights, spec, shared stats,
+    # **options) -> [(QTensor, note)] in the same order; GPTQ concatenates their rows
+    group_fn: Callable | None = None
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, stats: dict) -> tuple[QTensor, str]:
         return self.fn(weight, spec, stats, **self.options)
@@ -47,11 +51,28 @@ def _gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, ms
     return r.qtensor, r.note
 
 
+def _gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=False, blocksize=128):
+    """GPTQ treats rows independently given H: the group's rows go through one column loop."""
+    from .gptq import split_rows
+
+    acc = stats["hessian"]
+    w = torch.cat([x.float() for x in weights])
+    r = gptq_quantize(w, acc.H, spec, damp=damp, blocksize=blocksize, act_order=act_order, static_groups=static_groups, mse_clip=mse_clip)
+    return [(qt, r.note) for qt in split_rows(r.qtensor, [x.shape[0] for x in weights])]
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
-        Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups"),
+        Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups", group_fn=_gptq_group),
+        Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 8192, "duo_scaling": False, "clip": True},
+               "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
+        Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": 0.5, "fold_linear": True},
+               "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
+        Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
+        Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search"),
+        Method("mx", (), ("e2m1", "mxfp8"), fpscale.quantize_mx, {"scale_search": True}, "MXFP4/MXFP8 with a per-block E8M0 exponent search"),
     ]
 }
 
@@ -60,4 +81,4 @@ def get_method(name: str, **options) -> Method:
     if name not in METHODS:
         raise QtoolError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
     m = METHODS[name]
-    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare)
+    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare, m.group_fn)

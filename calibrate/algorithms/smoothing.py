@@ -1,0 +1,271 @@
+"""Moving per-channel scales between a group of linears and the op that produces their input.
+
+Shared by AWQ and SmoothQuant. A group of linears reading one input x (q/k/v; o; gate/up; down)
+computes W x = (W diag(s)) (x / s). When the op producing x (a norm's weight, a preceding linear's
+output rows) can be made to produce x / s, the group takes W diag(s) and the layer computes the
+same function. The producer is found from the module tree and probing forward passes, with no
+table of architectures:
+
+- a norm whose output *is* the group input (found with forward hooks); its weight may enter as
+  out = n(x) * (c + w) with c = 0 (Llama) or c = 1 (Gemma's 1 + w): c is measured, not assumed;
+- otherwise an earlier linear of the layer with out_features == in_features of the group whose
+  output scaling is proved to reach the group input channel for channel (v -> o, up -> down).
+
+Every candidate is probed (random channel factors must arrive unchanged at the group input) and
+every fold is verified on the layer's real output and undone if it changes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Pair:
+    group: list[str]  # linears reading the same input
+    prev: str | None = None  # module producing that input
+    kind: str = ""  # "norm" | "linear"
+    offset: float = 0.0  # norm: out = n(x) * (offset + weight)
+    block: str = ""  # module whose output scores a candidate scale ("" = the whole layer)
+    reason: str = ""  # why the pair cannot be folded
+
+
+def lowest_common_module(names: list[str]) -> str:
+    """The innermost module containing every named linear (the linear itself for a group of one)."""
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common = []
+    for xs in zip(*parts):
+        if any(x != xs[0] for x in xs):
+            break
+        common.append(xs[0])
+    return ".".join(common)
+
+
+def _first_tensor(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if torch.is_tensor(a):
+            return a
+    return None
+
+
+def _out_tensor(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@torch.no_grad()
+def _trace(layer: nn.Module, x: torch.Tensor, args, kwargs) -> tuple[dict, torch.Tensor]:
+    """One layer forward: {module name: (input, output, start index, end index)} and the layer output."""
+    rec: dict[str, list] = {}
+    counter = [0]
+    hooks = []
+
+    def pre(m, a, kw, name):
+        counter[0] += 1
+        rec[name] = [_first_tensor(a, kw), None, counter[0], None]
+
+    def post(m, a, kw, o, name):
+        counter[0] += 1
+        if rec[name][1] is None:
+            rec[name][1] = _out_tensor(o)
+            rec[name][3] = counter[0]
+
+    for name, mod in layer.named_modules():
+        if name:
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, kw, name=name: pre(m, a, kw, name) if name not in rec else None, with_kwargs=True))
+            hooks.append(mod.register_forward_hook(lambda m, a, kw, o, name=name: post(m, a, kw, o, name), with_kwargs=True))
+    try:
+        out = _out_tensor(layer(x, *args, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rec, out
+
+
+@torch.no_grad()
+def group_input(layer: nn.Module, first: str, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """The input the linear `first` receives when the layer runs on x (the layer stops there)."""
+    got = []
+
+    def hook(m, a):
+        got.append(a[0].detach().clone())
+        raise _Stop
+
+    h = layer.get_submodule(first).register_forward_pre_hook(hook)
+    try:
+        layer(x, *args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0]
+
+
+def _params(mod: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.data.clone() for k, v in mod.named_parameters(recurse=False)}
+
+
+def _restore(mod: nn.Module, saved: dict) -> None:
+    for k, v in mod.named_parameters(recurse=False):
+        v.data.copy_(saved[k])
+
+
+def _is_norm(mod: nn.Module, k: int) -> bool:
+    w = getattr(mod, "weight", None)
+    return (not isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == k
+            and not any(True for _ in mod.children()))
+
+
+@torch.no_grad()
+def _norm_offset(mod: nn.Module, inp: torch.Tensor) -> float | None:
+    """c in out = n(x) * (c + weight) (+ bias), measured with weight 0 and 1; None if out is not of that form."""
+    saved = _params(mod)
+    try:
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.data.zero_()
+        mod.weight.data.zero_()
+        y0 = mod(inp).float()
+        mod.weight.data.fill_(1.0)
+        y1 = mod(inp).float()
+        mod.weight.data.fill_(2.0)
+        y2 = mod(inp).float()
+    finally:
+        _restore(mod, saved)
+    d = y1 - y0
+    if not torch.allclose(y2 - y1, d, rtol=1e-4, atol=1e-5 * float(d.abs().max().clamp(min=1e-30))):
+        return None  # not affine in the weight
+    mask = d.abs() > 1e-3 * d.abs().max()
+    if not mask.any():
+        return None
+    c = float((y0[mask] / d[mask]).median())
+    if not torch.allclose(y0, c * d, rtol=1e-3, atol=1e-4 * float(d.abs().max())):
+        return None
+    return round(c, 6)
+
+
+@torch.no_grad()
+def fold(layer: nn.Module, pair: Pair, factor: torch.Tensor) -> torch.Tensor:
+    """Make pair.prev's output x * factor (per channel); returns the factor really applied.
+
+    A norm's new weight is rounded to bfloat16 precision (exactly representable in bf16, fp16 and
+    fp32 checkpoints), and the factor it then applies is returned, so that the group's columns
+    compensate it exactly. Channels where that would lose the sign or vanish keep their weight.
+    """
+    mod = layer.get_submodule(pair.prev)
+    factor = factor.float()
+    if pair.kind == "linear":
+        mod.weight.data.mul_(factor.to(mod.weight.dtype)[:, None])
+        if mod.bias is not None:
+            mod.bias.data.mul_(factor.to(mod.bias.dtype))
+        return factor
+    c = pair.offset
+    w = mod.weight.data.float()
+    base = w + c
+    new = (base * factor - c).to(torch.bfloat16).float()
+    applied = (new + c) / torch.where(base == 0, torch.ones_like(base), base)
+    keep = (base.abs() < 1e-12) | (applied <= 0) | ~torch.isfinite(applied)
+    new = torch.where(keep, w, new)
+    applied = torch.where(keep, torch.ones_like(applied), applied)
+    mod.weight.data.copy_(new.to(mod.weight.dtype))
+    if getattr(mod, "bias", None) is not None:
+        mod.bias.data.mul_(applied.to(mod.bias.dtype))
+    return applied
+
+
+@torch.no_grad()
+def scale_columns(layer: nn.Module, names: list[str], s: torch.Tensor) -> None:
+    for n in names:
+        lin = layer.get_submodule(n)
+        lin.weight.data.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+@torch.no_grad()
+def find_pairs(ctx) -> list[Pair]:
+    """One Pair per linear group of the layer, with its foldable producer when one is found."""
+    layer = ctx.layer
+    x = ctx.inputs[0][:1]
+    rec, _ = _trace(layer, x, ctx.args, ctx.kwargs)
+    mods = dict(layer.named_modules())
+    linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
+    pairs = []
+    for group in ctx.groups:
+        first = group[0]
+        pair = Pair(list(group), block=lowest_common_module(group))
+        if first not in rec or rec[first][0] is None:
+            pair.reason = "no calibration tokens reach this group"
+            pairs.append(pair)
+            continue
+        gin, start = rec[first][0], rec[first][2]
+        k = gin.shape[-1]
+        cands = []
+        for name, (inp, out, s0, e0) in rec.items():  # norms whose output is the group input
+            if out is None or not torch.is_tensor(out) or e0 is None or e0 > start or not _is_norm(mods[name], k):
+                continue
+            if out.shape == gin.shape and (out.data_ptr() == gin.data_ptr() or torch.equal(out, gin)):
+                cands.append(("norm", name))
+        earlier = sorted((rec[n][3], n) for n in linears if n in rec and rec[n][3] is not None and rec[n][3] < start and n not in group
+                         and mods[n].out_features == k)
+        cands += [("linear", n) for _, n in reversed(earlier)]
+        for kind, name in cands:
+            offset = 0.0
+            if kind == "norm":
+                c = _norm_offset(mods[name], rec[name][0])
+                if c is None:
+                    continue
+                offset = c
+            cand = Pair(list(group), name, kind, offset, pair.block)
+            if _probe(layer, cand, x, ctx.args, ctx.kwargs, gin):
+                pair = cand
+                break
+        else:
+            pair.reason = "no preceding norm or linear scales this group's input channel for channel"
+        pairs.append(pair)
+    return pairs
+
+
+@torch.no_grad()
+def _probe(layer, pair: Pair, x, args, kwargs, gin) -> bool:
+    mod = layer.get_submodule(pair.prev)
+    saved = _params(mod)
+    g = torch.Generator().manual_seed(1234)
+    r = 0.5 + 1.5 * torch.rand(gin.shape[-1], generator=g)
+    try:
+        applied = fold(layer, pair, r)
+        got = group_input(layer, pair.group[0], x, args, kwargs)
+    finally:
+        _restore(mod, saved)
+    want = gin.float() * applied
+    return bool((got.float() - want).norm() <= 1e-4 * want.norm().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def apply(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None = None, tol: float = 1e-3) -> tuple[str, torch.Tensor | None]:
+    """Divide the group input by s (folded into pair.prev), multiply the group's columns by it, and
+    check the layer output on one sample is unchanged; undo and explain when it is not.
+
+    Returns (message, a): a is the factor the group input was really multiplied by (about 1/s;
+    exact after the norm weight's rounding), None when the fold was undone."""
+    layer = ctx.layer
+    x = ctx.inputs[0][:1]
+    before = ctx.run([x])[0] if check is None else check
+    prev = layer.get_submodule(pair.prev)
+    saved = {n: _params(layer.get_submodule(n)) for n in pair.group}
+    saved_prev = _params(prev)
+    applied = fold(layer, pair, 1.0 / s.float())
+    scale_columns(layer, pair.group, 1.0 / applied)
+    after = ctx.run([x])[0]
+    err = float((after.float() - before.float()).norm() / before.float().norm().clamp(min=1e-30))
+    if not err <= tol:
+        _restore(prev, saved_prev)
+        for n, p in saved.items():
+            _restore(layer.get_submodule(n), p)
+        return f"{'/'.join(pair.group)}: folding into {pair.prev} changed the layer output (rel. error {err:.2g}); skipped", None
+    return "", applied
