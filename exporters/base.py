@@ -208,7 +208,7 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
                     progress.update(task, advance=1)
             for k in ckpt.tensors:
                 t = ckpt.tensors[k]
-                if t.is_floating_point() and t.element_size() > 1 and t.dtype != dtype:
+                if t.is_floating_point() and t.element_size() > 1 and t.dtype != dtype and t.dim() > 0:  # scalars are scales (kv, input): kept
                     t = t.to(dtype)
                 yield k, t
                 if progress:

@@ -1,0 +1,334 @@
+"""NVIDIA ModelOpt unified HF checkpoint (export_hf_checkpoint of nvidia-modelopt 0.47).
+
+hf_quant_config.json {"producer": {"name": "modelopt", "version"}, "quantization": {"quant_algo",
+"kv_cache_quant_algo", ["group_size", "has_zero_point", "pre_quant_scale"], "exclude_modules"}} and
+the same content flattened into config.json quantization_config (quant_method "modelopt",
+compressed-tensors-like config_groups for FP8/NVFP4, "ignore", "producer"). Per layer:
+
+  FP8        weight float8_e4m3fn [N, K]; weight_scale float32 [] = amax/448;
+             input_scale float32 [] (static per-tensor activations)
+  NVFP4      weight uint8 [N, K/2] (E2M1, even element in the low nibble); weight_scale e4m3
+             [N, K/16]; weight_scale_2 float32 []; input_scale float32 [] (activation global scale)
+             real weight = e2m1 * weight_scale * weight_scale_2
+  W4A16_AWQ  (INT4_AWQ) weight uint8 [N/2, K]: signed int4 two's complement, two per byte packed
+             along the OUTPUT dim (row 2i low nibble); weight_scale float32 [N, K/G];
+             pre_quant_scale [K] (model dtype) where AWQ smoothing was not folded into a norm
+  KV cache   <attn>.k_proj.k_scale / v_proj.v_scale float32 [] pass through (kv_cache_quant_algo FP8)
+
+Mixed algorithms are written as ModelOpt does: quant_algo MIXED_PRECISION with quantized_layers.
+Engine rule enforced on write: fused q/k/v and gate/up shards share FP8/NVFP4 `input_scale` and the
+NVFP4 `weight_scale_2` (vLLM/SGLang keep one value per fused tensor); FP8 weight scales may differ
+(the engines re-quantize the shards to their max, as they do for ModelOpt's own exports).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+
+from qtensor import ActQuant, QTensor
+from qtensor import packing as pk
+from qtensor.errors import QtoolError
+
+from .base import Checkpoint, Format, check_tensor, passthrough, register, require
+from .fused import check_shared
+from .io import TensorDir
+
+PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # the export layout mirrored (qtool.json records qtool)
+F32 = (torch.float32,)
+
+
+def _scalar(t: torch.Tensor | None) -> bool:
+    return t is not None and t.numel() == 1 and t.dtype == torch.float32
+
+
+def algo_of(qt: QTensor) -> tuple[str | None, str | None]:
+    """(ModelOpt quant_algo, None) or (None, reason the layer cannot be held)."""
+    n, k = qt.shape
+    a = qt.act
+    if qt.g_idx is not None and qt.act_order:
+        return None, "act order (ModelOpt has no g_idx)"
+    if qt.dtype == "fp8_e4m3":
+        if qt.group_size != 0 or qt.block is not None or not _scalar(qt.scales):
+            return None, "FP8 weights without one float32 per-tensor scale (ModelOpt FP8 is per-tensor)"
+        if a.kind != "static" or a.dtype != "fp8_e4m3" or not _scalar(a.scale) or a.offset is not None:
+            return None, "FP8 without static per-tensor fp8 input scale (ModelOpt FP8 needs input_scale)"
+        if qt.pre_scale is not None:
+            return None, "pre_scale on an FP8 layer"
+        return "FP8", None
+    if qt.dtype == "e2m1":
+        if qt.scales.dtype != torch.float8_e4m3fn or qt.group_size != 16 or not _scalar(qt.global_scale):
+            return None, "e2m1 weights that are not NVFP4 (e4m3 scales per 16 and a float32 global scale)"
+        if a.dtype != "e2m1" or a.kind == "none" or not _scalar(a.scale):
+            return None, "NVFP4 activations without a calibrated global input scale (ModelOpt NVFP4 needs input_scale)"
+        if k % 16 or qt.scales.shape != (n, k // 16):
+            return None, f"NVFP4 scale shape {list(qt.scales.shape)} for weight {n}x{k}"
+        if qt.pre_scale is not None:
+            return None, "pre_scale on an NVFP4 layer (NVFP4_AWQ is not written)"
+        return "NVFP4", None
+    if qt.dtype == "int":
+        if qt.bits != 4 or not qt.sym:
+            return None, f"{qt.bits}-bit {'symmetric' if qt.sym else 'asymmetric'} int weights (ModelOpt INT4_AWQ is 4-bit symmetric)"
+        if qt.group_size <= 0 or k % qt.group_size or qt.scales.shape != (n, k // qt.group_size):
+            return None, "int4 without groups along K (ModelOpt INT4_AWQ is grouped)"
+        if qt.scales.dtype != torch.float32:
+            return None, f"{qt.scales.dtype} scales (ModelOpt INT4_AWQ stores float32; use --requantize)"
+        if n % 2:
+            return None, f"odd out_features {n} (int4 packs two rows per byte)"
+        if a.kind != "none":
+            return None, "int4 with activation quantization (W4A8_AWQ is not written by qtool)"
+        if qt.pre_scale is not None and qt.pre_scale.shape != (k,):
+            return None, f"pre_scale of shape {list(qt.pre_scale.shape)}"
+        return "W4A16_AWQ", None
+    return None, f"{qt.dtype} weights"
+
+
+def layer_config(algo: str, qt: QTensor) -> dict:
+    """Per-layer entry as ModelOpt's process_layer_quant_config writes it."""
+    if algo == "W4A16_AWQ":
+        return {"quant_algo": algo, "group_size": qt.group_size, "has_zero_point": False, "pre_quant_scale": True}
+    if algo == "NVFP4":
+        return {"quant_algo": algo, "group_size": qt.group_size}
+    return {"quant_algo": algo}
+
+
+def group_config(cfg: dict) -> dict:
+    """compressed-tensors style config group (ModelOpt's convert_hf_quant_config_format)."""
+    algo, gs = cfg["quant_algo"], cfg.get("group_size")
+    if algo == "FP8":
+        return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"}, "weights": {"dynamic": False, "num_bits": 8, "type": "float"}}
+    if algo == "NVFP4":
+        g = gs or 16
+        return {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g},
+                "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g}}
+    return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": gs or 128}}
+
+
+def _kv_scales(ckpt: Checkpoint) -> bool:
+    return any(k.endswith((".k_scale", ".v_scale")) for k in ckpt.tensors)
+
+
+def _excluded(ckpt: Checkpoint) -> list[str]:
+    """Modules with a 2-D weight left unquantized (embeddings, lm_head, skipped linears)."""
+    out = {"lm_head"}
+    for k in ckpt.tensors:
+        if k.endswith(".weight") and k[:-7] not in ckpt.qtensors:
+            t = ckpt.tensors[k]
+            if t.dim() == 2:
+                out.add(k[:-7])
+    return sorted(m for m in out if m not in ckpt.qtensors)
+
+
+def hf_quant_config(ckpt: Checkpoint) -> dict:
+    per = {}
+    for name, qt in ckpt.qtensors.items():
+        algo, reason = algo_of(qt)
+        if reason:
+            raise QtoolError(f"format modelopt cannot hold {name}: {reason}")
+        per[name] = layer_config(algo, qt)
+    kinds = {json.dumps(c, sort_keys=True) for c in per.values()}
+    q: dict = {"quant_algo": None, "kv_cache_quant_algo": "FP8" if _kv_scales(ckpt) else None}
+    if len(kinds) == 1:
+        q.update(next(iter(per.values())))
+        q["exclude_modules"] = _excluded(ckpt)
+    else:
+        q["quant_algo"] = "MIXED_PRECISION"
+        q["quantized_layers"] = dict(sorted(per.items()))
+    return {"producer": dict(PRODUCER), "quantization": q}
+
+
+def config_block(hf: dict) -> dict:
+    """config.json quantization_config, as ModelOpt 0.47 derives it from hf_quant_config."""
+    q = hf["quantization"]
+    algo = q.get("quant_algo")
+    out: dict = {}
+    if algo in ("FP8", "NVFP4"):
+        out["config_groups"] = {"group_0": {**group_config(q), "targets": ["Linear"]}}
+    elif algo == "MIXED_PRECISION":
+        groups: dict[str, list[str]] = {}
+        for name, cfg in q["quantized_layers"].items():
+            groups.setdefault(json.dumps(cfg, sort_keys=True), []).append(name)
+        out["config_groups"] = {f"group_{i}": {**group_config(json.loads(key)), "targets": sorted(names)} for i, (key, names) in enumerate(groups.items())}
+        out["quantized_layers"] = q["quantized_layers"]
+    ex = q.get("exclude_modules")
+    out["ignore"] = ex if ex is not None else []
+    if algo:
+        out["quant_algo"] = algo
+    if q.get("kv_cache_quant_algo") == "FP8":
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    out["producer"] = hf["producer"]
+    out["quant_method"] = "modelopt"
+    return out
+
+
+def read_hf_quant_config(path: Path, config: dict) -> dict:
+    """The `quantization` table: hf_quant_config.json, else config.json's flattened block."""
+    f = Path(path) / "hf_quant_config.json"
+    if f.is_file():
+        try:
+            hf = json.loads(f.read_text())
+            q = hf["quantization"]
+        except (ValueError, KeyError, TypeError):
+            raise QtoolError(f"{f}: not a valid ModelOpt hf_quant_config.json") from None
+        if not isinstance(q, dict):
+            raise QtoolError(f"{f}: 'quantization' is not an object")
+        return q
+    qc = config.get("quantization_config") or {}
+    if not isinstance(qc, dict) or "quant_algo" not in qc:
+        raise QtoolError(f"{path}: modelopt checkpoint without hf_quant_config.json or quant_algo in config.json")
+    return {"quant_algo": qc["quant_algo"], "exclude_modules": qc.get("ignore", []), "quantized_layers": qc.get("quantized_layers"),
+            "group_size": next((g.get("weights", {}).get("group_size") for g in (qc.get("config_groups") or {}).values()), None)}
+
+
+def decode_layer(td, name: str, algo: str, cfg: dict, orig_dtype: torch.dtype) -> tuple[QTensor, set[str]]:
+    w = require(td, f"{name}.weight")
+    ws = require(td, f"{name}.weight_scale")
+    used = {f"{name}.weight", f"{name}.weight_scale"}
+    if w.dim() != 2:
+        raise QtoolError(f"tensor {name}.weight is not 2-D")
+
+    def scalar(suffix, needed=True):
+        key = f"{name}.{suffix}"
+        if key not in td:
+            if needed:
+                raise QtoolError(f"checkpoint is missing tensor {key}")
+            return None
+        t = td[key]
+        check_tensor(key, t, dtypes=F32)
+        if t.numel() != 1:
+            raise QtoolError(f"tensor {key} has shape {list(t.shape)}, expected a scalar")
+        if not bool(t.float() > 0):
+            raise QtoolError(f"tensor {key} is not positive")
+        used.add(key)
+        return t
+
+    if algo == "FP8":
+        check_tensor(f"{name}.weight", w, dtypes=(torch.float8_e4m3fn,))
+        check_tensor(f"{name}.weight_scale", ws, dtypes=F32)
+        if ws.numel() != 1:
+            raise QtoolError(f"tensor {name}.weight_scale has shape {list(ws.shape)}, expected a scalar (FP8 per-tensor)")
+        inp = scalar("input_scale")
+        act = ActQuant("static", "fp8_e4m3", "tensor", scale=inp.reshape(1))
+        return QTensor("fp8_e4m3", 8, w, ws.reshape(1), None, 0, act=act, orig_dtype=orig_dtype), used
+    if algo == "NVFP4":
+        gs = int(cfg.get("group_size") or 16)
+        check_tensor(f"{name}.weight", w, dtypes=(torch.uint8,))
+        n, k = w.shape[0], w.shape[1] * 2
+        if gs != 16 or k % gs:
+            raise QtoolError(f"{name}: NVFP4 group size {gs} with in_features {k}")
+        check_tensor(f"{name}.weight_scale", ws, shape=[n, k // gs], dtypes=(torch.float8_e4m3fn,))
+        ws2 = scalar("weight_scale_2")
+        inp = scalar("input_scale")
+        codes = pk.unpack_nibbles_uint8(w, dim=1)
+        act = ActQuant("dynamic", "e2m1", "group", scale=inp.reshape(1), group_size=16)
+        return QTensor("e2m1", 4, codes, ws, None, gs, global_scale=ws2.reshape(()), act=act, orig_dtype=orig_dtype), used
+    if algo == "W4A16_AWQ":
+        gs = int(cfg.get("group_size") or 128)
+        check_tensor(f"{name}.weight", w, dtypes=(torch.uint8,))
+        n, k = w.shape[0] * 2, w.shape[1]
+        if gs <= 0 or k % gs:
+            raise QtoolError(f"{name}: INT4_AWQ group size {gs} does not divide in_features {k}")
+        check_tensor(f"{name}.weight_scale", ws, shape=[n, k // gs], dtypes=F32)
+        codes = pk.twos_to_signed(pk.unpack_nibbles_uint8(w, dim=0), 4)
+        pre = None
+        if f"{name}.pre_quant_scale" in td:
+            pre = td[f"{name}.pre_quant_scale"]
+            check_tensor(f"{name}.pre_quant_scale", pre, shape=[k], dtypes=(torch.float32, torch.bfloat16, torch.float16))
+            used.add(f"{name}.pre_quant_scale")
+        return QTensor("int", 4, codes, ws, None, gs, orig_dtype=orig_dtype, pre_scale=pre), used
+    raise QtoolError(f"{name}: ModelOpt quant_algo '{algo}' is not supported by this qtool (FP8, NVFP4, W4A16_AWQ)")
+
+
+@register
+class ModelOptFormat(Format):
+    name = "modelopt"
+    description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ): TensorRT-LLM, vLLM, SGLang"
+    schemes = ("fp8", "nvfp4", "w4a16")
+
+    def can_hold(self, name, qt):
+        return algo_of(qt)[1]
+
+    def encode(self, name, qt):
+        algo, reason = algo_of(qt)
+        if reason:
+            raise QtoolError(f"format modelopt cannot hold {name}: {reason}")
+        if algo == "FP8":
+            return {f"{name}.weight": qt.codes, f"{name}.weight_scale": qt.scales.reshape(()), f"{name}.input_scale": qt.act.scale.reshape(())}
+        if algo == "NVFP4":
+            return {f"{name}.weight": pk.pack_nibbles_uint8(qt.codes, dim=1), f"{name}.weight_scale": qt.scales,
+                    f"{name}.weight_scale_2": qt.global_scale.reshape(()), f"{name}.input_scale": qt.act.scale.reshape(())}
+        out = {f"{name}.weight": pk.pack_nibbles_uint8(pk.signed_to_twos(qt.codes, 4), dim=0), f"{name}.weight_scale": qt.scales}
+        if qt.pre_scale is not None:
+            out[f"{name}.pre_quant_scale"] = qt.pre_scale
+        return out
+
+    def check(self, ckpt: Checkpoint) -> None:
+        """Fused-shard rule (see exporters/fused.py), checked on the whole checkpoint."""
+        reason = check_shared(ckpt.qtensors, "input_scale", lambda q: q.act.scale if q.dtype in ("fp8_e4m3", "e2m1") else None) or \
+            check_shared(ckpt.qtensors, "weight_scale_2", lambda q: q.global_scale if q.dtype == "e2m1" else None)
+        if reason:
+            raise QtoolError(f"format modelopt cannot hold this checkpoint: {reason}")
+
+    def quant_config(self, ckpt):
+        self.check(ckpt)
+        return config_block(hf_quant_config(ckpt))
+
+    def extra_files(self, ckpt):
+        return {"hf_quant_config.json": hf_quant_config(ckpt)}
+
+    def detect(self, path, config):
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict):
+            return qc.get("quant_method") == "modelopt"
+        f = Path(path) / "hf_quant_config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text()).get("producer", {}).get("name") == "modelopt"
+            except (ValueError, AttributeError):
+                raise QtoolError(f"{f}: not valid JSON") from None
+        return False
+
+    def decode(self, path: Path, config: dict) -> Checkpoint:
+        q = read_hf_quant_config(path, config)
+        algo = q.get("quant_algo")
+        layers = q.get("quantized_layers") if algo == "MIXED_PRECISION" else None
+        if algo == "MIXED_PRECISION" and not isinstance(layers, dict):
+            raise QtoolError(f"{path}: MIXED_PRECISION ModelOpt config without quantized_layers")
+        exclude = q.get("exclude_modules") or []
+        td = TensorDir(path)
+        dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+        qts, claimed = {}, set()
+        names = sorted(k[: -len(".weight_scale")] for k in td if k.endswith(".weight_scale"))
+        for name in names:
+            if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                raise QtoolError(f"tensor {name}.weight_scale belongs to a module the config excludes from quantization")
+            cfg = layers.get(name) if layers is not None else q
+            if cfg is None:
+                raise QtoolError(f"tensor {name}.weight_scale: module missing from quantized_layers")
+            qts[name], used = decode_layer(td, name, cfg.get("quant_algo"), cfg, dtype)
+            claimed |= used
+        if layers is not None:
+            for name in layers:
+                if name not in qts and f"{name}.weight" in td:
+                    raise QtoolError(f"checkpoint is missing tensor {name}.weight_scale")
+        if not qts:
+            raise QtoolError(f"{path}: modelopt config but no .weight_scale tensors")
+        return Checkpoint(config, qts, passthrough(td, claimed), path)
+
+    def engines(self, ckpt):
+        algos = {algo_of(q)[0] for q in ckpt.qtensors.values()}
+        out = []
+        if algos <= {"FP8", "NVFP4"}:
+            fp4 = "NVFP4" in algos
+            out.append(("vllm", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
+            out.append(("sglang", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
+        else:
+            reason = "ModelOpt W4A16_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
+            out.append(("vllm", False, reason))
+            out.append(("sglang", False, reason))
+        out.append(("tensorrt-llm", True, "reads hf_quant_config.json"))
+        out.append(("transformers", False, "transformers 5.24 cannot load ModelOpt exports (FP8 drops scales, int4/fp4 shapes fail)"))
+        return out
