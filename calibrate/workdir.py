@@ -1,9 +1,9 @@
 """The quantize work directory beside --out: per-layer results on disk, so a killed run resumes.
 
     .<out>.qtool-work/
-        manifest.json                 fingerprint of the run + number of finished layers
+        manifest.json                 fingerprint of the run, finished layers, last saved hidden states
         layer-00003.safetensors       layer 3's QTensors (qtool lossless encoding) + its other tensors
-        hidden-00003.safetensors      hidden states after layer 3 (inputs of layer 4)
+        hidden-00002.safetensors      hidden states after layer 2 (inputs of layer 3), saved every 30 s
 
 Each file is written to a temporary name and renamed; the manifest is updated last, so whatever the
 moment of a kill, the manifest names only complete files. Results are read back lazily when the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,16 +60,26 @@ class WorkDir:
                 if old.get("fingerprint") != fingerprint:
                     diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {})) if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
                     raise QtoolError(f"work directory {self.path} is from a different run (differs in: {', '.join(diff)}); remove it or run without --resume")
-                self.done = int(old.get("layers_done", 0))
+                # restart after the last layer whose output hidden states were saved; layers after it
+                # are recomputed (deterministically: their files are rewritten with the same bytes)
+                self.hidden_at = int(old.get("hidden_at", -1))
+                self.done = self.hidden_at + 1
+                self._last_save = time.time()
                 return
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         self.done = 0
+        self.hidden_at = -1
+        self._last_save = time.time()
         self._write_manifest()
+
+    # hidden states are large (samples x seqlen x hidden per layer): save them at most every
+    # QTOOL_CHECKPOINT_SECONDS (default 30 s); a resume recomputes the layers after the last save
+    save_interval = float(os.environ.get("QTOOL_CHECKPOINT_SECONDS", "30"))
 
     def _write_manifest(self) -> None:
         tmp = self.path / f".manifest.{os.getpid()}"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "layers_done": self.done}, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "layers_done": self.done, "hidden_at": self.hidden_at}, indent=2, sort_keys=True))
         os.replace(tmp, self.path / "manifest.json")
 
     def layer_file(self, i: int) -> Path:
@@ -86,12 +97,15 @@ class WorkDir:
         for k, v in tensors.items():
             out[_PT + k] = v
         _atomic_save(out, self.layer_file(i), {"modules": json.dumps(meta), "notes": json.dumps(notes)})
-        if hidden is not None:
+        old = self.hidden_at
+        if hidden is not None and time.time() - self._last_save >= self.save_interval:
             _atomic_save({f"h{j}": h.detach().cpu() for j, h in enumerate(hidden)}, self.hidden_file(i))
+            self.hidden_at = i
+            self._last_save = time.time()
         self.done = i + 1
         self._write_manifest()
-        if i > 0 and self.hidden_file(i - 1).exists():
-            self.hidden_file(i - 1).unlink()
+        if old != self.hidden_at and old >= 0 and self.hidden_file(old).exists():
+            self.hidden_file(old).unlink()
 
     def load_hidden(self, i: int, device: str = "cpu") -> list[torch.Tensor]:
         p = self.hidden_file(i)
