@@ -138,6 +138,9 @@ def gptqmodel_dir(tiny_models, tmp_path_factory):
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
+    # GPTQModel 7.7 sizes its 'cpu' pool as (cores+1)//2 but asks for a 2-worker 'model_loader:cpu' sub-pool:
+    # on a 2-core machine that is 1 < 2 and DeviceThreadPool raises. Its own env override fixes the count.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     src = tiny_models("llama")
     out = tmp_path_factory.mktemp("gptqmodel")
     work = tmp_path_factory.mktemp("gptqmodel-cwd")  # GPTQModel writes ./logs and offload dirs into the cwd
@@ -145,9 +148,9 @@ def gptqmodel_dir(tiny_models, tmp_path_factory):
     os.chdir(work)
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        calib = [tok("def f(x):\n    return x * 2 + 1\n" * 4 + str(i)) for i in range(4)]
+        calib = [{k: v for k, v in tok("def f(x):\n    return x * 2 + 1\n" * 4 + str(i)).items()} for i in range(4)]
         cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, device="cpu", offload_to_disk=False)
-        model = GPTQModel.load(str(src), cfg, device="cpu")
+        model = GPTQModel.load(str(src), cfg)
         model.quantize(calib, batch_size=1)
         model.save(str(out))
     finally:
