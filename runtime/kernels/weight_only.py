@@ -209,6 +209,72 @@ def _wo_gemm_kernel(
 
 
 @triton.jit
+def _wo_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, gs_ptr, out_ptr,
+    N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+    BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
+):
+    """One row of x (program axis 0) times W: KU packed blocks ([KU, 16, BN] words) per loop step so
+    that more bytes are in flight; products accumulated elementwise, reduced once at the end."""
+    PER: tl.constexpr = 32 // BITS
+    BLK: tl.constexpr = 16 * PER
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_u = tl.arange(0, KU)
+    mask_n = offs_n < N
+    nblk = K // BLK
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    gs = tl.load(gs_ptr)
+    acc = tl.zeros((KU, 16, BN), dtype=tl.float32)
+    for b in range(b0, b1, KU):
+        ub = b + offs_u  # [KU] block indices
+        mu = ub < b1
+        wrow = (ub[:, None] * 16 + offs_r[None, :])  # [KU, 16]
+        m3 = mu[:, None, None] & mask_n[None, None, :]
+        words = tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=m3, other=0)
+        for i in tl.static_range(PER):
+            g = tl.load(gblk_ptr + ub * PER + i, mask=mu, other=0)  # [KU]
+            q = (words >> (i * BITS)) & ((1 << BITS) - 1)
+            if WTYPE == 0:
+                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mu[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mu[:, None] & mask_n[None, :], other=0).to(tl.float32)
+                else:
+                    z = tl.zeros_like(s) + (1 << (BITS - 1))
+                v = q.to(tl.float32)
+            else:
+                h = ((q & 7) << 9) | ((q & 8) << 12)
+                v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                bsc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mu[:, None] & mask_n[None, :], other=0).to(tl.int32)
+                if WTYPE == 1:
+                    e = (bsc >> 3) & 15
+                    mm = (bsc & 7).to(tl.float32)
+                    s = tl.where(e == 0, mm * 0.001953125, (8.0 + mm) * tl.exp2(e.to(tl.float32) - 10.0)) * 16384.0
+                else:
+                    s = tl.exp2(bsc.to(tl.float32) - 127.0) * 16384.0
+                z = tl.zeros_like(s)
+            kk = ub[:, None] * BLK + i * 16 + offs_r[None, :]  # [KU, 16]
+            if HAS_PERM:
+                kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
+            xv = tl.load(x_ptr + row * stride_xm + kk, mask=mu[:, None], other=0.0).to(tl.float32)
+            acc += (v - z[:, None, :]) * (s[:, None, :] * xv[:, :, None])
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if WTYPE == 1:
+        y = y * gs
+    optrs = out_ptr + row * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(optrs, y, mask=mask_n)
+
+
+@triton.jit
 def _wo_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
     BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
@@ -233,8 +299,9 @@ def _wo_dequant_kernel(
 
 # ---- launchers -----------------------------------------------------------------------------------
 
-GEMV_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
-    (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4), (128, 8, 4), (256, 4, 8),
+GEMV_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w in [
+    (32, 2, 4, 4), (64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 2, 4), (64, 4, 4, 4), (128, 2, 2, 4), (128, 4, 2, 4),
+    (128, 4, 4, 8), (128, 8, 2, 4), (256, 4, 2, 8), (256, 8, 1, 8),
 ]]
 SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
     (32, 1, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4), (128, 8, 8),
@@ -243,6 +310,24 @@ TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for b
     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
 ]]
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
+
+
+def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
+    m = x2.shape[0]
+    sk = cfg["SPLIT_K"]
+    if sk == 1:
+        out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    else:
+        out = torch.zeros((m, st.n), dtype=torch.float32, device=x2.device)
+    grid = (m, triton.cdiv(st.n, cfg["BN"]), sk)
+    _wo_gemv_kernel[grid](
+        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
+        st.perm if st.perm is not None else st.gblk, st.global_scale, out,
+        st.n, st.k, x2.stride(0), out.stride(0),
+        BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
+        BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
+    )
+    return out if sk == 1 else out.to(x2.dtype)
 
 
 def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool, use_perm: bool = True) -> torch.Tensor:
@@ -299,22 +384,21 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     else:
         configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "tiled": TILED_CONFIGS}[path]
         dot = path != "gemv"
-        if path == "gemv" and m > 1:
-            configs = [dict(c, BM=1) for c in configs]
         use_perm = True
         if st.perm is not None and m > 16:  # gather x once (coalesced tiles) instead of per tile
             x2, use_perm = x2[:, st.perm.long()], False
-        run = lambda cfg: _launch_gemm(x2, st, cfg, dot, use_perm)  # noqa: E731
+        if path == "gemv":  # one row of x per program row
+            run = lambda cfg: _launch_gemv(x2, st, cfg)  # noqa: E731
+        else:
+            run = lambda cfg: _launch_gemm(x2, st, cfg, dot, use_perm)  # noqa: E731
         cfg = tuning.pick(_key(st, path, m), configs, run, default=_default(path, st.n))
-        if path == "gemv" and m > 1:  # one row per program row; M <= a few
-            cfg = dict(cfg, BM=1)
         y = run(cfg)
     return y.reshape(*shape[:-1], st.n)
 
 
 def _default(path: str, n: int) -> dict:
     if path == "gemv":
-        return dict(BN=64, SPLIT_K=2 if n <= 8192 else 1, num_warps=4)
+        return dict(BN=64, SPLIT_K=4, KU=4, num_warps=4)
     if path == "small":
         return dict(BM=16, BN=64, SPLIT_K=2, num_warps=4)
     return dict(BM=64, BN=64, SPLIT_K=1, num_warps=4, num_stages=2)
