@@ -101,7 +101,13 @@ def int_quantize(
 
 
 def int_dequantize(codes, scale, zero, group_size, g_idx=None) -> torch.Tensor:
-    k = codes.shape[1]
+    n, k = codes.shape
+    if g_idx is None and group_size > 0 and k % group_size == 0 and scale.shape == (n, k // group_size):
+        # contiguous groups: broadcast over a [N, groups, G] view instead of gathering [N, K] scales
+        q = codes.to(torch.float32, copy=True).reshape(n, k // group_size, group_size)
+        if zero is not None:
+            q = q.sub_(zero.float().unsqueeze(-1))
+        return q.mul_(scale.float().unsqueeze(-1)).reshape(n, k)
     q = codes.float()
     if zero is not None:
         q = q - expand_to_columns(zero.float(), k, group_size, g_idx)

@@ -9,6 +9,8 @@ for 3 bits it is GPTQ's layout of 32 codes in three words, which is the same str
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -54,6 +56,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = 0, order: list[int]
     """Inverse of pack_int32: returns uint8 codes (int16 never needed for bits <= 8)."""
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"unsupported bit width {bits}")
+    if bits != 3 and order is None and packed.dtype == torch.int32 and sys.byteorder == "little":
+        return _unpack_bytes(packed, bits, dim)
     p = _to_dim0(packed, dim).to(torch.int64) & 0xFFFFFFFF
     chunk = 32 if bits == 3 else 32 // bits
     words = chunk * bits // 32
@@ -77,6 +81,20 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = 0, order: list[int]
         x = x[:, inv]
     x = x.reshape(-1, *x.shape[2:]).to(torch.uint8)
     return x.movedim(0, dim).contiguous()
+
+
+def _unpack_bytes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """unpack_int32 for 2/4/8 bits in plain order: the int32 words read as little-endian bytes, so codes
+    never straddle a byte and unpacking is a few byte-wide ops (the runtime does this on every call)."""
+    p = packed.movedim(dim, -1).contiguous()
+    by = p.view(torch.uint8)  # [..., words * 4], byte j holds codes j*(8/bits) ... lowest bits first
+    if bits == 8:
+        x = by.clone()  # never a view of the caller's words
+    else:
+        mask = (1 << bits) - 1
+        x = torch.stack([(by >> s) & mask if s else by & mask for s in range(0, 8, bits)], dim=-1)
+        x = x.reshape(*by.shape[:-1], by.shape[-1] * (8 // bits))
+    return x.movedim(-1, dim).contiguous()
 
 
 def pack_nibbles_uint8(codes: torch.Tensor, dim: int = -1) -> torch.Tensor:

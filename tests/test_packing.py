@@ -66,3 +66,18 @@ def test_nibbles_and_signed():
 def test_out_of_range_codes_rejected():
     with pytest.raises(ValueError):
         pk.pack_int32(torch.tensor([[16]] * 8, dtype=torch.uint8), 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_unpack_matches_explicit_shifts_on_3d_and_does_not_alias(bits, dim):
+    """The byte-wise unpack path equals word-wise shifts (sign bit set included), for any dim."""
+    g = torch.Generator().manual_seed(7)
+    packed = torch.randint(-(2**31), 2**31 - 1, (4, 6, 5), generator=g, dtype=torch.int64).to(torch.int32)
+    w = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    want = torch.stack([(w >> s) & ((1 << bits) - 1) for s in range(0, 32, bits)], -1)
+    want = want.reshape(*w.shape[:-1], -1).to(torch.uint8).movedim(-1, dim)
+    got = pk.unpack_int32(packed, bits, dim=dim)
+    assert torch.equal(got, want)
+    got.fill_(0)
+    assert packed.abs().sum() > 0 and torch.equal(pk.unpack_int32(packed, bits, dim=dim), want)
