@@ -170,7 +170,7 @@ def eval_(
         err.print(t)
         if r.get("report"):
             rep = r["report"]
-            err.print(f"layer report: {rep['dir']}/report.md; mean relative output error {rep['mean_rel_error']:.4f}, worst layers:", markup=False)
+            err.print(f"layer report: {rep['dir']}/report.md; mean relative output error {rep['mean_rel_error']:.4f}, worst layers:", markup=False, soft_wrap=True)
             for w in rep["worst"]:
                 err.print(f"  {w['rel_error']:.4f}  {w['name']}", markup=False)
         if r.get("generation") is not None:
