@@ -60,6 +60,11 @@ class Format:
 
     name = ""
     description = ""
+    safetensors = True  # False: the format writes its own files (write_files) and checks them in decode
+
+    def write_files(self, ckpt: "Checkpoint", out: Path) -> None:
+        """Tensor files of a format that does not use safetensors shards (e.g. one .gguf)."""
+        raise NotImplementedError
 
     def can_hold(self, name: str, qt: QTensor) -> str | None:
         """None if the format can store `qt` exactly, else the reason it cannot."""
@@ -214,7 +219,10 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
                 if progress:
                     progress.update(task, advance=1)
 
-        write_shards(tmp, items(), max_shard_bytes)
+        if fmt.safetensors:
+            write_shards(tmp, items(), max_shard_bytes)
+        else:
+            fmt.write_files(ckpt, tmp)
         config = dict(ckpt.config)
         config.pop("quantization_config", None)
         config.pop("compression_config", None)

@@ -130,3 +130,37 @@ def twos_to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of signed_to_twos: `bits`-wide two's-complement patterns (uint8) -> signed int8 codes."""
     c = codes.to(torch.int16) & ((1 << bits) - 1)
     return torch.where(c >= (1 << (bits - 1)), c - (1 << bits), c).to(torch.int8)
+
+
+# ---- GGUF blocks (llama.cpp ggml-common.h): 32 codes per block, fp16 scale first ------------------
+
+def pack_gguf_q8_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8_0: per block {fp16 d, int8 qs[32]}; codes int8 [N, K], d fp16 [N, K/32] -> uint8 [N, K/32*34]."""
+    n, k = codes.shape
+    nb = k // 32
+    parts = [d.to(torch.float16).contiguous().view(torch.uint8).reshape(n, nb, 2), codes.to(torch.int8).contiguous().view(torch.uint8).reshape(n, nb, 32)]
+    return torch.cat(parts, -1).reshape(n, nb * 34)
+
+
+def unpack_gguf_q8_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, 34)
+    return b[..., 2:].contiguous().view(torch.int8).reshape(n, -1), b[..., :2].contiguous().view(torch.float16).reshape(n, -1)
+
+
+def pack_gguf_q4_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q4_0: per block {fp16 d, uint8 qs[16]}, qs[j] = q[j] | q[j+16] << 4 with unsigned q in [0, 15]
+    (real = d * (q - 8)); codes uint8 [N, K], d fp16 [N, K/32] -> uint8 [N, K/32*18]."""
+    n, k = codes.shape
+    nb = k // 32
+    q = codes.to(torch.uint8).reshape(n, nb, 32)
+    qs = (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)
+    return torch.cat([d.to(torch.float16).contiguous().view(torch.uint8).reshape(n, nb, 2), qs], -1).reshape(n, nb * 18)
+
+
+def unpack_gguf_q4_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, 18)
+    qs = b[..., 2:]
+    q = torch.cat([qs & 0xF, qs >> 4], -1).reshape(n, -1)
+    return q, b[..., :2].contiguous().view(torch.float16).reshape(n, -1)

@@ -1,0 +1,123 @@
+"""GGUF format: Q8_0 / Q4_0 round trips, the gguf package's own codec, and transformers' GGUF loader."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import read_checkpoint, write_checkpoint
+from qtensor import QTensor, get_scheme
+from qtensor import packing as pk
+from qtensor.errors import QtoolError
+from qtensor.schemes import WeightSpec
+
+from .helpers import make_checkpoint
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+def make(model_dir, bits):
+    return make_checkpoint(model_dir, replace(WeightSpec.of(get_scheme("w4a16"), 32), bits=bits))
+
+
+def gguf_file(d):
+    return json.loads((d / "config.json").read_text())["quantization_config"]["gguf_file"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gguf_roundtrip_and_transformers_load(tiny_models, tmp_path, arch, bits):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make(tiny_models(arch), bits)
+    write_checkpoint(ckpt, "gguf", tmp_path / "g")
+    f = gguf_file(tmp_path / "g")
+    assert f == f"model-Q{bits}_0.gguf" and (tmp_path / "g" / f).is_file()
+    assert not list((tmp_path / "g").glob("*.safetensors"))
+    back = read_checkpoint(tmp_path / "g")
+    assert back.format == "gguf" and set(back.qtensors) == set(ckpt.qtensors)
+    for name, qt in ckpt.qtensors.items():
+        assert back.qtensors[name].equal(qt), name
+    for key, t in ckpt.tensors.items():
+        assert torch.equal(back.tensors[key], t), key
+    # transformers' own GGUF loader (gguf package dequantize + its name map and q/k un-permutation)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=f, dtype=torch.float32)
+    # a Mistral GGUF is a llama-architecture file (as llama.cpp writes it): transformers loads it as Llama
+    assert model.config.model_type == {"gemma3": "gemma3_text", "mistral": "llama"}.get(arch, arch)
+    for name, qt in ckpt.qtensors.items():
+        assert torch.equal(model.get_submodule(name).weight.detach(), qt.dequantize()), name
+    sd = model.state_dict()
+    for key, t in ckpt.tensors.items():
+        assert torch.equal(sd[key], t.float()), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_gguf_runtime_matches_transformers(tiny_models, tmp_path, arch):
+    """qtool's runtime on the .gguf gives the logits of transformers' dequantized GGUF model."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.loader import load_quantized
+
+    write_checkpoint(make(tiny_models(arch), 4), "gguf", tmp_path / "g")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=gguf_file(tmp_path / "g"), dtype=torch.float32).eval()
+    ours, _ = load_quantized(tmp_path / "g")
+    ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, ours(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_gguf_blocks_match_llama_cpp_codec(kind):
+    """Blocks produced by the gguf package's quantizer (llama.cpp's: Q4_0 d = max / -8, negative)
+    decode into codes/scales whose QTensor.dequantize() is the package's dequantize, and re-pack to
+    the same bytes."""
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    w = (torch.randn(8, 128, generator=torch.Generator().manual_seed(0)) * 0.05).numpy().astype(np.float32)
+    raw = torch.from_numpy(gguf.quants.quantize(w, t).copy())
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), t).copy())
+    if kind == "Q8_0":
+        codes, d = pk.unpack_gguf_q8_0(raw)
+        again = pk.pack_gguf_q8_0(codes, d)
+        bits = 8
+    else:
+        q, d = pk.unpack_gguf_q4_0(raw)
+        codes = pk.offset_to_signed(q, 4)
+        again = pk.pack_gguf_q4_0(q, d)
+        bits = 4
+        assert (d < 0).any()  # llama.cpp's sign convention survives: qtool keeps d as stored
+    assert torch.equal(again, raw)
+    qt = QTensor("int", bits, codes, d, None, 32)
+    assert torch.equal(qt.dequantize(), ref)
+
+
+@pytest.mark.parametrize("spec,match", [
+    (replace(WeightSpec.of(get_scheme("w4a16"), 128), bits=4), "group size 128"),
+    (replace(WeightSpec.of(get_scheme("w4a16"), 32, sym=False), bits=4), "asymmetric"),
+    (WeightSpec.of(get_scheme("fp8")), "fp8"),
+    (replace(WeightSpec.of(get_scheme("w4a16"), 32), bits=2), "int2"),
+])
+def test_gguf_refuses(tiny_models, tmp_path, spec, match):
+    with pytest.raises(QtoolError, match=match):
+        write_checkpoint(make_checkpoint(tiny_models("llama"), spec), "gguf", tmp_path / "g")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_refuses_arch_and_malformed(tiny_models, tmp_path):
+    ck = make(tiny_models("llama"), 8)
+    cfg = dict(ck.config, model_type="phi3")
+    with pytest.raises(QtoolError, match="phi3"):
+        write_checkpoint(replace(ck, config=cfg), "gguf", tmp_path / "x")
+    write_checkpoint(ck, "gguf", tmp_path / "g")
+    f = tmp_path / "g" / gguf_file(tmp_path / "g")
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(QtoolError, match="gguf"):
+        read_checkpoint(tmp_path / "g")
+    f.unlink()
+    with pytest.raises(QtoolError, match="missing"):
+        read_checkpoint(tmp_path / "g")
