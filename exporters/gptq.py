@@ -38,6 +38,8 @@ def int_weight_only_reason(qt: QTensor, bits=BITS, allow_act_order=True) -> str 
         return f"{qt.bits}-bit weights"
     if qt.act.kind != "none":
         return "activation quantization (GPTQ is weight-only)"
+    if qt.pre_scale is not None:
+        return "a pre_quant_scale (smoothing not folded into a preceding layer; GPTQ has no place for it)"
     if qt.block is not None or qt.group_size == 0:
         return "block or per-tensor scales"
     n, k = qt.shape
@@ -66,6 +68,20 @@ def encode_gptq_tensors(name: str, qt: QTensor) -> dict[str, torch.Tensor]:
     }
 
 
+def gptq_params(bits, group_size, sym, where: str = "gptq quantization_config") -> tuple[int, int, bool]:
+    """Validated (bits, group_size, sym) of a GPTQ config block (or a `dynamic` override)."""
+    for key, v in (("bits", bits), ("group_size", group_size)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise QtoolError(f"{where}: {key} {v!r} is not an integer"[:200])
+    if bits not in BITS:
+        raise QtoolError(f"{where}: unsupported bits {bits} (GPTQ stores {', '.join(map(str, BITS))})")
+    if group_size != -1 and group_size < 1:
+        raise QtoolError(f"{where}: group_size {group_size} is invalid (-1 or a positive group length)")
+    if not isinstance(sym, bool):
+        raise QtoolError(f"{where}: sym {sym!r} is not true or false"[:200])
+    return bits, group_size, sym
+
+
 def decode_gptq_tensors(td, name: str, bits: int, group_size: int, sym: bool, v2: bool = False) -> QTensor:
     qweight = td[f"{name}.qweight"]
     for suffix in ("qzeros", "scales"):
@@ -73,9 +89,15 @@ def decode_gptq_tensors(td, name: str, bits: int, group_size: int, sym: bool, v2
             raise QtoolError(f"checkpoint is missing tensor {name}.{suffix}")
     qzeros, scales = td[f"{name}.qzeros"], td[f"{name}.scales"]
     check_tensor(f"{name}.qweight", qweight, dtypes=(torch.int32,))
-    if qweight.dim() != 2:
-        raise QtoolError(f"tensor {name}.qweight is not 2-D")
+    if qweight.dim() != 2 or 0 in qweight.shape:
+        raise QtoolError(f"tensor {name}.qweight is not a 2-D [in*bits/32, out] tensor")
+    if bits == 3 and qweight.shape[0] % 3:
+        raise QtoolError(f"tensor {name}.qweight: {qweight.shape[0]} rows do not hold whole 3-bit words")
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    if (n * bits) % 32 or (bits == 3 and n % 32):
+        raise QtoolError(f"tensor {name}.qweight: {n} output columns do not pack into int32 qzeros at {bits} bits")
+    if group_size > 0 and k % group_size:
+        raise QtoolError(f"tensor {name}.qweight: in_features {k} is not a multiple of group_size {group_size}")
     ng = 1 if group_size <= 0 else k // group_size
     check_tensor(f"{name}.scales", scales, shape=[ng, n], dtypes=(torch.float16, torch.bfloat16, torch.float32))
     check_tensor(f"{name}.qzeros", qzeros, shape=[ng, n * bits // 32], dtypes=(torch.int32,))
@@ -84,7 +106,7 @@ def decode_gptq_tensors(td, name: str, bits: int, group_size: int, sym: bool, v2
     z = z + (0 if v2 else 1)  # v1 stores z-1
     g_idx = td[f"{name}.g_idx"] if f"{name}.g_idx" in td else None
     if g_idx is not None:
-        check_tensor(f"{name}.g_idx", g_idx, shape=[k])
+        check_tensor(f"{name}.g_idx", g_idx, shape=[k], dtypes=(torch.int32, torch.int64, torch.int16))
         g_idx = g_idx.to(torch.int32)
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
             raise QtoolError(f"tensor {name}.g_idx points outside the {ng} groups")
@@ -94,6 +116,8 @@ def decode_gptq_tensors(td, name: str, bits: int, group_size: int, sym: bool, v2
     mid = 1 << (bits - 1)
     if sym and bool((z == mid).all()):
         return QTensor("int", bits, pk.offset_to_signed(codes, bits), scales.t().contiguous(), None, group_size, g_idx=g_idx)
+    if sym:
+        raise QtoolError(f"tensor {name}.qzeros: the config says sym, but the zero points are not all {mid}")
     if int(z.min()) < 0 or int(z.max()) >= (1 << bits):
         raise QtoolError(f"tensor {name}.qzeros holds zero points outside {bits}-bit range")
     return QTensor("int", bits, codes, scales.t().contiguous(), z.to(torch.uint8), group_size, g_idx=g_idx)
@@ -103,10 +127,18 @@ def dynamic_override(dynamic: dict | None, module: str) -> dict | None:
     """GPTQModel `dynamic`: {regex: overrides}; '-:regex' excludes; '+:' or bare regex overrides."""
     if not dynamic:
         return {}
+    if not isinstance(dynamic, dict):
+        raise QtoolError("gptq quantization_config: dynamic is not an object of {regex: overrides}")
     for pattern, override in dynamic.items():
         neg = pattern.startswith("-:")
         pat = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
-        if re.match(pat, module):
+        try:
+            hit = re.match(pat, module)
+        except re.error as e:
+            raise QtoolError(f"gptq quantization_config: dynamic pattern {pattern!r} is not a valid regex ({e})"[:300]) from None
+        if hit:
+            if not neg and override is not None and not isinstance(override, dict):
+                raise QtoolError(f"gptq quantization_config: dynamic override for {pattern!r} is not an object"[:300])
             return None if neg else dict(override or {})
     return {}
 
@@ -158,19 +190,19 @@ class GPTQFormat(Format):
 
     def decode(self, path: Path, config: dict) -> Checkpoint:
         qc = config["quantization_config"]
-        try:
-            bits, gs, sym = int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
-        except (KeyError, TypeError, ValueError):
-            raise QtoolError("gptq quantization_config lacks a valid 'bits'/'group_size'") from None
-        if bits not in BITS:
-            raise QtoolError(f"gptq quantization_config: unsupported bits {bits}")
-        v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
+        if "bits" not in qc:
+            raise QtoolError("gptq quantization_config lacks 'bits'")
+        bits, gs, sym = gptq_params(qc["bits"], qc.get("group_size", -1), qc.get("sym", True))
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise QtoolError(f"gptq quantization_config: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)"[:200])
+        v2 = fmt == "gptq_v2"
         td = TensorDir(path)
         qts, claimed = {}, set()
         for name in module_names_with(td, ".qweight"):
             ov = dynamic_override(qc.get("dynamic"), name)
             ov = ov or {}
-            b, g, s = int(ov.get("bits", bits)), int(ov.get("group_size", gs)), bool(ov.get("sym", sym))
+            b, g, s = gptq_params(ov.get("bits", bits), ov.get("group_size", gs), ov.get("sym", sym), f"gptq dynamic override for {name}")
             qts[name] = decode_gptq_tensors(td, name, b, g, s, v2)
             claimed |= {f"{name}.{x}" for x in ("qweight", "qzeros", "scales", "g_idx")}
         if not qts:

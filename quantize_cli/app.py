@@ -37,6 +37,24 @@ def _progress(enabled: bool = True):
         yield p
 
 
+_BIDI = {0x200B, 0x200C, 0x200D, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069, 0xFEFF}  # invisible / reordering
+
+
+def one_line(msg: str) -> str:
+    """A message safe to print as one line: control characters (newlines, escape sequences from
+    hostile file names) and undecodable bytes are shown escaped."""
+    out = []
+    for ch in str(msg):
+        o = ord(ch)
+        if 0xDC80 <= o < 0xDD00:  # an undecodable byte of a file name (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 32 or o == 127 or 0x80 <= o < 0xA0 or 0xD800 <= o < 0xE000 or o in _BIDI:
+            out.append(repr(ch)[1:-1] if not 0xD800 <= o < 0xE000 else "?")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _run(fn, as_json: bool):
     """Call the API; map errors to exit codes; never let a traceback reach the user."""
     try:
@@ -52,7 +70,11 @@ def _run(fn, as_json: bool):
         err.print(f"[red]eval gate failed:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except QtoolError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {one_line(e)}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except OSError as e:  # the file system said no (name too long, disk full, permission): bad input, not a bug
+        where = f": {one_line(e.filename)}" if getattr(e, "filename", None) else ""
+        err.print(f"error: {one_line(e.strerror or e)}{where}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("error: interrupted", markup=False)
@@ -63,7 +85,7 @@ def _run(fn, as_json: bool):
     except Exception as e:  # noqa: BLE001
         if os.environ.get("QTOOL_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = one_line(str(e).strip().splitlines()[0]) if str(e).strip() else ""
         err.print(f"error: internal error ({type(e).__name__}): {msg} (set QTOOL_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -73,6 +95,14 @@ def _emit(result: dict, as_json: bool, human) -> None:
         print(json.dumps(result, default=str))
     else:
         human(result)
+
+
+def _key_value(o: str, backend: str) -> tuple[str, str]:
+    k, sep, v = o.partition("=")
+    if backend == "native" or not sep or not k.strip():
+        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel" if backend == "native" else "expected KEY=VALUE"), markup=False)
+        raise typer.Exit(2)
+    return k.strip(), v.strip()
 
 
 @app.command()
@@ -93,6 +123,7 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
     mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
     backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
@@ -107,6 +138,8 @@ def quantize(
         options = {"act_order": act_order, "damp": damp, "mse_clip": mse_clip}
     elif method == "rtn" and mse_clip:
         options = {"mse_clip": True}
+    if option:
+        options = dict(_key_value(o, backend) for o in option)
     res = _run(
         lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume),
         as_json,
@@ -239,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False)
     except cx.UsageError as e:
-        err.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {one_line(e.format_message())}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except cx.Abort:
         err.print("error: aborted", markup=False)

@@ -33,8 +33,8 @@ def _version() -> str:
         return "not installed"
 
 
-def run_autoround(model_dir: Path, spec, samples: torch.Tensor, opts: dict, device: str, out: Path):
-    """Quantize with AutoRound and save its auto_gptq checkpoint under `out`; returns (model, saved dir)."""
+def build_autoround(model_dir: Path, samples: torch.Tensor, opts: dict, device: str):
+    """An AutoRound compressor over the float32 model with qtool's samples as its dataset."""
     from auto_round import AutoRound
 
     model = cmodels.load_model(model_dir, torch.float32, device)
@@ -54,7 +54,12 @@ def run_autoround(model_dir: Path, spec, samples: torch.Tensor, opts: dict, devi
         kw["minmax_lr"] = opts["minmax_lr"]
     if opts["disable_opt_rtn"]:
         kw["disable_opt_rtn"] = True
-    ar = AutoRound(model, tok, **kw)
+    return AutoRound(model, tok, **kw)
+
+
+def run_autoround(model_dir: Path, spec, samples: torch.Tensor, opts: dict, device: str, out: Path):
+    """Quantize with AutoRound and save its auto_gptq checkpoint under `out`; returns (model, saved dir)."""
+    ar = build_autoround(model_dir, samples, opts, device)
     ar.quantize()
     ar.save_quantized(str(out), format="auto_gptq")
     cfgs = sorted(out.rglob("config.json"))

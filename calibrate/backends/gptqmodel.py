@@ -22,7 +22,7 @@ from calibrate import models as cmodels
 from qtensor.errors import QtoolError
 
 from . import BackendResult, register
-from .common import library_error, model_dtype, other_tensors, quiet_stdout, take_options, work_dir
+from .common import model_dtype, other_tensors, quiet_stdout, take_options, work_dir
 
 
 def _import():
@@ -75,6 +75,45 @@ def run_gptqmodel(model_dir: Path, spec, samples: torch.Tensor, opts: dict, devi
     return model
 
 
+def run_isolated(model_dir: Path, spec, samples: torch.Tensor, opts: dict, device: str, tmp: Path) -> Path:
+    """run_gptqmodel in a child process with cwd `tmp`: GPTQModel's worker threads end the whole
+    interpreter (os._exit(1)) when a task fails, which must not take qtool down with it. Returns the
+    saved checkpoint directory; a failure becomes a QtoolError with the library's own last error line."""
+    import re
+    import subprocess
+    import sys
+
+    torch.save({"samples": samples, "spec": [spec.bits, spec.group_size, spec.sym], "opts": opts, "device": device,
+                "model_dir": str(model_dir)}, tmp / "job.pt")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    if (os.cpu_count() or 1) < 4:
+        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    with open(tmp / "gptqmodel.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "calibrate.backends.gptqmodel", str(tmp / "job.pt"), str(tmp / "out")],
+                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (tmp / "out" / "config.json").is_file():
+        text = (tmp / "gptqmodel.log").read_text(errors="replace")
+        errs = [m.group(0).strip() for m in re.finditer(r"(?m)^[A-Za-z_.]*(Error|Exception)\b[^\n]*", text)]
+        why = errs[-1][:300] if errs else f"exit code {rc}"
+        raise QtoolError(f"gptqmodel {_version()} failed to run {opts['method']} on this {_model_type(model_dir)} model: {why}")
+    return tmp / "out"
+
+
+def _model_type(model_dir: Path) -> str:
+    return str(cmodels.load_config(model_dir).get("model_type"))
+
+
+def _child(job: str, out: str) -> None:
+    """Entry point of the child process (python -m calibrate.backends.gptqmodel JOB OUT)."""
+    from qtensor.schemes import WeightSpec
+
+    j = torch.load(job, weights_only=False)
+    bits, gs, sym = j["spec"]
+    spec = WeightSpec("int", bits, gs, sym, None, torch.float16)
+    run_gptqmodel(Path(j["model_dir"]), spec, j["samples"], j["opts"], j["device"], Path(out))
+
+
 def decode_saved(path: Path):
     """GPTQModel's saved checkpoint (gptq v1 or awq gemm) -> Checkpoint of QTensors."""
     from exporters import FORMATS
@@ -103,16 +142,16 @@ class GPTQModelBackend:
         t0 = time.time()
         model_dir = Path(model_dir).resolve()
         with work_dir("qtool-gptqmodel-") as tmp, quiet_stdout():
-            try:
-                run_gptqmodel(model_dir, spec, samples, opts, device, tmp / "out")
-            except QtoolError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the library's own failure, reported as such
-                raise library_error("gptqmodel", _version(), f"to run {opts['method']} on this {config.get('model_type')} model", e) from None
-            ckpt = decode_saved(tmp / "out")
+            ckpt = decode_saved(run_isolated(model_dir, spec, samples, opts, device, tmp))
             qts = {n: q.replace(codes=q.codes.clone(), scales=q.scales.clone(), zeros=None if q.zeros is None else q.zeros.clone())
                    for n, q in ckpt.qtensors.items()}
             # everything else as the library saved it (AWQ folds its smoothing into the norms)
             tensors = other_tensors({t: ckpt.tensors[t].clone() for t in ckpt.tensors}, set(qts), model_dtype(config))
         notes = [f"gptqmodel {_version()} {opts['method']}"]
         return BackendResult(qts, tensors, notes, {"library": f"gptqmodel {_version()}", **opts, "seconds": round(time.time() - t0, 2)})
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1], sys.argv[2])
