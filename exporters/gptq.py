@@ -155,22 +155,22 @@ class GPTQFormat(Format):
     def encode(self, name, qt):
         return encode_gptq_tensors(name, qt)
 
-    def _base(self, ckpt: Checkpoint) -> QTensor:
-        return max(ckpt.qtensors.values(), key=lambda q: sum(1 for o in ckpt.qtensors.values() if (o.bits, o.group_size, o.sym) == (q.bits, q.group_size, q.sym)))
-
     def quant_config(self, ckpt):
-        base = self._base(ckpt)
-        dynamic = {}
-        for name, qt in ckpt.qtensors.items():
-            if (qt.bits, qt.group_size, qt.sym) != (base.bits, base.group_size, base.sym):
-                dynamic[f"+:^{re.escape(name)}$"] = {"bits": qt.bits, "group_size": qt.group_size, "sym": qt.sym}
+        from collections import Counter
+
+        # one pass over the modules (they may be decoded lazily from disk)
+        keys = {name: (qt.bits, qt.group_size, qt.sym, qt.act_order) for name, qt in ckpt.qtensors.items()}
+        base = Counter(k[:3] for k in keys.values()).most_common(1)[0][0]
+        dynamic = {f"+:^{re.escape(name)}$": {"bits": k[0], "group_size": k[1], "sym": k[2]} for name, k in keys.items() if k[:3] != base}
         cfg = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
-            "bits": base.bits,
-            "group_size": base.group_size,
-            "sym": base.sym,
-            "desc_act": any(q.act_order for q in ckpt.qtensors.values()),
+            "format": "gptq",
+            "method": "gptq",
+            "bits": base[0],
+            "group_size": base[1],
+            "sym": base[2],
+            "desc_act": any(k[3] for k in keys.values()),
             "lm_head": False,
             "true_sequential": True,
             "pack_dtype": "int32",
