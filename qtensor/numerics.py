@@ -231,3 +231,18 @@ def f32_reciprocal_snap(x: torch.Tensor) -> torch.Tensor:
     """The float32 nearest x that f32_reciprocal accepts (1/(1/x)): pick global scales this way when
     the checkpoint is meant for compressed-tensors."""
     return 1.0 / (1.0 / x.float())
+
+
+# ---- products stored instead of factors (msModelSlim deq_scale = input_scale * weight_scale) -----
+
+
+def recover_factor(prod: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """The float32 s with fp32(a * s) == prod bit for bit, for every element (nearest to prod / a
+    first, then its two neighbours), or None when some element has no such s."""
+    prod, a = prod.float(), a.float()
+    c = prod / a
+    out = torch.full_like(c, float("nan"))
+    for cand in (c, torch.nextafter(c, torch.zeros_like(c)), torch.nextafter(c, torch.full_like(c, float("inf")))):
+        hit = torch.isnan(out) & ((a * cand) == prod)
+        out = torch.where(hit, cand, out)
+    return None if bool(torch.isnan(out).any()) else out
