@@ -242,6 +242,9 @@ def quantize_layers(
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():
                     raise QtoolError(f"non-finite values in the weight of {lname}.{name}")
+                k = mods[name].in_features
+                if spec.group_size > 0 and k % spec.group_size:
+                    raise QtoolError(f"{lname}.{name}: in_features {k} is not a multiple of group size {spec.group_size} (choose another --group-size)")
             joint = None
             shared_h = len(group) > 1 and all(stats[n].get("hessian") is stats[group[0]].get("hessian") for n in group)
             if method.group_fn is not None and shared_h and stats[group[0]].get("n", 0) > 0:
