@@ -37,16 +37,21 @@ def read_texts(spec: str | None, field: str = "text") -> list[str]:
     if spec is None or spec == BUILTIN_DATA:
         return [pydoc_text()]
     p = Path(spec).expanduser()
-    if not p.exists():
-        raise QtoolError(f"data not found: {spec}")
+    try:
+        if not p.exists():
+            raise QtoolError(f"data not found: {spec}")
+        if not p.is_dir() and not p.is_file():
+            raise QtoolError(f"data {spec} is not a regular file or directory")
+    except OSError as e:
+        raise QtoolError(f"cannot read data {spec}: {e.strerror}") from None
     try:
         if p.is_dir():
             texts = _dataset_dir(p, field)
         elif p.suffix == ".txt":
-            texts = [p.read_text(encoding="utf-8")]
+            texts = [_read_text(p, spec)]
         elif p.suffix == ".jsonl":
             texts = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            for i, line in enumerate(_read_text(p, spec).splitlines()):
                 if not line.strip():
                     continue
                 row = json.loads(line)
@@ -74,6 +79,18 @@ def read_texts(spec: str | None, field: str = "text") -> list[str]:
     if not texts:
         raise QtoolError(f"data {spec} holds no text")
     return texts
+
+
+def _read_text(p: Path, spec: str) -> str:
+    """A text file as UTF-8; NUL bytes mean binary data (checked on the first MiB before the rest is read)."""
+    with p.open("rb") as f:
+        head = f.read(1 << 20)
+        if b"\0" in head:
+            raise QtoolError(f"data file {spec} holds binary data (NUL bytes), not text")
+        data = head + f.read()
+    if b"\0" in data:
+        raise QtoolError(f"data file {spec} holds binary data (NUL bytes), not text")
+    return data.decode("utf-8")
 
 
 def _dataset_dir(p: Path, field: str) -> list[str]:

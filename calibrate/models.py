@@ -49,12 +49,14 @@ def check_model_dir(p: Path) -> None:
     cfg = p / "config.json"
     if not cfg.is_file():
         raise QtoolError(f"not a model directory (no config.json): {p}")
+    if cfg.stat().st_size > 16 * 1024 * 1024:
+        raise QtoolError(f"config.json in {p} is larger than 16 MiB")
     try:
         json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QtoolError(f"unreadable config.json in {p}: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise QtoolError(f"unreadable config.json in {p}: {str(e).splitlines()[0] if str(e) else 'nested too deeply'}") from None
     if not list(p.glob("*.safetensors")):
-        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+        if any(list(p.glob(f"*.{x}")) for x in ("bin", "pt", "pth", "ckpt", "pkl")):
             raise QtoolError(f"{p} holds only pickle weights (.bin/.pt); qtool reads safetensors only")
         raise QtoolError(f"no .safetensors weights in {p}")
 

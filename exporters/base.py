@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qtensor import QTensor, __version__
+from qtensor import numerics as nm
 from qtensor.errors import QtoolError
 
-from .io import MAX_SHARD_BYTES, Subset, TensorDir, write_shards
+from .io import MAX_SHARD_BYTES, Subset, TensorDir, regular_file, tensor_nbytes, write_shards
 
 COPY_FILES = (
     "generation_config.json",
@@ -60,6 +62,7 @@ class Format:
 
     name = ""
     description = ""
+    packed = True  # integer codes stored at their bit width (False: one byte per code, e.g. qtool)
     safetensors = True  # False: the format writes its own files (write_files) and checks them in decode
 
     def write_files(self, ckpt: "Checkpoint", out: Path) -> None:
@@ -106,17 +109,105 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def _no_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def read_json(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES):
+    """A small JSON file from an untrusted directory: a regular file, bounded size, strict UTF-8 JSON
+    without NaN/Infinity, bounded nesting."""
+    regular_file(path, what)
+    if path.stat().st_size > max_bytes:
+        raise QtoolError(f"{what} is larger than {max_bytes} bytes")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        msg = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise QtoolError(f"unreadable {what}: {msg}") from None
+
+
 def read_config(path: Path) -> dict:
     cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists() and not cfg.is_symlink():
         raise QtoolError(f"not a model directory (no config.json): {path}")
-    try:
-        c = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QtoolError(f"unreadable config.json in {path}: {e}") from None
+    c = read_json(cfg, f"config.json in {path}")
     if not isinstance(c, dict):
         raise QtoolError(f"config.json in {path} is not a JSON object")
     return c
+
+
+# config.json integers that size the model: name -> (smallest, largest) accepted value
+CONFIG_BOUNDS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers"), (1, 4096)),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model"), (1, 1 << 18)),
+    **dict.fromkeys(("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_dim", "n_inner"), (0, 1 << 20)),
+    "vocab_size": (1, 1 << 24),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads", "head_dim"), (1, 1 << 14)),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok"), (0, 1 << 16)),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), (1, 1 << 26)),
+}
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
+_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
+_PACK = 16  # the most codes one stored element holds (2-bit in int32): a dimension can hide that much
+
+
+def _sub_configs(config: dict, where: str = "", depth: int = 0):
+    yield where, config
+    if depth < 3:
+        for k, v in config.items():
+            if isinstance(v, dict) and k.endswith("_config") and k not in ("quantization_config", "compression_config"):
+                yield from _sub_configs(v, f"{where}{k}.", depth + 1)
+
+
+def check_config(config: dict, shapes: Mapping[str, list[int]], dtypes: Mapping[str, str] | None = None) -> None:
+    """Bound the config.json values that size a model, against fixed limits and against the tensors
+    present (`shapes`: name -> shape from the safetensors headers), before any model is built."""
+    mt = config.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise QtoolError("config.json has no model_type" if mt is None else f"config.json: model_type {mt!r} is not a name"[:200])
+    max_dim = max((d for s in shapes.values() for d in s), default=1)
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", k)] if m}
+    experts = {int(m.group(1)) for k in shapes for m in [re.search(r"\.experts\.(\d+)\.", k)] if m}
+    for where, c in _sub_configs(config):
+        for key, (lo, hi) in CONFIG_BOUNDS.items():
+            if key not in c or c[key] is None:
+                continue
+            v = c[key]
+            name = f"{where}{key}"
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise QtoolError(f"config.json: {name} = {v!r} is not an integer"[:200])
+            if not lo <= v <= hi:
+                raise QtoolError(f"config.json: {name} = {v} is outside [{lo}, {hi}]")
+            if key in _LAYERS:
+                if layers and v > len(layers):
+                    raise QtoolError(f"config.json: {name} = {v}, but the tensors hold {len(layers)} layers")
+            elif key in _EXPERTS:
+                if v > max(len(experts), max_dim):
+                    raise QtoolError(f"config.json: {name} = {v}, more than the tensors can hold")
+            elif key not in ("max_position_embeddings", "n_positions", "num_experts_per_tok", "n_shared_experts") and v > _PACK * max_dim:
+                raise QtoolError(f"config.json: {name} = {v}, larger than any tensor dimension ({max_dim}) allows")
+    embeds = [k for k in shapes if k.endswith("embed_tokens.weight") and len(shapes[k]) == 2 and (dtypes is None or dtypes.get(k) in ("F16", "BF16", "F32"))]
+    if len(embeds) == 1:
+        rows, cols = shapes[embeds[0]]
+        for where, c in _sub_configs(config):
+            if isinstance(c.get("hidden_size"), int) and isinstance(c.get("vocab_size"), int):
+                if c["hidden_size"] != cols:
+                    raise QtoolError(f"config.json: {where}hidden_size = {c['hidden_size']}, but {embeds[0]} has {cols} columns")
+                if c["vocab_size"] > rows:
+                    raise QtoolError(f"config.json: {where}vocab_size = {c['vocab_size']}, but {embeds[0]} has {rows} rows")
+                break
+
+
+def check_model_files(path: Path) -> tuple[dict, TensorDir]:
+    """config.json and the safetensors files of a directory, checked before anything is built from them."""
+    path = Path(path)
+    config = read_config(path)
+    td = TensorDir(path)
+    check_config(config, {k: td.shape(k) for k in td}, {k: td.dtype_of(k) for k in td})
+    return config, td
 
 
 def detect_format(path: Path) -> str | None:
@@ -145,30 +236,81 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise QtoolError(f"path not found: {path}")
     if not path.is_dir():
         raise QtoolError(f"not a checkpoint directory: {path}")
+    own = [f for f in FORMATS.values() if not f.safetensors and f.detect(path, read_config(path))]
+    if not own:  # formats with their own files (gguf) check them in decode
+        check_model_files(path)
     fmt = detect_format(path)
     if fmt is None:
         raise QtoolError(f"{path} is not a quantized checkpoint (no quantization_config)")
     ckpt = FORMATS[fmt].decode(path, read_config(path))
     ckpt.format = fmt
     ckpt.source_dir = ckpt.source_dir or path
+    if not ckpt.qtensors:
+        raise QtoolError(f"{path}: {fmt} checkpoint with no quantized modules")
+    if isinstance(ckpt.qtensors, dict):  # decoded already: check them all (a lazy mapping's decode checks each)
+        for name, qt in ckpt.qtensors.items():
+            check_qtensor(name, qt)
     meta = path / "qtool.json"
-    if meta.is_file() and not ckpt.meta:
-        try:
-            ckpt.meta = json.loads(meta.read_text())
-        except ValueError:
-            raise QtoolError(f"{meta}: not valid JSON") from None
+    if (meta.exists() or meta.is_symlink()) and not ckpt.meta:
+        ckpt.meta = read_json(meta, f"{meta.name} in {path}")
+        if not isinstance(ckpt.meta, dict):
+            raise QtoolError(f"{meta}: not a JSON object")
     return ckpt
 
 
 def prepare_out(out: Path, force: bool) -> None:
     out = Path(out)
-    if out.exists() and not force:
-        raise QtoolError(f"output {out} exists (pass --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise QtoolError(f"output {out} exists and is not a directory")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise QtoolError(f"parent directory of {out} does not exist")
+    if len(out.name.encode("utf-8", "surrogateescape")) > 200:  # leaves room for the temporary name
+        raise QtoolError(f"output name is too long ({len(out.name)} characters): {out.name[:40]}...")
+    try:
+        exists = out.exists() or out.is_symlink()
+        if exists and not force:
+            raise QtoolError(f"output {out} exists (pass --force to replace it)")
+        if exists and not out.is_dir():
+            raise QtoolError(f"output {out} exists and is not a directory")
+        parent = out.resolve().parent
+        if not parent.exists():
+            raise QtoolError(f"parent directory of {out} does not exist")
+        if not parent.is_dir():
+            raise QtoolError(f"parent {parent} of {out} is not a directory")
+    except OSError as e:
+        raise QtoolError(f"cannot use output {out}: {e.strerror or e}") from None
+
+
+def estimate_size(quantized: Iterable[tuple[int, int, int, int]], other_bytes: int, fmt: Format | None = None, source_dir: Path | None = None) -> int:
+    """Bytes a checkpoint will take on disk, before it is written.
+
+    quantized: (out_features, in_features, bits, group_size) per quantized linear; the codes take
+    params x bits/8 (one byte per code where the format does not pack), plus a scale and zero point
+    (4 bytes) per group and an int32 g_idx per input channel; other_bytes: every unquantized
+    tensor; the tokenizer files copied from source_dir; 64 KiB for config and qtool.json.
+    """
+    total = int(other_bytes) + (64 << 10)
+    if source_dir is not None:
+        total += sum((Path(source_dir) / f).stat().st_size for f in COPY_FILES if (Path(source_dir) / f).is_file())
+    for n, k, bits, gs in quantized:
+        code_bits = bits if fmt is None or fmt.packed else 8
+        groups = 1 if gs == 0 else n * (1 if gs < 0 else -(-k // gs))
+        total += n * k * code_bits // 8 + 4 * groups + (4 * k if gs > 0 else 0)
+    return total
+
+
+def checkpoint_size(ckpt: Checkpoint, fmt: Format) -> int:
+    """estimate_size of writing a decoded checkpoint in `fmt`. Modules decoded lazily are not decoded
+    twice for this: the source files' size stands in (doubled when `fmt` keeps codes unpacked)."""
+    if isinstance(ckpt.qtensors, dict):
+        quantized = [(*qt.shape, qt.bits, qt.group_size) for qt in ckpt.qtensors.values()]
+        return estimate_size(quantized, sum(tensor_nbytes(ckpt.tensors, k) for k in ckpt.tensors), fmt, ckpt.source_dir)
+    src = sum(f.stat().st_size for f in Path(ckpt.source_dir).glob("*.safetensors")) if ckpt.source_dir else 0
+    return src * (1 if fmt.packed else 2) + (1 << 20)
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse before any work when the file system of `out` cannot hold `need` bytes."""
+    parent = Path(out).resolve().parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise QtoolError(f"not enough free space for {out}: the output needs about {need / 1e9:.2f} GB, {parent} has {free / 1e9:.2f} GB free")
 
 
 def place(tmp: Path, out: Path) -> None:
@@ -260,6 +402,97 @@ def require(td: Mapping, name: str) -> torch.Tensor:
     if name not in td:
         raise QtoolError(f"checkpoint is missing tensor {name}")
     return td[name]
+
+
+INT_CODE_DTYPES = {True: torch.int8, False: torch.uint8}
+ACT_DTYPES = ("int8", "fp8_e4m3", "e2m1", "int4")
+
+
+def check_qtensor(name: str, qt: QTensor, label=None) -> None:
+    """A decoded QTensor is consistent with its own description (qtensor/tensor.py), so nothing
+    downstream (export, dequantize, QuantLinear) meets a shape, dtype or range it cannot handle.
+    `label(field)` names the on-disk tensor of a field in messages."""
+    lab = label or (lambda f: f"{name} ({f})")
+    bits_of = {"fp8_e4m3": (8,), "e2m1": (4,), "mxfp8": (8,), "int": (2, 3, 4, 8)}  # int: what qtensor.packing packs
+    if qt.dtype not in bits_of:
+        raise QtoolError(f"{name}: unknown numeric type {qt.dtype!r}")
+    if not isinstance(qt.bits, int) or qt.bits not in bits_of[qt.dtype]:
+        raise QtoolError(f"{name}: {qt.bits!r}-bit {qt.dtype} weights are not possible")
+    c = qt.codes
+    if not isinstance(c, torch.Tensor) or c.dim() != 2 or 0 in c.shape:
+        raise QtoolError(f"tensor {lab('codes')} is not a 2-D [out, in] tensor")
+    n, k = c.shape
+    if qt.dtype == "int":
+        want = INT_CODE_DTYPES[qt.zeros is None]
+        if c.dtype != want:
+            raise QtoolError(f"tensor {lab('codes')} has dtype {c.dtype}, expected {want} for {'symmetric' if qt.zeros is None else 'asymmetric'} int codes")
+        lo, hi = nm.int_range(qt.bits, qt.zeros is None)
+        if int(c.min()) < lo or int(c.max()) > hi:
+            raise QtoolError(f"tensor {lab('codes')} holds values outside the {qt.bits}-bit range [{lo}, {hi}]")
+    elif qt.dtype == "e2m1":
+        if c.dtype != torch.uint8 or int(c.max()) > 15:
+            raise QtoolError(f"tensor {lab('codes')} must hold e2m1 codes 0..15 as uint8")
+    elif c.dtype != torch.float8_e4m3fn:
+        raise QtoolError(f"tensor {lab('codes')} has dtype {c.dtype}, expected torch.float8_e4m3fn")
+    s = qt.scales
+    if not isinstance(s, torch.Tensor) or not (s.is_floating_point() or s.dtype == torch.uint8):
+        raise QtoolError(f"tensor {lab('scales')} has dtype {getattr(s, 'dtype', None)}, expected a float type (or e8m0 bytes)")
+    if s.dtype == torch.uint8 and qt.dtype not in ("e2m1", "mxfp8"):
+        raise QtoolError(f"tensor {lab('scales')}: e8m0 (uint8) scales only go with MX types")
+    if s.is_floating_point() and not torch.isfinite(s.float()).all():
+        raise QtoolError(f"tensor {lab('scales')} holds NaN or Inf")
+    gs = qt.group_size
+    if not isinstance(gs, int) or gs < -1:
+        raise QtoolError(f"{name}: invalid group size {gs!r}")
+    if qt.block is not None:
+        if not (isinstance(qt.block, tuple) and len(qt.block) == 2 and all(isinstance(b, int) and b > 0 for b in qt.block)):
+            raise QtoolError(f"{name}: invalid block {qt.block!r}")
+        want_s = [-(-n // qt.block[0]), -(-k // qt.block[1])]
+    elif gs == 0:
+        want_s = None
+        if s.numel() != 1:
+            raise QtoolError(f"tensor {lab('scales')} has shape {list(s.shape)}, expected one per-tensor scale")
+    elif gs == -1:
+        want_s = [n, 1]
+    else:
+        if k % gs and qt.dtype == "int":
+            raise QtoolError(f"{name}: in_features {k} is not a multiple of group size {gs}")
+        want_s = [n, -(-k // gs)]
+    if want_s is not None and list(s.shape) != want_s:
+        raise QtoolError(f"tensor {lab('scales')} has shape {list(s.shape)}, expected {want_s}")
+    if qt.zeros is not None:
+        z = qt.zeros
+        if qt.dtype != "int" or z.dtype != torch.uint8 or z.shape != s.shape:
+            raise QtoolError(f"tensor {lab('zeros')} must be uint8 shaped like the scales {list(s.shape)}")
+        if int(z.max()) > (1 << qt.bits) - 1:
+            raise QtoolError(f"tensor {lab('zeros')} holds zero points outside the {qt.bits}-bit range")
+    if qt.g_idx is not None:
+        g = qt.g_idx
+        if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool or list(g.shape) != [k]:
+            raise QtoolError(f"tensor {lab('g_idx')} must be an integer tensor of {k} group indices")
+        if gs <= 0 or qt.block is not None:
+            raise QtoolError(f"tensor {lab('g_idx')} given without a group size")
+        if int(g.min()) < 0 or int(g.max()) >= s.shape[-1]:
+            raise QtoolError(f"tensor {lab('g_idx')} points outside the {s.shape[-1]} groups")
+    for f, t, size in (("global_scale", qt.global_scale, 1), ("pre_scale", qt.pre_scale, k)):
+        if t is None:
+            continue
+        if not t.is_floating_point() or t.numel() != size or not torch.isfinite(t.float()).all():
+            raise QtoolError(f"tensor {lab(f)} must hold {size} finite float value{'s' if size > 1 else ''}")
+    a = qt.act
+    if a.kind not in ("none", "dynamic", "static"):
+        raise QtoolError(f"{name}: unknown activation quantization kind {a.kind!r}")
+    if a.kind != "none" and a.dtype not in ACT_DTYPES:
+        raise QtoolError(f"{name}: unknown activation type {a.dtype!r}")
+    if a.kind == "static" and a.dtype != "e2m1" and a.scale is None:
+        raise QtoolError(f"{name}: static activation quantization without an input scale")
+    for f, t in (("input_scale", a.scale), ("input_offset", a.offset)):
+        if t is None:
+            continue
+        if f == "input_scale" and not t.is_floating_point():
+            raise QtoolError(f"tensor {lab(f)} is not a float tensor")
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            raise QtoolError(f"tensor {lab(f)} holds NaN or Inf")
 
 
 def check_tensor(name: str, t: torch.Tensor, shape=None, dtypes=None) -> None:

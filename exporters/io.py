@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -16,10 +17,32 @@ from qtensor.errors import QtoolError
 
 MAX_SHARD_BYTES = 5 * 1024**3
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_INDEX = 64 * 1024 * 1024
+# bytes per element of the safetensors dtypes (sub-byte types: bits per element / 8)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+               "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+               "C64": 8, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75}
 
 
-def _check_header(path: Path) -> None:
-    """Header length and tensor extents are checked before any allocation."""
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def regular_file(path: Path, what: str = "") -> None:
+    """A path that is a plain file (not a FIFO, device or directory: those block or fail on read)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise QtoolError(f"{what or path.name}: cannot read ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise QtoolError(f"{what or path.name}: not a regular file")
+
+
+def read_header(path: Path) -> dict:
+    """The header of a safetensors file, with its length and every tensor extent checked against the
+    file size before anything is allocated: offsets are pairs of integers inside the data area, do not
+    overlap, and hold exactly shape x dtype bytes."""
+    regular_file(path)
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -27,62 +50,133 @@ def _check_header(path: Path) -> None:
             raise QtoolError(f"{path.name}: truncated safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
-            raise QtoolError(f"{path.name}: safetensors header length {n} exceeds the file")
+            raise QtoolError(f"{path.name}: safetensors header length {n} exceeds the file or the {_MAX_HEADER}-byte limit")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise QtoolError(f"{path.name}: corrupt safetensors header") from None
     if not isinstance(header, dict):
-        raise QtoolError(f"{path.name}: corrupt safetensors header")
+        raise QtoolError(f"{path.name}: corrupt safetensors header (not a JSON object)")
     data = size - 8 - n
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise QtoolError(f"{path.name}: __metadata__ is not a map of strings")
             continue
         if not isinstance(info, dict) or "data_offsets" not in info:
             raise QtoolError(f"{path.name}: tensor {name} has no data offsets")
-        a, b = info["data_offsets"]
-        if not (0 <= a <= b <= data):
-            raise QtoolError(f"{path.name}: tensor {name} lies outside the file")
+        off = info["data_offsets"]
+        if not (isinstance(off, list) and len(off) == 2 and all(_is_int(x) for x in off)):
+            raise QtoolError(f"{path.name}: tensor {name} has invalid data offsets {off!r}"[:300])
+        a, b = off
+        if not (0 <= a <= b):
+            raise QtoolError(f"{path.name}: tensor {name} has invalid data offsets {off!r}")
+        if b > data:
+            raise QtoolError(f"{path.name}: tensor {name} lies outside the file (ends at {b}, data holds {data} bytes)")
+        dtype, shape = info.get("dtype"), info.get("shape")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise QtoolError(f"{path.name}: tensor {name} has unknown dtype {dtype!r}"[:300])
+        if not (isinstance(shape, list) and all(_is_int(x) and x >= 0 for x in shape)):
+            raise QtoolError(f"{path.name}: tensor {name} has invalid shape {shape!r}"[:300])
+        numel = 1
+        for x in shape:
+            numel *= x
+        if numel * DTYPE_BYTES[dtype] != b - a:
+            raise QtoolError(f"{path.name}: tensor {name} claims shape {shape} {dtype} ({numel * DTYPE_BYTES[dtype]:.0f} bytes) but spans {b - a} bytes")
+        spans.append((a, b, name))
+    spans.sort()
+    for (a1, b1, n1), (a2, b2, n2) in zip(spans, spans[1:]):
+        if a2 < b1:
+            raise QtoolError(f"{path.name}: tensors {n1} and {n2} overlap")
+    return header
+
+
+def _check_header(path: Path) -> None:
+    read_header(path)
+
+
+def _inside(root: Path, f: Path, what: str) -> Path:
+    """`f` resolved (links followed), refused unless it lies inside `root`."""
+    try:
+        r = f.resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise QtoolError(f"{what}: cannot resolve ({getattr(e, 'strerror', None) or e})") from None
+    if root not in r.parents:
+        raise QtoolError(f"{what} leaves the model directory")
+    return r
+
+
+def read_index(path: Path, root: Path) -> tuple[dict, list[Path]]:
+    """weight_map and shard files of a *.safetensors.index.json, every shard inside the directory."""
+    regular_file(path)
+    if path.stat().st_size > _MAX_INDEX:
+        raise QtoolError(f"{path.name}: index larger than {_MAX_INDEX} bytes")
+    try:
+        wm = json.loads(path.read_bytes().decode("utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise QtoolError(f"{path.name}: not a valid safetensors index (JSON object with a weight_map)") from None
+    if not isinstance(wm, dict):
+        raise QtoolError(f"{path.name}: weight_map is not an object")
+    for k, v in wm.items():
+        if not isinstance(v, str):
+            raise QtoolError(f"{path.name}: shard path of {k} is not a string")
+    files = {}
+    for fname in sorted(set(wm.values())):
+        if not fname or "\0" in fname:
+            raise QtoolError(f"{path.name}: invalid shard path {fname!r}")
+        f = _inside(root, path.parent / fname, f"{path.name}: shard path {fname!r}")
+        try:
+            ok = f.is_file()
+        except OSError as e:
+            raise QtoolError(f"{path.name}: shard {fname!r}: {e.strerror}") from None
+        if not ok:
+            raise QtoolError(f"{path.name}: shard {fname!r} is missing")
+        files[fname] = f
+    return wm, [files[k] for k in sorted(files)]
 
 
 class TensorDir(Mapping):
-    """Lazy name -> tensor view of the *.safetensors files of a directory (index honoured)."""
+    """Lazy name -> tensor view of the *.safetensors files of a directory (index honoured).
+
+    Every file must be a regular file inside the directory (links are followed and checked), every
+    header is checked before a tensor is touched, and a tensor name may live in one file only.
+    """
 
     def __init__(self, path: Path, pattern: str | None = None):
         self.path = Path(path)
         self._where: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
         root = self.path.resolve()
         index = sorted(self.path.glob("*.safetensors.index.json"))
         files: list[Path]
+        wm = None
         if index:
-            try:
-                wm = json.loads(index[0].read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise QtoolError(f"{index[0].name}: not a valid safetensors index") from None
-            if not isinstance(wm, dict):
-                raise QtoolError(f"{index[0].name}: weight_map is not an object")
-            files = []
-            for fname in sorted(set(wm.values())):
-                f = (self.path / str(fname)).resolve()
-                if root not in f.parents:
-                    raise QtoolError(f"{index[0].name}: shard path {fname} leaves the model directory")
-                if not f.is_file():
-                    raise QtoolError(f"{index[0].name}: shard {fname} is missing")
-                files.append(f)
+            wm, files = read_index(index[0], root)
         else:
-            files = sorted(self.path.glob(pattern or "*.safetensors"))
+            files = [_inside(root, f, f.name) for f in sorted(self.path.glob(pattern or "*.safetensors"))]
         if not files:
+            pick = [f.name for f in self.path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")] if self.path.is_dir() else []
+            if pick:
+                raise QtoolError(f"{self.path} holds only pickle weights ({pick[0]}); qtool reads safetensors only")
             raise QtoolError(f"no .safetensors files in {self.path}")
         self._handles = {}
         for f in files:
-            _check_header(f)
+            header = read_header(f)
             try:
                 h = safe_open(str(f), framework="pt")
             except Exception as e:  # noqa: BLE001
                 raise QtoolError(f"{f.name}: cannot open safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
             self._handles[f] = h
             for k in h.keys():
+                if k in self._where:
+                    raise QtoolError(f"tensor {k} appears in more than one file ({self._where[k].name}, {f.name})")
                 self._where[k] = f
+                self._info[k] = header[k]
+        if wm is not None:
+            for k, fname in wm.items():
+                if self._where.get(k) != _inside(root, self.path / fname, fname):
+                    raise QtoolError(f"{index[0].name}: index puts tensor {k} in {fname}, which does not hold it")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._where:
@@ -99,7 +193,16 @@ class TensorDir(Mapping):
         return len(self._where)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handles[self._where[name]].get_slice(name).get_shape())
+        return list(self._info[name]["shape"])
+
+    def dtype_of(self, name: str) -> str:
+        """The safetensors dtype name (F16, I32, ...) of a tensor, from the header."""
+        return self._info[name]["dtype"]
+
+    def nbytes_of(self, name: str) -> int:
+        """Bytes of one tensor on disk, from the header (nothing is read)."""
+        a, b = self._info[name]["data_offsets"]
+        return b - a
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self._handles)
@@ -121,6 +224,17 @@ class Subset(Mapping):
 
     def __len__(self):
         return len(self.names)
+
+    def nbytes_of(self, k) -> int:
+        return tensor_nbytes(self.base, k)
+
+
+def tensor_nbytes(tensors: Mapping, k: str) -> int:
+    """Bytes of tensors[k] without loading it where the mapping knows (TensorDir, Subset)."""
+    if hasattr(tensors, "nbytes_of"):
+        return tensors.nbytes_of(k)
+    t = tensors[k]
+    return t.numel() * t.element_size()
 
 
 def write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int = MAX_SHARD_BYTES) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from qtensor import ActQuant, QTensor, __version__
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, passthrough, register
+from .base import Checkpoint, Format, check_qtensor, passthrough, register
 from .io import TensorDir
 
 _TENSORS = ("codes", "scales", "zeros", "g_idx", "global_scale", "input_scale", "input_offset", "pre_scale")
@@ -33,21 +33,17 @@ def module_meta(qt: QTensor) -> dict:
 
 
 def decode_module(td, name: str, m: dict) -> QTensor:
+    """One quantization_config.modules entry plus its tensors -> QTensor, every field type-checked and
+    the result checked for consistency (base.check_qtensor), naming the on-disk tensor at fault."""
+    if not isinstance(m, dict):
+        raise QtoolError(f"qtool config entry for {name} is not an object")
     t = {k: td[f"{name}.qt.{k}"] for k in _TENSORS if f"{name}.qt.{k}" in td}
     for k in ("codes", "scales"):
         if k not in t:
             raise QtoolError(f"checkpoint is missing tensor {name}.qt.{k}")
-    if t["codes"].dim() != 2:
-        raise QtoolError(f"tensor {name}.qt.codes is not 2-D")
-    try:
-        a = m.get("act") or {}
-        act = ActQuant(a.get("kind", "none"), a.get("dtype", ""), a.get("granularity", "token"), t.get("input_scale"), t.get("input_offset"), int(a.get("group_size", 0)))
-        gs = t.get("global_scale")
-        return QTensor(m["dtype"], int(m["bits"]), t["codes"], t["scales"], t.get("zeros"), int(m["group_size"]),
-                       tuple(m["block"]) if m.get("block") else None, t.get("g_idx"),
-                       gs.reshape(()) if gs is not None else None, act, getattr(torch, m.get("orig_dtype", "bfloat16")), t.get("pre_scale"))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise QtoolError(f"qtool config entry for {name} is invalid: {e}") from None
+    qt = _entry(name, m, t)
+    check_qtensor(name, qt, label=lambda f: f"{name}.qt.{f}")
+    return qt
 
 
 def module_tensor_names(td, name: str) -> set[str]:
@@ -58,6 +54,7 @@ def module_tensor_names(td, name: str) -> set[str]:
 class QtoolFormat(Format):
     name = "qtool"
     description = "qtool's lossless form (any scheme; convert later with qtool export)"
+    packed = False  # codes are kept unpacked, one byte each
     schemes = ("w4a16", "w8a16", "w8a8-int8", "w8a8-int8-static", "w4a4", "w4a8", "fp8", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4", "mxfp8")
 
     def can_hold(self, name, qt):
@@ -81,11 +78,39 @@ class QtoolFormat(Format):
         td = TensorDir(path)
         qts, claimed = {}, set()
         for name, m in mods.items():
-            if not isinstance(m, dict):
-                raise QtoolError(f"qtool config entry for {name} is not an object")
             qts[name] = decode_module(td, name, m)
             claimed |= module_tensor_names(td, name)
         return Checkpoint(config, qts, passthrough(td, claimed), path)
 
     def engines(self, ckpt):
         return [("vllm", False, "qtool's own form: convert with qtool export"), ("sglang", False, "qtool's own form: convert with qtool export")]
+
+
+def _int(name: str, m: dict, key: str, default=None) -> int:
+    v = m.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise QtoolError(f"qtool config entry for {name}: {key} {v!r} is not an integer"[:200])
+    return v
+
+
+def _entry(name: str, m: dict, t: dict) -> QTensor:
+    """One quantization_config.modules entry plus its tensors -> QTensor (fields type-checked)."""
+    a = m.get("act") or {}
+    if not isinstance(a, dict):
+        raise QtoolError(f"qtool config entry for {name}: act is not an object")
+    for key in ("kind", "dtype", "granularity"):
+        if key in a and not isinstance(a[key], str):
+            raise QtoolError(f"qtool config entry for {name}: act.{key} is not a string")
+    if not isinstance(m.get("dtype"), str):
+        raise QtoolError(f"qtool config entry for {name}: dtype {m.get('dtype')!r} is not a numeric type name"[:200])
+    block = m.get("block")
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise QtoolError(f"qtool config entry for {name}: block {block!r} is not two positive integers"[:200])
+    orig = getattr(torch, m.get("orig_dtype", "bfloat16"), None) if isinstance(m.get("orig_dtype", "bfloat16"), str) else None
+    if not isinstance(orig, torch.dtype):
+        raise QtoolError(f"qtool config entry for {name}: orig_dtype {m.get('orig_dtype')!r} is not a torch dtype"[:200])
+    act = ActQuant(a.get("kind", "none"), a.get("dtype", ""), a.get("granularity", "token"), t.get("input_scale"), t.get("input_offset"), _int(name, a, "group_size", 0))
+    gs = t.get("global_scale")
+    return QTensor(m["dtype"], _int(name, m, "bits"), t["codes"], t["scales"], t.get("zeros"), _int(name, m, "group_size"),
+                   tuple(block) if block else None, t.get("g_idx"), gs.reshape(()) if gs is not None and gs.numel() == 1 else gs, act, orig,
+                   t.get("pre_scale"))

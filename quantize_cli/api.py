@@ -21,7 +21,7 @@ from calibrate import models as cmodels
 from calibrate.algorithms import METHODS, get_method
 from calibrate.pipeline import quantize_layers
 from exporters import FORMATS, Checkpoint, get_format, read_checkpoint, write_checkpoint
-from exporters.base import detect_format, file_sha256, prepare_out
+from exporters.base import check_free_space, check_model_files, checkpoint_size, detect_format, estimate_size, file_sha256, prepare_out
 from qtensor import SCHEMES, __version__, get_scheme
 from qtensor.errors import GateFailed, QtoolError
 from qtensor.schemes import WeightSpec
@@ -113,7 +113,8 @@ def quantize(
     spec = WeightSpec.of(sch, group_size, sym)
     prepare_out(Path(out), force)
     mdir = cmodels.resolve_model(model, progress=progress)
-    config = cmodels.load_config(mdir)
+    config, td = check_model_files(mdir)
+    check_free_space(Path(out), estimate_quantized_size(td, spec, get_format(format)))
     tok = cmodels.load_tokenizer(mdir)
     meth = get_method(method, **(options or {})) if backend == "native" else None
     n_samples = samples if (meth is None or meth.stats or meth.prepare or sch.act_kind == "static") else 1
@@ -163,6 +164,19 @@ def quantize(
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
     return {"out": str(out), "format": format, "scheme": scheme, "method": method, "backend": backend, "modules": len(qts), "seconds": round(seconds, 2), "notes": notes}
+
+
+def estimate_quantized_size(td, spec: WeightSpec, fmt) -> int:
+    """Output size of quantizing a source directory: its decoder-layer linear weights (2-D, not norms
+    or embeddings) at spec.bits, every other tensor as stored, its tokenizer files."""
+    quantized, other = [], 0
+    for k in td:
+        shape = td.shape(k)
+        if k.endswith(".weight") and len(shape) == 2 and ".layers." in k and "norm" not in k and "embed" not in k:
+            quantized.append((shape[0], shape[1], spec.bits, spec.group_size))
+        else:
+            other += td.nbytes_of(k)
+    return estimate_size(quantized, other, fmt, td.path)
 
 
 def passthrough_tensors(net, qts: dict, dtype: torch.dtype) -> dict:
@@ -233,6 +247,7 @@ def export(src: str | Path, format: str, out: str | Path, force: bool = False, p
     fmt = get_format(format)
     prepare_out(Path(out), force)
     ckpt = read_checkpoint(src)
+    check_free_space(Path(out), checkpoint_size(ckpt, fmt))
     write_checkpoint(ckpt, fmt.name, Path(out), force=force, progress=progress)
     return {"out": str(out), "from": ckpt.format, "format": fmt.name, "modules": len(ckpt.qtensors)}
 
