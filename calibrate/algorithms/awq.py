@@ -10,21 +10,26 @@ the group; the layer's unquantized output is unchanged (verified). Groups with n
 producer are left unscaled and reported.
 
 Then a clipping search per output channel and group minimises each linear's output error on its
-real inputs, dW H dW^T with H = X^T X restricted to the group's columns, and the weights are
-clamped to the chosen range: the final round-to-nearest (rtn.quantize_weight, numerics) then
-produces exactly the clipped scales.
+real inputs, dW H dW^T with H = X^T X restricted to the group's columns. The final step is
+round-to-nearest with those clip ratios (numerics.int_qparams(clip=...)): prepare leaves them in
+_CLIPS keyed by the weight's storage, and quantize takes them from there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qtensor import QTensor
 from qtensor import numerics as nm
 from qtensor.errors import QtoolError
 from qtensor.schemes import WeightSpec
 
 from . import smoothing as sm
 from .rtn import quantize_weight
+
+# clip ratios found by prepare, taken by quantize: weight storage pointer -> (that weight, ratios [N, G]).
+# Holding the weight keeps its storage (and so the key) from being reused.
+_CLIPS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @torch.no_grad()
@@ -143,21 +148,6 @@ def clip_search(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, grid: int = 
     return best
 
 
-def apply_clip(w: torch.Tensor, clip: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """Clamp w to the clipped range so that round-to-nearest's absmax/minmax scales equal the clipped ones."""
-    n, k = w.shape
-    gs = k if spec.group_size <= 0 else spec.group_size
-    g = w.float().reshape(n, k // gs, gs)
-    if spec.sym:
-        b = (g.abs().amax(-1) * clip)[..., None]
-        g = torch.maximum(torch.minimum(g, b), -b)
-    else:
-        lo = (g.amin(-1).clamp(max=0) * clip)[..., None]
-        hi = (g.amax(-1).clamp(min=0) * clip)[..., None]
-        g = torch.maximum(torch.minimum(g, hi), lo)
-    return g.reshape(n, k).to(w.dtype)
-
-
 def prepare(ctx, n_grid: int = 20, search_tokens: int = 4096, duo_scaling: bool = False, clip: bool = True, clip_grid: int = 20,
             max_shrink: float = 0.5, **_) -> list[str]:
     """The layer-level AWQ step: scale search and folding for every pair, then the clipping search.
@@ -211,11 +201,16 @@ def prepare(ctx, n_grid: int = 20, search_tokens: int = 4096, duo_scaling: bool 
                 c = clip_search(lin.weight.data, H, spec, clip_grid, max_shrink)
                 shrunk += int((c < 1).sum())
                 total += c.numel()
-                lin.weight.data.copy_(apply_clip(lin.weight.data, c, spec))
+                _CLIPS[lin.weight.data_ptr()] = (lin.weight.data, c)
         notes.append(f"awq clipping: {shrunk} of {total} weight groups clipped")
     return notes
 
 
 def quantize(weight, spec, stats, **_):
-    """The final step: round-to-nearest of the scaled, clipped weight."""
-    return quantize_weight(weight, spec), ""
+    """The final step: round-to-nearest of the scaled weight with the clip ratios prepare found."""
+    hit = _CLIPS.pop(weight.data_ptr(), None)
+    if hit is None or hit[0].shape != weight.shape:
+        return quantize_weight(weight, spec), ""
+    w = weight.float()
+    scale, zero = nm.int_qparams(w, spec.bits, spec.group_size, spec.sym, spec.scale_dtype, hit[1])
+    return QTensor("int", spec.bits, nm.int_quantize(w, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size), ""

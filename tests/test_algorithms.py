@@ -1,0 +1,313 @@
+"""AWQ, SmoothQuant, FP8 and the NVFP4/MX scale searches, each against an independent property or reference."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from calibrate.algorithms import awq, fpscale, smoothquant
+from calibrate.algorithms import smoothing as sm
+from calibrate.algorithms.rtn import quantize_weight
+from qtensor import get_scheme
+from qtensor import numerics as nm
+from qtensor.schemes import WeightSpec
+
+
+def layer_context(model_dir, scheme="w4a16", group_size=None, outliers=False, seed=0):
+    """A LayerContext for decoder layer 0 of a tiny model, on correlated hidden states (optionally
+    with a few outlier channels in the norms, as real LLMs have)."""
+    from calibrate.models import load_model
+    from calibrate.pipeline import LayerContext, capture_layer_inputs, find_decoder_layers, linear_groups
+
+    model = load_model(model_dir, torch.float32)
+    _, layers = find_decoder_layers(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 500, (1, 32), generator=g)
+    cap = capture_layer_inputs(model, layers, ids, "cpu")
+    layer = layers[0]
+    hsz = cap.inputs[0].shape[-1]
+    mix = torch.randn(hsz, hsz, generator=g) / hsz**0.5 + torch.eye(hsz)
+    hidden = [(torch.randn(4, 32, hsz, generator=g) @ mix) for _ in range(2)]  # correlated channels
+    with torch.no_grad():  # norm weights as a trained model has them (tiny Gemma's start at 0, i.e. 1 + 0)
+        for name, mod in layer.named_modules():
+            if sm._is_norm(mod, hsz):
+                w = 1 + 0.3 * torch.randn(hsz, generator=g)
+                if outliers:
+                    w[torch.randperm(hsz, generator=g)[:6]] = 12.0
+                offset = 1.0 if "gemma" in type(layer).__name__.lower() else 0.0
+                mod.weight.data.copy_(w - offset)
+    kwargs, args = cap.kwargs[0], cap.args[0]
+    groups = linear_groups(layer, hidden[0][:1], kwargs, args)
+    sch = get_scheme(scheme)
+    return LayerContext("l0", layer, hidden, kwargs, args, groups, sch, WeightSpec.of(sch, group_size))
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def outputs_close(xs, ys, tol=1e-5):
+    return max(rel(x, y) for x, y in zip(xs, ys)) < tol
+
+
+# ---- the producer discovery and folding shared by AWQ and SmoothQuant ------------------------------
+
+
+@pytest.mark.parametrize("arch,offset", [("llama", 0.0), ("gemma3", 1.0)])
+def test_pairs_found_generically_and_folds_preserve_output(tiny_models, arch, offset):
+    ctx = layer_context(tiny_models(arch))
+    pairs = {tuple(p.group): p for p in sm.find_pairs(ctx)}
+    qkv = pairs[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    assert (qkv.prev, qkv.kind, qkv.offset, qkv.block) == ("input_layernorm", "norm", offset, "self_attn")
+    mlp_norm = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
+    gu = pairs[("mlp.gate_proj", "mlp.up_proj")]
+    assert (gu.prev, gu.offset, gu.block) == (mlp_norm, offset, "mlp")
+    down = pairs[("mlp.down_proj",)]
+    assert (down.prev, down.kind) == ("mlp.up_proj", "linear")
+    o = pairs[("self_attn.o_proj",)]  # GQA: v has fewer channels than o reads
+    assert o.prev is None and o.reason
+
+    ref = ctx.run()
+    norm_before = ctx.module("input_layernorm").weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    for p in pairs.values():
+        if p.prev:
+            s = torch.exp(torch.randn(ctx.module(p.group[0]).in_features, generator=g))  # scales over ~e^+-3
+            msg, a = sm.apply(ctx, p, s)
+            assert msg == "" and a is not None
+    assert not torch.equal(ctx.module("input_layernorm").weight, norm_before)
+    assert outputs_close(ctx.run(), ref, 1e-5)
+
+
+def test_gemma_norm_fold_needs_the_measured_offset(tiny_models):
+    """Folding into Gemma's (1 + w) norm as if it were w (GPTQModel's AWQ failure) changes the output."""
+    ctx = layer_context(tiny_models("gemma3"))
+    pair = next(p for p in sm.find_pairs(ctx) if p.prev == "input_layernorm")
+    ref = ctx.run()
+    s = torch.linspace(0.5, 2.0, ctx.module("self_attn.q_proj").in_features)
+    wrong = copy.deepcopy(pair)
+    wrong.offset = 0.0
+    msg, a = sm.apply(ctx, wrong, s)
+    assert "changed the layer output" in msg and a is None
+    assert outputs_close(ctx.run(), ref, 1e-6)  # undone
+    msg, a = sm.apply(ctx, pair, s)
+    assert msg == ""
+    assert outputs_close(ctx.run(), ref, 1e-5)
+    # the folded Gemma weight is bf16-exact (it is saved in bf16) and the columns compensate the rounding
+    w = ctx.module("input_layernorm").weight.detach()
+    assert torch.equal(w, w.to(torch.bfloat16).float())
+    assert torch.allclose(a, 1 / s, rtol=2e-2)
+
+
+# ---- AWQ -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_awq_scaling_preserves_fp_output_and_beats_rtn(tiny_models, arch):
+    ctx = layer_context(tiny_models(arch), group_size=128, outliers=True)
+    ref = ctx.run()
+
+    def rtn_all(layer):
+        for n in [n for g in ctx.groups for n in g]:
+            lin = layer.get_submodule(n)
+            lin.weight.data.copy_(quantize_weight(lin.weight.data, ctx.spec).dequantize())
+
+    saved = copy.deepcopy(ctx.layer.state_dict())
+    rtn_all(ctx.layer)
+    err_rtn = sum(rel(a, b) for a, b in zip(ctx.run(), ref))
+    ctx.layer.load_state_dict(saved)
+
+    notes = awq.prepare(ctx, clip=False)
+    assert any("alpha" in n and "<-" in n for n in notes), notes
+    assert outputs_close(ctx.run(), ref, 1e-5)  # scales folded, nothing quantized yet: same function
+    saved_scaled = copy.deepcopy(ctx.layer.state_dict())
+    rtn_all(ctx.layer)
+    err_awq = sum(rel(a, b) for a, b in zip(ctx.run(), ref))
+    assert err_awq < 0.9 * err_rtn, (err_awq, err_rtn)
+
+    ctx.layer.load_state_dict(saved_scaled)  # clipping on top lowers the error further
+    stats, _ = awq._layer_pass(ctx, [g[0] for g in ctx.groups], 128, set(), 0)
+    for g in ctx.groups:
+        for n in g:
+            lin = ctx.module(n)
+            c = awq.clip_search(lin.weight.data, stats[g[0]]["H"], ctx.spec)
+            scale, _ = nm.int_qparams(lin.weight.data, 4, 128, True, ctx.spec.scale_dtype, c)
+            lin.weight.data.copy_(nm.int_dequantize(nm.int_quantize(lin.weight.data, scale, None, 4, 128), scale, None, 128))
+    err_clip = sum(rel(a, b) for a, b in zip(ctx.run(), ref))
+    assert err_clip < err_awq, (err_clip, err_awq)
+
+
+def test_awq_final_step_is_rtn_with_the_searched_clip(tiny_models):
+    """prepare's clip ratios reach the final quantization: codes and scales are int_qparams(clip=c)'s."""
+    ctx = layer_context(tiny_models("llama"), group_size=128, outliers=True)
+    awq.prepare(ctx)
+    stats, _ = awq._layer_pass(ctx, [g[0] for g in ctx.groups], 128, set(), 0)
+    clipped = 0
+    for g in ctx.groups:
+        for n in g:
+            w = ctx.module(n).weight.data
+            c = awq.clip_search(w, stats[g[0]]["H"], ctx.spec)  # the same search on the same inputs
+            clipped += int((c < 1).sum())
+            scale, _ = nm.int_qparams(w, 4, 128, True, ctx.spec.scale_dtype, c)
+            qt, _ = awq.quantize(w, ctx.spec, {})
+            assert torch.equal(qt.scales, scale) and torch.equal(qt.codes, nm.int_quantize(w, scale, None, 4, 128))
+    assert clipped > 0 and not awq._CLIPS
+
+
+def test_awq_clip_search_minimises_the_output_error():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 256, generator=g) @ (torch.randn(256, 256, generator=g) * 0.2 + torch.eye(256))
+    w = torch.randn(32, 256, generator=g)
+    spec = WeightSpec.of(get_scheme("w4a16"), 128)
+    xg = x.reshape(-1, 2, 128)
+    H = torch.einsum("tgi,tgj->gij", xg, xg)
+    c = awq.clip_search(w, H, spec)
+
+    def err(clip):
+        scale, _ = nm.int_qparams(w, 4, 128, True, spec.scale_dtype, clip)
+        d = nm.int_dequantize(nm.int_quantize(w, scale, None, 4, 128), scale, None, 128) - w
+        return (x @ d.t()).pow(2).sum()
+
+    assert err(c) < err(1.0)
+    for r in (0.9, 0.8):  # no single ratio does better than the per-group choice
+        assert err(c) <= err(r) * (1 + 1e-5)
+
+
+# ---- SmoothQuant ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_smoothquant_preserves_fp_output_and_flattens_activations(tiny_models, arch):
+    from runtime.qlinear import fake_quant_act
+    from qtensor import ActQuant
+
+    ctx = layer_context(tiny_models(arch), scheme="w8a8-int8", outliers=True)
+    first = [g[0] for g in ctx.groups]
+    ref = ctx.run()
+    x_before = ctx.linear_inputs(first)
+    w_before = {n: ctx.module(n).weight.detach().clone() for g in ctx.groups for n in g}
+
+    def w8a8_error():
+        """Output error with int8 per-channel weights and int8 per-token activations (the runtime's arithmetic)."""
+        saved = copy.deepcopy(ctx.layer.state_dict())
+        hooks = []
+        for n in [n for g in ctx.groups for n in g]:
+            lin = ctx.module(n)
+            lin.weight.data.copy_(quantize_weight(lin.weight.data, ctx.spec).dequantize())
+            hooks.append(lin.register_forward_pre_hook(lambda m, a: (fake_quant_act(a[0], ActQuant("dynamic", "int8")),)))
+        e = sum(rel(a, b) for a, b in zip(ctx.run(), ref))
+        for h in hooks:
+            h.remove()
+        ctx.layer.load_state_dict(saved)
+        return e
+
+    e_plain = w8a8_error()
+    notes = smoothquant.prepare(ctx, alpha=0.5)
+    assert "<-" in notes[-1]
+    assert outputs_close(ctx.run(), ref, 1e-5)
+    x_after = ctx.linear_inputs(first)
+    for p in sm.find_pairs(ctx):
+        if p.prev is None:
+            continue
+        n = p.group[0]
+        a0 = x_before[n].abs().amax(0)
+        # independent reference: s = amax_x^0.5 / amax_w^0.5; the input is divided by s (up to the bf16 rounding
+        # of the folded norm weight: Gemma stores 1 + w as w, a few % where (1 + w) / s is small)
+        wmax = torch.stack([w_before[m].abs().amax(0) for m in p.group]).amax(0)
+        s = (a0.clamp(min=1e-5) / wmax.clamp(min=1e-5)).sqrt()
+        assert torch.allclose(x_after[n].abs().amax(0), a0 / s, rtol=3e-2, atol=1e-6)
+        # outlier ratio: largest channel range over the median one
+        ratio = lambda v: float(v.max() / v.median())  # noqa: E731
+        assert ratio(x_after[n].abs().amax(0)) < ratio(a0)
+    assert w8a8_error() < e_plain
+
+
+def test_smoothquant_refuses_weight_only_schemes(tiny_models):
+    from qtensor.errors import QtoolError
+
+    ctx = layer_context(tiny_models("llama"), scheme="w4a16")
+    with pytest.raises(QtoolError, match="smoothquant"):
+        smoothquant.prepare(ctx)
+
+
+# ---- NVFP4 / MX scale search -----------------------------------------------------------------------------
+
+
+def test_nvfp4_scale_search_not_worse_than_absmax_per_block():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.exp(torch.randn(1, 256, generator=g))
+    spec = WeightSpec.of(get_scheme("nvfp4"))
+    plain = quantize_weight(w, spec)
+    found = fpscale.nvfp4_search(w, 16)
+    assert found.scales.dtype == torch.float8_e4m3fn and torch.equal(found.global_scale, plain.global_scale)
+    # independent dequantization: E2M1 value table x e4m3 block scale x global scale
+    table = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    deq = (table[found.codes.long()].reshape(64, 16, 16) * found.scales.float()[..., None] * found.global_scale).reshape(64, 256)
+    assert torch.equal(deq, found.dequantize())
+    e_plain = (plain.dequantize() - w).reshape(64, 16, 16).pow(2).sum(-1)
+    e_found = (deq - w).reshape(64, 16, 16).pow(2).sum(-1)
+    assert (e_found <= e_plain).all()
+    assert e_found.sum() < 0.97 * e_plain.sum()
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "mxfp8"])
+def test_mx_exponent_search_not_worse_than_ocp(scheme):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    spec = WeightSpec.of(get_scheme(scheme))
+    plain, found = quantize_weight(w, spec), fpscale.mx_search(w, spec)
+    e_plain = (plain.dequantize() - w).reshape(64, 8, 32).pow(2).sum(-1)
+    e_found = (found.dequantize() - w).reshape(64, 8, 32).pow(2).sum(-1)
+    assert (e_found <= e_plain).all()
+    if scheme == "mxfp4":  # OCP's floor(log2 amax) - 2 clips values above 6 x 2^e: the search helps
+        assert e_found.sum() < 0.95 * e_plain.sum()
+    assert (found.scales.long() - plain.scales.long()).abs().max() <= 1
+
+
+# ---- end to end: quantize -> eval on tiny models ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,scheme,method", [
+    ("gemma3", "w4a16", "awq"),
+    ("llama", "w4a16", "awq"),
+    ("qwen3_moe", "w4a16", "awq"),
+    ("gemma3", "w8a8-int8", "smoothquant"),
+    ("llama", "w8a8-int8-static", "smoothquant"),
+    ("gemma3", "fp8", "fp8"),
+    ("llama", "fp8-dynamic", "fp8"),
+    ("llama", "fp8-block", "fp8"),
+    ("llama", "nvfp4", "nvfp4"),
+    ("llama", "mxfp4", "mx"),
+])
+def test_quantize_eval_tiny(cli, tiny_models, tmp_path, arch, scheme, method):
+    from calibrate.models import load_model
+    from exporters.io import TensorDir
+    from runtime.loader import load_quantized
+
+    src = tiny_models(arch)
+    out = tmp_path / "q"
+    r = cli("quantize", src, "--scheme", scheme, "--method", method, "--format", "qtool", "--out", out, "--samples", "4", "--seqlen", "64", "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    qmodel, ckpt = load_quantized(out)
+    assert len(ckpt.qtensors) == res["modules"] > 0
+    ref = load_model(src, torch.float32)
+    if method in ("awq", "smoothquant"):  # the folded norms are saved with the checkpoint
+        assert any("<-" in n for n in res["notes"]), res["notes"]
+        td = TensorDir(out)
+        assert not torch.equal(td["model.layers.0.input_layernorm.weight"].float(), ref.model.layers[0].input_layernorm.weight.float())
+    ids = torch.randint(3, 500, (1, 48))
+    with torch.no_grad():
+        pq, pr = qmodel(input_ids=ids).logits.log_softmax(-1), ref(input_ids=ids).logits.log_softmax(-1)
+    kl = float((pr.exp() * (pr - pq)).sum(-1).mean())
+    assert 0 < kl < 0.05, kl
+    r = cli("eval", out, "--windows", "2", "--json")
+    assert r.code == 0, r.err
+    m = json.loads(r.out)
+    assert m["kl_divergence"] > 0 and m["perplexity"] == m["perplexity"] and 0 < m["top1_agreement"] <= 1
+
+
+def test_nvfp4_method_refuses_mx_schemes(cli, tiny_models, tmp_path):
+    r = cli("quantize", tiny_models("llama"), "--scheme", "mxfp4", "--method", "nvfp4", "--format", "qtool", "--out", tmp_path / "q", "--samples", "2", "--seqlen", "32")
+    assert r.code == 2 and "method mx" in r.err
