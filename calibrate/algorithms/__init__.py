@@ -66,7 +66,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
         Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups", group_fn=_gptq_group),
-        Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 8192, "duo_scaling": False, "clip": True},
+        Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
                "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": 0.5, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),

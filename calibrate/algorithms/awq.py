@@ -153,7 +153,7 @@ def prepare(ctx, n_grid: int = 20, search_tokens: int = 4096, duo_scaling: bool 
     """The layer-level AWQ step: scale search and folding for every pair, then the clipping search.
 
     One pass of the layer collects everything: mean |x| and the Hessian blocks per group input, and
-    the blocks' inputs on the first batches (about search_tokens tokens) for the scale search. The
+    the blocks' inputs on the first whole batches holding search_tokens tokens for the scale search. The
     folds leave every block's unquantized inputs and outputs unchanged except the folded group's own
     input, which is multiplied by a known factor a: its Hessian becomes diag(a) H diag(a)."""
     spec = ctx.spec
