@@ -100,8 +100,8 @@ class GGUFFormat(Format):
             return "asymmetric weights (Q4_0/Q8_0 are symmetric; Q4_1 is not written)"
         if qt.group_size != 32 or qt.block is not None:
             return f"group size {qt.group_size} (GGUF blocks are 32 weights along K)"
-        if qt.act.kind != "none" or qt.pre_scale is not None or qt.act_order:
-            return "activation quantization, pre_scale or act order"
+        if qt.act.kind != "none" or qt.pre_scale is not None or qt.act_order or qt.global_scale is not None:
+            return "activation quantization, pre_scale, act order or a second-level scale"
         if qt.shape[1] % 32:
             return f"in_features {qt.shape[1]} not a multiple of 32"
         if not fp16_exact(qt.scales):
@@ -151,6 +151,9 @@ class GGUFFormat(Format):
                 fn(v)
         dtype = ckpt.weight_dtype
         for name, qt in sorted(ckpt.qtensors.items()):
+            reason = self.can_hold(name, qt)  # checked here too: a lazily decoded source is checked on access
+            if reason:
+                raise QtoolError(f"format gguf cannot hold {name}: {reason}")
             codes, scales = qt.codes, qt.scales.to(torch.float16)
             h = _heads(config, name) if permute else None
             if h:

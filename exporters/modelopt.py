@@ -13,12 +13,18 @@ compressed-tensors-like config_groups for FP8/NVFP4, "ignore", "producer"). Per 
   W4A16_AWQ  (INT4_AWQ) weight uint8 [N/2, K]: signed int4 two's complement, two per byte packed
              along the OUTPUT dim (row 2i low nibble); weight_scale float32 [N, K/G];
              pre_quant_scale [K] (model dtype) where AWQ smoothing was not folded into a norm
+  W4A8_AWQ   as W4A16_AWQ (codes = round(w / weight_scale)) plus weight_scale_2 float32 [] (fp8 second
+             level: real = fp8(int4 * weight_scale / weight_scale_2) * weight_scale_2, as ModelOpt's
+             SequentialQuantizer and TensorRT-LLM's W4A8 kernel compute it; QTensor.global_scale of an
+             int weight) and input_scale float32 [] (static fp8 activations). Verified against
+             export_hf_checkpoint with W4A8_AWQ_BETA_CFG.
   KV cache   <attn>.k_proj.k_scale / v_proj.v_scale float32 [] pass through (kv_cache_quant_algo FP8)
 
 Mixed algorithms are written as ModelOpt does: quant_algo MIXED_PRECISION with quantized_layers.
-Engine rule enforced on write: fused q/k/v and gate/up shards share FP8/NVFP4 `input_scale` and the
-NVFP4 `weight_scale_2` (vLLM/SGLang keep one value per fused tensor); FP8 weight scales may differ
-(the engines re-quantize the shards to their max, as they do for ModelOpt's own exports).
+Engine rule enforced on write: fused q/k/v and gate/up shards share `input_scale` and `weight_scale_2`
+(vLLM/SGLang/TensorRT-LLM keep one value per fused tensor; ModelOpt's export unifies them the same
+way); FP8 per-tensor weight scales may differ (the engines re-quantize the shards to their max, as
+they do for ModelOpt's own exports).
 """
 
 from __future__ import annotations
@@ -78,17 +84,21 @@ def algo_of(qt: QTensor) -> tuple[str | None, str | None]:
             return None, f"{qt.scales.dtype} scales (ModelOpt INT4_AWQ stores float32; use --requantize)"
         if n % 2:
             return None, f"odd out_features {n} (int4 packs two rows per byte)"
-        if a.kind != "none":
-            return None, "int4 with activation quantization (W4A8_AWQ is not written by qtool)"
         if qt.pre_scale is not None and qt.pre_scale.shape != (k,):
             return None, f"pre_scale of shape {list(qt.pre_scale.shape)}"
-        return "W4A16_AWQ", None
+        if a.kind == "none":
+            if qt.global_scale is not None:
+                return None, "an fp8 second-level weight scale without fp8 activations"
+            return "W4A16_AWQ", None
+        if a.kind != "static" or a.dtype != "fp8_e4m3" or not _scalar(a.scale) or a.offset is not None or not _scalar(qt.global_scale):
+            return None, "int4 with activations other than W4A8_AWQ's (static per-tensor fp8 input_scale and an fp8 weight_scale_2)"
+        return "W4A8_AWQ", None
     return None, f"{qt.dtype} weights"
 
 
 def layer_config(algo: str, qt: QTensor) -> dict:
     """Per-layer entry as ModelOpt's process_layer_quant_config writes it."""
-    if algo == "W4A16_AWQ":
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         return {"quant_algo": algo, "group_size": qt.group_size, "has_zero_point": False, "pre_quant_scale": True}
     if algo == "NVFP4":
         return {"quant_algo": algo, "group_size": qt.group_size}
@@ -100,6 +110,10 @@ def group_config(cfg: dict) -> dict:
     algo, gs = cfg["quant_algo"], cfg.get("group_size")
     if algo == "FP8":
         return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"}, "weights": {"dynamic": False, "num_bits": 8, "type": "float"}}
+    if algo == "W4A8_AWQ":  # as ModelOpt's _quant_algo_to_group_config has it (weights "float", sic)
+        g = gs or 128
+        return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float", "group_size": g},
+                "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g}}
     if algo == "NVFP4":
         g = gs or 16
         return {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g},
@@ -225,7 +239,7 @@ def decode_layer(td, name: str, algo: str, cfg: dict, orig_dtype: torch.dtype) -
         codes = pk.unpack_nibbles_uint8(w, dim=1)
         act = ActQuant("dynamic", "e2m1", "group", scale=inp.reshape(1), group_size=16)
         return QTensor("e2m1", 4, codes, ws, None, gs, global_scale=ws2.reshape(()), act=act, orig_dtype=orig_dtype), used
-    if algo == "W4A16_AWQ":
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         gs = int(cfg.get("group_size") or 128)
         check_tensor(f"{name}.weight", w, dtypes=(torch.uint8,))
         n, k = w.shape[0] * 2, w.shape[1]
@@ -238,15 +252,19 @@ def decode_layer(td, name: str, algo: str, cfg: dict, orig_dtype: torch.dtype) -
             pre = td[f"{name}.pre_quant_scale"]
             check_tensor(f"{name}.pre_quant_scale", pre, shape=[k], dtypes=(torch.float32, torch.bfloat16, torch.float16))
             used.add(f"{name}.pre_quant_scale")
+        if algo == "W4A8_AWQ":
+            act = ActQuant("static", "fp8_e4m3", "tensor", scale=scalar("input_scale").reshape(1))
+            return QTensor("int", 4, codes, ws, None, gs, global_scale=scalar("weight_scale_2").reshape(()), act=act,
+                           orig_dtype=orig_dtype, pre_scale=pre), used
         return QTensor("int", 4, codes, ws, None, gs, orig_dtype=orig_dtype, pre_scale=pre), used
-    raise QtoolError(f"{name}: ModelOpt quant_algo '{algo}' is not supported by this qtool (FP8, NVFP4, W4A16_AWQ)")
+    raise QtoolError(f"{name}: ModelOpt quant_algo '{algo}' is not supported by this qtool (FP8, NVFP4, W4A16_AWQ, W4A8_AWQ)")
 
 
 @register
 class ModelOptFormat(Format):
     name = "modelopt"
-    description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ): TensorRT-LLM, vLLM, SGLang"
-    schemes = ("fp8", "nvfp4", "w4a16")
+    description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ, W4A8_AWQ): TensorRT-LLM, vLLM, SGLang"
+    schemes = ("fp8", "nvfp4", "w4a16", "w4a8")
 
     def can_hold(self, name, qt):
         return algo_of(qt)[1]
@@ -263,12 +281,15 @@ class ModelOptFormat(Format):
         out = {f"{name}.weight": pk.pack_nibbles_uint8(pk.signed_to_twos(qt.codes, 4), dim=0), f"{name}.weight_scale": qt.scales}
         if qt.pre_scale is not None:
             out[f"{name}.pre_quant_scale"] = qt.pre_scale
+        if algo == "W4A8_AWQ":
+            out[f"{name}.weight_scale_2"] = qt.global_scale.reshape(())
+            out[f"{name}.input_scale"] = qt.act.scale.reshape(())
         return out
 
     def check(self, ckpt: Checkpoint) -> None:
         """Fused-shard rule (see exporters/fused.py), checked on the whole checkpoint."""
-        reason = check_shared(ckpt.qtensors, "input_scale", lambda q: q.act.scale if q.dtype in ("fp8_e4m3", "e2m1") else None) or \
-            check_shared(ckpt.qtensors, "weight_scale_2", lambda q: q.global_scale if q.dtype == "e2m1" else None)
+        reason = check_shared(ckpt.qtensors, "input_scale", lambda q: q.act.scale) or \
+            check_shared(ckpt.qtensors, "weight_scale_2", lambda q: q.global_scale)
         if reason:
             raise QtoolError(f"format modelopt cannot hold this checkpoint: {reason}")
 
@@ -326,7 +347,7 @@ class ModelOptFormat(Format):
             out.append(("vllm", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
             out.append(("sglang", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
         else:
-            reason = "ModelOpt W4A16_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
+            reason = "ModelOpt W4A16_AWQ / W4A8_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
             out.append(("vllm", False, reason))
             out.append(("sglang", False, reason))
         out.append(("tensorrt-llm", True, "reads hf_quant_config.json"))

@@ -55,8 +55,8 @@ def type_of(qt: QTensor) -> tuple[str | None, str | None]:
     a = qt.act
     if qt.dtype != "int" or qt.bits not in (4, 8):
         return None, f"{qt.dtype}{qt.bits} weights (msModelSlim W8A8/W4A4/W4A8 hold 8/4-bit integers)"
-    if qt.pre_scale is not None or qt.act_order or qt.block is not None:
-        return None, "a pre_scale, act order or block scales"
+    if qt.pre_scale is not None or qt.act_order or qt.block is not None or qt.global_scale is not None:
+        return None, "a pre_scale, act order, block scales or a second-level scale"
     if qt.scales.dtype != torch.float32:
         return None, f"{qt.scales.dtype} scales (msModelSlim stores float32; use --requantize)"
     if qt.group_size == 0 or (qt.group_size > 0 and k % qt.group_size):
@@ -170,7 +170,10 @@ class MsModelSlimFormat(Format):
         used: set[str] = set()
         groups = set()
         for name, qt in ckpt.qtensors.items():
-            bias = ckpt.tensors.get(f"{name}.bias") if f"{name}.bias" in ckpt.tensors else None
+            reason = self.can_hold(name, qt)  # checked here too: a lazily decoded source is checked on access
+            if reason:
+                raise QtoolError(f"format msmodelslim cannot hold {name}: {reason}")
+            bias = ckpt.tensors[f"{name}.bias"] if f"{name}.bias" in ckpt.tensors else None
             t, tensors = self._layer(name, qt, bias, bf16)
             used.add(t)
             if qt.group_size > 0:

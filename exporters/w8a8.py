@@ -37,8 +37,8 @@ class _W8A8(Format):
             return f"{qt.scales.dtype} scales ({self.name} stores float32; use --requantize)"
         if qt.act.kind != "dynamic" or qt.act.dtype != want or qt.act.granularity != "token":
             return f"activations other than dynamic per-token {want}"
-        if qt.pre_scale is not None or qt.act_order:
-            return "a pre_scale or act order"
+        if qt.pre_scale is not None or qt.act_order or qt.global_scale is not None:
+            return "a pre_scale, act order or second-level scale"
         return None
 
     def encode(self, name, qt):

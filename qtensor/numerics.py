@@ -121,6 +121,12 @@ def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def fp8_requantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8(w / scale) * scale: a weight already on another grid rounded onto e4m3 (W4A8's second level)."""
+    s = scale.float()
+    return fp8_quantize(w, s).float() * s
+
+
 def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     s = amax.float() / FP8_MAX
     return torch.where(s > 0, s, torch.ones_like(s))

@@ -39,7 +39,8 @@ class QTensor:
     group_size >0 group along K, -1 per channel, 0 per tensor
     block      (bn, bk) for 2-D block scales
     g_idx      int32 [K], group of each input channel (act order); None = k // group_size
-    global_scale float32 scalar multiplied on top of the scales (NVFP4 level 2)
+    global_scale float32 scalar multiplied on top of the scales (NVFP4 level 2); for int weights the
+               fp8 second level of W4A8 (ModelOpt W4A8_AWQ weight_scale_2): real = fp8(w_int / gs) * gs
     act        activation quantization
     pre_scale  float32 [K] or None: the layer computes W @ (x * pre_scale) (ModelOpt AWQ
                pre_quant_scale, where smoothing could not be folded into a preceding op)
@@ -86,6 +87,8 @@ class QTensor:
         n, k = self.shape
         if self.dtype == "int":
             w = nm.int_dequantize(self.codes, self.scales, self.zeros, self.group_size, self.g_idx)
+            if self.global_scale is not None:  # W4A8 (ModelOpt W4A8_AWQ): int weight re-rounded to fp8
+                w = nm.fp8_requantize(w, self.global_scale)
         else:
             if self.dtype == "fp8_e4m3":
                 vals = self.codes.float()
