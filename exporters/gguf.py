@@ -9,7 +9,9 @@ scales, weight-only: its signed code is q (Q8_0) or q - 8 (Q4_0) and its scale i
 Q4_0 quantizer writes negative d (max / -8); qtool keeps whatever sign the file has.
 As llama.cpp's converter does, llama/mistral q_proj and k_proj rows are permuted for its rope layout
 (transformers reverses it on load) and Gemma norms are stored as 1 + w. Everything else is written
-in the model dtype (BF16/F16/F32), 1-D tensors in F32.
+in the model dtype (BF16/F16/F32), 1-D tensors in F32. Byte-level BPE tokenizers (GPT-2, Llama-3,
+Qwen2 style) are written as tokenizer.ggml.* (model gpt2, tokens, types, merges); SentencePiece
+tokenizers (Gemma) are not, so llama.cpp needs them from elsewhere.
 """
 
 from __future__ import annotations
@@ -86,6 +88,63 @@ def _gguf_name(nmap, hf_name: str) -> str:
     return g
 
 
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _bpe_pre(pre: dict | None) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or None when qtool cannot tell."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "default"  # GPT-2's split, ByteLevel's built-in regex
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel":
+            regex = (parts[0].get("pattern") or {}).get("Regex")
+            try:
+                from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+            except ImportError:
+                return None
+            return next((name for name, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex), None)
+    return None
+
+
+def _add_tokenizer(w, source_dir) -> bool:
+    """tokenizer.ggml.* for byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 style), as llama.cpp's
+    converter writes them; other tokenizers (SentencePiece, e.g. Gemma) are left out (False)."""
+    import json
+
+    import gguf
+
+    f = Path(source_dir) / "tokenizer.json" if source_dir else None
+    if f is None or not f.is_file():
+        return False
+    try:
+        tok = json.loads(f.read_text())
+    except ValueError:
+        return False
+    model = tok.get("model") or {}
+    pre = _bpe_pre(tok.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+        return False
+    vocab = dict(model.get("vocab") or {})
+    types = {}
+    for a in tok.get("added_tokens") or []:
+        vocab[a["content"]] = a["id"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([types.get(i, gguf.TokenType.NORMAL if tokens[i] in vocab else gguf.TokenType.UNUSED) for i in range(n)])
+    w.add_token_merges(merges)
+    return True
+
+
 @register
 class GGUFFormat(Format):
     name = "gguf"
@@ -149,6 +208,7 @@ class GGUFFormat(Format):
             v = c.get(key)
             if isinstance(v, int):
                 fn(v)
+        _add_tokenizer(w, ckpt.source_dir)
         dtype = ckpt.weight_dtype
         for name, qt in sorted(ckpt.qtensors.items()):
             reason = self.can_hold(name, qt)  # checked here too: a lazily decoded source is checked on access
@@ -261,5 +321,5 @@ class GGUFFormat(Format):
         return Checkpoint(config, qts, tensors, path)
 
     def engines(self, ckpt):
-        return [("llama.cpp", True, "Q8_0/Q4_0 (qtool writes no tokenizer metadata: pair it with the tokenizer files)"),
+        return [("llama.cpp", True, "Q8_0/Q4_0 (tokenizer metadata only for byte-level BPE tokenizers; untested in llama.cpp itself)"),
                 ("transformers", True, "gguf_file= (dequantized to a plain model on load)")]

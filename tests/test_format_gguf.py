@@ -42,7 +42,7 @@ def test_gguf_roundtrip_and_transformers_load(tiny_models, tmp_path, arch, bits)
         assert back.qtensors[name].equal(qt), name
     for key, t in ckpt.tensors.items():
         assert torch.equal(back.tensors[key], t), key
-    # transformers' own GGUF loader (gguf package dequantize + its name map and q/k un-permutation)
+    # transformers' own GGUF loader (its dequantization, name map and q/k un-permutation)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=f, dtype=torch.float32)
     # a Mistral GGUF is a llama-architecture file (as llama.cpp writes it): transformers loads it as Llama
     assert model.config.model_type == {"gemma3": "gemma3_text", "mistral": "llama"}.get(arch, arch)
@@ -121,3 +121,31 @@ def test_gguf_refuses_arch_and_malformed(tiny_models, tmp_path):
     f.unlink()
     with pytest.raises(QtoolError, match="missing"):
         read_checkpoint(tmp_path / "g")
+
+
+def test_gguf_tokenizer_metadata(tiny_models, tmp_path):
+    """Byte-level BPE tokenizers go into tokenizer.ggml.* (gpt2 model, tokens, types, merges); the
+    tokenizer transformers builds from the file alone has the same vocabulary ids, special tokens
+    and merges. (Its split regex for llama.cpp's "default" pre-tokenizer is not GPT-2's byte-level
+    one in transformers 5.24, so whole-text encodings can differ around whitespace: not asserted.)"""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tiny_models("qwen2")
+    write_checkpoint(make(src, 8), "gguf", tmp_path / "g")
+    only = tmp_path / "only"
+    only.mkdir()
+    f = gguf_file(tmp_path / "g")
+    shutil.copyfile(tmp_path / "g" / f, only / f)  # no tokenizer.json beside it: everything from the .gguf
+    ours = AutoTokenizer.from_pretrained(only, gguf_file=f)
+    ref = AutoTokenizer.from_pretrained(src)
+    vocab = ref.get_vocab()
+    got = ours.get_vocab()
+    assert {t: got.get(t) for t in vocab} == vocab  # (transformers' GPT2Tokenizer adds its own <|endoftext|> after them)
+    for t in ("<eos>", "<bos>", "<pad>"):
+        assert ours.convert_tokens_to_ids(t) == vocab[t]
+        assert ours.tokenize(f"a{t}b")[1] == t  # control tokens stay whole
+    merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
+    built = json.loads(ours.backend_tokenizer.to_str())["model"]["merges"]
+    assert [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in built] == [tuple(m) for m in merges]
