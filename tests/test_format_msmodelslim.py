@@ -18,7 +18,7 @@ from qtensor.schemes import WeightSpec
 
 from .helpers import make_checkpoint
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"]
 F32 = torch.float32
 
 

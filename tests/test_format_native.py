@@ -14,7 +14,7 @@ from qtensor.schemes import WeightSpec
 
 from .helpers import make_checkpoint
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"]
 # format -> (scheme, activation the engine applies)
 CASES = {
     "fp8": ("fp8-block", ActQuant("dynamic", "fp8_e4m3", "group", group_size=128)),
