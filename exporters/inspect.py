@@ -144,7 +144,7 @@ def summarize(path: Path) -> dict:
         "quantized_params": int(q_params),
         "bits_per_weight_quantized": round(q_bits / q_params, 3) if q_params else None,
         "bits_per_weight_overall": round((q_bits + other_bytes * 8) / (q_params + other_params), 3) if q_params + other_params else None,
-        "size_bytes": {"quantized": int(q_bits // 8), "unquantized": int(other_bytes), "files": int(sum(f.stat().st_size for f in path.glob("*.safetensors")))},
+        "size_bytes": {"quantized": int(q_bits // 8), "unquantized": int(other_bytes), "files": int(sum(f.stat().st_size for pat in ("*.safetensors", "*.gguf") for f in path.glob(pat)))},
         "size_by_kind": {k: {**v, "total": v["quantized"] + v["unquantized"]} for k, v in by_kind.items() if v["quantized"] or v["unquantized"]},
         "engines": [{"engine": e, "loads": ok, "note": why} for e, ok, why in engines],
         "warnings": _warnings(ckpt, fmt, engines, layers),
