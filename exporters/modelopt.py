@@ -189,6 +189,9 @@ def read_hf_quant_config(path: Path, config: dict) -> dict:
             raise QtoolError(f"{f}: not a valid ModelOpt hf_quant_config.json") from None
         if not isinstance(q, dict):
             raise QtoolError(f"{f}: 'quantization' is not an object")
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and "quant_algo" in qc and qc["quant_algo"] != q.get("quant_algo"):
+            raise QtoolError(f"{f} says quant_algo {q.get('quant_algo')!r} but config.json quantization_config says {qc['quant_algo']!r}")
         return q
     qc = config.get("quantization_config") or {}
     if not isinstance(qc, dict) or "quant_algo" not in qc:

@@ -168,9 +168,21 @@ def test_modelopt_refuses_unfused_scales(tiny_models, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_modelopt_malformed(tiny_models, tmp_path):
+def test_modelopt_malformed(tiny_models, tmp_path, cli):
     from safetensors.torch import load_file, save_file
 
+    # a config that contradicts the tensors: NVFP4 declared over FP8 tensors
+    write_checkpoint(make(tiny_models("llama"), "fp8"), "modelopt", tmp_path / "c")
+    hf = json.loads((tmp_path / "c" / "hf_quant_config.json").read_text())
+    hf["quantization"].update(quant_algo="NVFP4", group_size=16)
+    (tmp_path / "c" / "hf_quant_config.json").write_text(json.dumps(hf))
+    r = cli("inspect", tmp_path / "c")
+    assert r.code == 2 and "quant_algo 'NVFP4'" in r.err and "'FP8'" in r.err and len(r.err.strip().splitlines()) == 1
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["quantization_config"]["quant_algo"] = "NVFP4"  # both files agree now, the tensors do not
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    r = cli("inspect", tmp_path / "c")
+    assert r.code == 2 and "model.layers." in r.err and ".weight" in r.err and len(r.err.strip().splitlines()) == 1
     write_checkpoint(make(tiny_models("llama"), "nvfp4"), "modelopt", tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     sd = load_file(f)
