@@ -195,8 +195,9 @@ class MsModelSlimFormat(Format):
             desc[key] = "FLOAT"
         if len(groups) > 1:
             raise QtoolError(f"format msmodelslim cannot hold this checkpoint: several group sizes {sorted(groups)} (one group_size per model)")
-        ranked = [t for t in PRIORITY if t in used]
-        desc.update({"version": "1.0.0", "model_quant_type": ranked[-1] if ranked else "W4A8_DYNAMIC", "metadata": {},
+        present = set(desc.values())  # FLOAT tensors count too; W4A8_DYNAMIC never names the model (msModelSlim)
+        ranked = [t for t in PRIORITY if t in present]
+        desc.update({"version": "1.0.0", "model_quant_type": ranked[-1] if ranked else "FLOAT", "metadata": {},
                      "group_size": next(iter(groups), 0), "optional": {}})
         return items, desc
 
