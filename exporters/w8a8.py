@@ -45,7 +45,8 @@ class _W8A8(Format):
         return {f"{name}.weight": qt.codes, f"{name}.weight_scale": qt.scales}
 
     def quant_config(self, ckpt):
-        skipped = unquantized_linears(ckpt)
+        # MoE routers are built without a quant config in SGLang (ReplicatedLinear(quant_config=None))
+        skipped = [n for n in unquantized_linears(ckpt) if not n.endswith((".mlp.gate", ".router", "shared_expert_gate"))]
         if skipped:
             raise QtoolError(f"format {self.name} cannot hold this checkpoint: {skipped[0]} is unquantized (SGLang quantizes every decoder linear)")
         return {"quant_method": self.method}

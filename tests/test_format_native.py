@@ -96,6 +96,13 @@ def test_native_refuses_activation_and_skipped(tiny_models, tmp_path):
     tensors[f"{name}.weight"] = TensorDir(tiny_models("llama"))[f"{name}.weight"]
     with pytest.raises(QtoolError, match=name):
         write_checkpoint(replace(ck, qtensors=qts, tensors=tensors), "w8a8-int8", tmp_path / "o")
+    # ... but a MoE router left in bf16 is what SGLang expects (its gate has no quant config)
+    moe = make(tiny_models("qwen3_moe"), "w8a8-int8")
+    router = "model.layers.0.mlp.gate"
+    rq = {n: q for n, q in moe.qtensors.items() if n != router}
+    rt = dict(moe.tensors, **{f"{router}.weight": TensorDir(tiny_models("qwen3_moe"))[f"{router}.weight"]})
+    write_checkpoint(replace(moe, qtensors=rq, tensors=rt), "w8a8-int8", tmp_path / "moe")
+    assert router not in read_checkpoint(tmp_path / "moe").qtensors
     # fp8 block lists it in ignored_layers instead
     fp = make(tiny_models("llama"), "fp8")
     qts = dict(fp.qtensors)
