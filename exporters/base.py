@@ -229,6 +229,9 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
+_CODE_DTYPES = ("I8", "U8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I32", "U32", "F4")  # a weight in these is quantized
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Decode any quantized directory qtool knows into the representation."""
     path = Path(path)
@@ -250,6 +253,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if isinstance(ckpt.qtensors, dict):  # decoded already: check them all (a lazy mapping's decode checks each)
         for name, qt in ckpt.qtensors.items():
             check_qtensor(name, qt)
+    dtype_of = getattr(ckpt.tensors, "dtype_of", None)
+    for k in ckpt.tensors if dtype_of else ():
+        if k.endswith(".weight") and dtype_of(k) in _CODE_DTYPES:
+            raise QtoolError(f"tensor {k} holds {dtype_of(k)} codes that no quantized module claims (its scales are missing or not described)")
     meta = path / "qtool.json"
     if (meta.exists() or meta.is_symlink()) and not ckpt.meta:
         ckpt.meta = read_json(meta, f"{meta.name} in {path}")

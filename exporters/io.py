@@ -228,6 +228,9 @@ class Subset(Mapping):
     def nbytes_of(self, k) -> int:
         return tensor_nbytes(self.base, k)
 
+    def dtype_of(self, k) -> str | None:
+        return getattr(self.base, "dtype_of", lambda k: None)(k)
+
 
 def tensor_nbytes(tensors: Mapping, k: str) -> int:
     """Bytes of tensors[k] without loading it where the mapping knows (TensorDir, Subset)."""

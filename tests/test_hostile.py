@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile.corpus import EVIL_MARK, build_bases, cases
+from tests.hostile.corpus import EVIL_MARK, OWNER_FAILING, build_bases, cases
 
 CASES = cases()
 
 
 def _param(c):
-    marks = [pytest.mark.xfail(strict=True, reason="owner fixing")] if c.owner else []
+    marks = [pytest.mark.xfail(strict=True, reason="owner fixing")] if c.id in OWNER_FAILING else []
     return pytest.param(c, id=c.id, marks=marks)
 
 
@@ -55,9 +55,11 @@ def test_hostile_input(case, hostile_bases, cli, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("QTOOL_CACHE", str(cache))
+    if case.owner and f"fmt:{case.owner}" not in hostile_bases:
+        pytest.fail(f"no valid {case.owner} checkpoint to start from: {hostile_bases['failed'].get(case.owner)}")
     argv = case.build(ws, hostile_bases)
     out_existed = (ws / "out").exists()
-    roots = (ws, cache, *hostile_bases.values())
+    roots = (ws, cache, *(p for k, p in hostile_bases.items() if k != "failed"))
     before = snapshot(*roots)
 
     def hung(*_):
@@ -82,3 +84,23 @@ def test_hostile_input(case, hostile_bases, cli, tmp_path, monkeypatch):
     assert out_existed or not (ws / "out").exists()
     assert not (ws / EVIL_MARK).exists(), "hostile code ran"
     assert before == after, sorted(set(before.items()) ^ set(after.items()))
+
+
+def test_remote_code_in_a_valid_model_never_runs(cli, tiny_models, tmp_path):
+    """A valid Llama whose config and tokenizer config point at a module of its own: qtool quantizes
+    and evaluates it with transformers' built-in classes; the module is never imported."""
+    import json
+    import shutil
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_models("llama"), m)
+    (m / "evil.py").write_text(f"from pathlib import Path\nPath({str(tmp_path / EVIL_MARK)!r}).write_text('ran')\n")
+    for fname, auto in (("config.json", {"AutoConfig": "evil.C", "AutoModelForCausalLM": "evil.M"}), ("tokenizer_config.json", {"AutoTokenizer": ["evil.T", None]})):
+        c = json.loads((m / fname).read_text())
+        c["auto_map"] = auto
+        (m / fname).write_text(json.dumps(c))
+    r = cli("quantize", m, "--scheme", "w4a16", "--method", "rtn", "--format", "gptq", "--out", tmp_path / "o", "--samples", "1", "--seqlen", "32")
+    assert r.code == 0, r.err
+    r = cli("eval", tmp_path / "o", "--windows", "1")
+    assert r.code == 0, r.err
+    assert not (tmp_path / EVIL_MARK).exists(), "remote code ran without --trust-remote-code"
