@@ -237,6 +237,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise QtoolError(f"path not found: {path}")
+    if path.is_file() and path.suffix == ".gguf":  # a bare GGUF (llama.cpp's): its Q8_0/Q4_0 linears
+        from .gguf import read_gguf_file
+
+        return read_gguf_file(path)
     if not path.is_dir():
         raise QtoolError(f"not a checkpoint directory: {path}")
     own = [f for f in FORMATS.values() if not f.safetensors and f.detect(path, read_config(path))]

@@ -25,7 +25,7 @@ from qtensor import QTensor
 from qtensor import packing as pk
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, register
+from .base import FORMATS, Checkpoint, Format, register
 from .gptq import fp16_exact
 
 # HF model_type -> (gguf architecture, permute q/k rows like llama.cpp, gemma norm offset)
@@ -263,6 +263,12 @@ class GGUFFormat(Format):
         f = Path(path) / fname
         if not f.is_file():
             raise QtoolError(f"{path}: GGUF file {fname} is missing")
+        return self.decode_file(f, config, Path(path))
+
+    def decode_file(self, f: Path, config: dict, source_dir: Path | None) -> Checkpoint:
+        import gguf
+
+        fname = f.name
         try:
             reader = gguf.GGUFReader(str(f))
         except Exception as e:  # noqa: BLE001
@@ -318,8 +324,25 @@ class GGUFFormat(Format):
                 raise QtoolError(f"GGUF tensor {t.name} is {t.tensor_type.name}: qtool reads Q8_0, Q4_0, F32, F16, BF16")
         if not qts:
             raise QtoolError(f"{fname}: no Q8_0/Q4_0 tensors")
-        return Checkpoint(config, qts, tensors, path)
+        return Checkpoint(config, qts, tensors, source_dir)
 
     def engines(self, ckpt):
         return [("llama.cpp", True, "Q8_0/Q4_0 (tokenizer metadata only for byte-level BPE tokenizers; untested in llama.cpp itself)"),
                 ("transformers", True, "gguf_file= (dequantized to a plain model on load)")]
+
+
+def read_gguf_file(path: Path) -> Checkpoint:
+    """A bare .gguf (llama.cpp's or ours) whose linears are Q8_0/Q4_0: config from the file's metadata
+    (transformers' GGUF config reader), no tokenizer files (the tokenizer stays in the .gguf)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001
+        raise QtoolError(f"{path.name}: cannot read the GGUF metadata ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    config = cfg.to_dict()
+    config.pop("quantization_config", None)
+    ckpt = FORMATS["gguf"].decode_file(path, config, None)
+    ckpt.format = "gguf"
+    return ckpt

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from exporters import read_checkpoint, write_checkpoint
+from exporters.io import TensorDir
 from qtensor import QTensor, get_scheme
 from qtensor import packing as pk
 from qtensor.errors import QtoolError
@@ -152,3 +153,38 @@ def test_gguf_tokenizer_metadata(tiny_models, tmp_path):
     merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
     built = json.loads(ours.backend_tokenizer.to_str())["model"]["merges"]
     assert [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in built] == [tuple(m) for m in merges]
+
+
+def test_gguf_bare_file_from_llama_cpp_codec(tiny_models, tmp_path):
+    """A bare .gguf (no config.json beside it) whose Q4_0 blocks come from the gguf package's own
+    quantizer (llama.cpp's: negative d) is read from its metadata alone, converts to gptq and back
+    exactly, and its QTensors dequantize to what transformers loads from it."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from exporters import Checkpoint
+
+    src = tiny_models("llama")
+    base = make(src, 4)
+    qts = {}
+    for name in base.qtensors:
+        w = TensorDir(src)[f"{name}.weight"].float().numpy()
+        raw = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0).copy())
+        q, d = pk.unpack_gguf_q4_0(raw)
+        qts[name] = QTensor("int", 4, pk.offset_to_signed(q, 4), d, None, 32)
+    write_checkpoint(Checkpoint(base.config, qts, base.tensors, src), "gguf", tmp_path / "g")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (tmp_path / "g" / gguf_file(tmp_path / "g")).rename(bare / "llama-Q4_0.gguf")
+    ckpt = read_checkpoint(bare / "llama-Q4_0.gguf")
+    assert ckpt.format == "gguf" and ckpt.config["model_type"] == "llama"
+    assert any((q.scales < 0).any() for q in ckpt.qtensors.values())
+    for name, qt in qts.items():
+        assert ckpt.qtensors[name].equal(qt), name
+    write_checkpoint(ckpt, "gptq", tmp_path / "q")
+    back = read_checkpoint(tmp_path / "q")
+    for name, qt in qts.items():
+        assert back.qtensors[name].equal(qt), name
+    model = AutoModelForCausalLM.from_pretrained(bare, gguf_file="llama-Q4_0.gguf", dtype=torch.float32)
+    for name, qt in qts.items():
+        assert torch.equal(model.get_submodule(name).weight.detach(), qt.dequantize()), name
