@@ -63,8 +63,8 @@ class WeightSpec:
 
         gs = scheme.group_size if group_size is None else group_size
         if scheme.weight_dtype == "int":
-            if scheme.weight_bits == 8 and scheme.act_kind != "none":
-                scale_dtype = torch.float32  # w8a8: float32 per-channel scales
+            if scheme.act_kind != "none":
+                scale_dtype = torch.float32  # w8a8, w4a4, w4a8: float32 scales (SGLang/Ascend W8A8, msModelSlim, ModelOpt W4A8)
             else:
                 scale_dtype = torch.float16  # weight-only int: fp16 scales (GPTQ, AWQ, AutoRound)
         elif scheme.weight_dtype == "e2m1" and scheme.name == "nvfp4":
