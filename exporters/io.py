@@ -240,6 +240,67 @@ def tensor_nbytes(tensors: Mapping, k: str) -> int:
     return t.numel() * t.element_size()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """The pickle weight files of a directory that holds no safetensors (index honoured)."""
+    path = Path(path)
+    if not path.is_dir() or list(path.glob("*.safetensors")):
+        return []
+    root = path.resolve()
+    index = sorted(path.glob("*.bin.index.json"))
+    if index:
+        return read_index(index[0], root)[1]
+    return [_inside(root, f, f.name) for f in sorted(path.iterdir()) if f.suffix in PICKLE_SUFFIXES]
+
+
+def pickle_to_safetensors(src: Path, dst: Path, copy_files: Iterable[str] = ()) -> list[str]:
+    """--allow-pickle: read pickle weights with torch.load(weights_only=True) (tensors and plain
+    containers only: no code runs) and write them as safetensors into `dst` with config.json and
+    `copy_files`; returns the shard names."""
+    import shutil
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in pickle_files(src):
+        regular_file(f)
+        try:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                sd = torch.load(f, map_location="cpu", weights_only=True)  # the pre-1.6 (not zip) layout
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+            text = str(e).strip()
+            skip = ("Weights only load failed", "Check the documentation", "Please file an issue")  # torch's advice, not the cause
+            why = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith(skip)]
+            msg = why[0] if why else type(e).__name__
+            raise QtoolError(f"{f.name}: refused by torch.load(weights_only=True): {msg[:200]}") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise QtoolError(f"{f.name}: not a state dict of named tensors")
+        for k, v in sd.items():
+            if k in tensors:
+                raise QtoolError(f"tensor {k} appears in more than one file")
+            tensors[k] = v
+    if not tensors:
+        raise QtoolError(f"no pickle weights in {src}")
+    seen: set[int] = set()
+
+    def items():
+        for k in sorted(tensors):
+            t = tensors[k]
+            ptr = t.untyped_storage().data_ptr()
+            yield k, (t.clone() if ptr in seen else t)  # tied weights share storage; safetensors wants them apart
+            seen.add(ptr)
+
+    names = write_shards(Path(dst), items())
+    for fname in ("config.json", *copy_files):
+        if (Path(src) / fname).is_file():
+            shutil.copyfile(Path(src) / fname, Path(dst) / fname)
+    return names
+
+
 def write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write tensors into model.safetensors, or model-0000i-of-0000N shards + index above max_bytes."""
     parts: list[dict[str, torch.Tensor]] = [{}]

@@ -22,6 +22,7 @@ from calibrate.algorithms import METHODS, get_method
 from calibrate.pipeline import quantize_layers
 from exporters import FORMATS, Checkpoint, get_format, read_checkpoint, write_checkpoint
 from exporters.base import check_free_space, check_model_files, checkpoint_size, detect_format, estimate_size, file_sha256, prepare_out
+from exporters.io import pickle_files
 from qtensor import SCHEMES, __version__, get_scheme
 from qtensor.errors import GateFailed, QtoolError
 from qtensor.schemes import WeightSpec
@@ -94,10 +95,13 @@ def quantize(
     options: dict | None = None,
     progress=None,
     resume: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
+    if allow_pickle and pickle_files(Path(model)):
+        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume))
     check_combination(scheme, method, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
@@ -164,6 +168,28 @@ def quantize(
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
     return {"out": str(out), "format": format, "scheme": scheme, "method": method, "backend": backend, "modules": len(qts), "seconds": round(seconds, 2), "notes": notes}
+
+
+def _from_pickle(model: str, out: Path, force: bool, run) -> dict:
+    """--allow-pickle: the pickle weights become safetensors in a temporary directory beside --out
+    (torch.load weights_only=True: no code runs), `run` quantizes that, the directory goes."""
+    import shutil
+    import tempfile
+
+    from exporters.base import COPY_FILES
+    from exporters.io import pickle_to_safetensors
+
+    prepare_out(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pickle-", dir=out.resolve().parent))
+    try:
+        pickle_to_safetensors(Path(model), tmp, COPY_FILES)
+        res = run(str(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    note = f"weights read from pickle files with torch.load(weights_only=True) (--allow-pickle)"
+    _update_meta(out, {"source": model, "source_path": str(Path(model).resolve()), "source_pickle": True})
+    res["notes"] = [note, *res["notes"]]
+    return res
 
 
 def estimate_quantized_size(td, spec: WeightSpec, fmt) -> int:

@@ -128,6 +128,7 @@ def quantize(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt weights (torch.load weights_only=True) when MODEL has no safetensors"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Calibrate MODEL and write a quantized checkpoint."""
@@ -140,8 +141,10 @@ def quantize(
         options = {"mse_clip": True}
     if option:
         options = dict(_key_value(o, backend) for o in option)
+    if allow_pickle:
+        err.print(f"warning: --allow-pickle: pickle weights in {one_line(model)} are read with torch.load(weights_only=True)", markup=False, highlight=False, soft_wrap=True)
     res = _run(
-        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume),
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle),
         as_json,
     )
 

@@ -73,7 +73,7 @@ def test_hostile_input(case, hostile_bases, cli, tmp_path, monkeypatch):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
 
-    lines = [l for l in r.err.splitlines() if l.strip()]
+    lines = [l for l in r.err.splitlines() if l.strip() and not l.startswith("warning: --allow-pickle")]
     assert r.code == 2, (r.code, r.err)
     assert "Traceback" not in r.err and "Traceback" not in r.out
     assert len(lines) == 1 and lines[0].startswith("error:"), r.err
@@ -104,3 +104,32 @@ def test_remote_code_in_a_valid_model_never_runs(cli, tiny_models, tmp_path):
     r = cli("eval", tmp_path / "o", "--windows", "1")
     assert r.code == 0, r.err
     assert not (tmp_path / EVIL_MARK).exists(), "remote code ran without --trust-remote-code"
+
+
+def test_allow_pickle_reads_weights_only_and_matches_safetensors(cli, tiny_models, tmp_path):
+    """--allow-pickle: a .bin copy of a model quantizes to the same tensors as its safetensors, with a
+    warning, and leaves no converted copy behind."""
+    import hashlib
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tiny_models("llama")
+    m = tmp_path / "m"
+    shutil.copytree(src, m)
+    torch.save(load_file(str(m / "model.safetensors")), m / "pytorch_model.bin")
+    (m / "model.safetensors").unlink()
+    args = ("--scheme", "w4a16", "--method", "rtn", "--format", "gptq", "--samples", "1", "--seqlen", "32")
+    r = cli("quantize", m, *args, "--out", tmp_path / "refused")
+    assert r.code == 2 and "pickle" in r.err
+    r = cli("quantize", m, *args, "--out", tmp_path / "o", "--allow-pickle")
+    assert r.code == 0, r.err
+    assert r.err.startswith("warning: --allow-pickle") and "weights_only=True" in r.err
+    assert cli("quantize", src, *args, "--out", tmp_path / "ref").code == 0
+    sha = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest() for d in ("o", "ref")]
+    assert sha[0] == sha[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "o", "ref"]  # the converted copy is gone
+    meta = json.loads((tmp_path / "o" / "qtool.json").read_text())
+    assert meta["source_path"] == str(m.resolve()) and meta["source_pickle"] is True

@@ -617,11 +617,38 @@ def pickle_cases() -> list[Case]:
         wm = {k: "pytorch_model-00001-of-00001.bin" for k in names}
         (m / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
 
+    def payload(obj):
+        def go(m: Path):
+            model_file(m).unlink()
+            torch.save(obj, m / "pytorch_model.bin")
+        return go
+
+    def damaged(how):
+        def go(m: Path):
+            only_bin()(m)
+            b = (m / "pytorch_model.bin").read_bytes()
+            (m / "pytorch_model.bin").write_bytes(b[: len(b) // 2] if how == "cut" else bytes((i * 37 + 11) % 256 for i in range(4096)))
+        return go
+
+    def bin_index_out(m: Path):
+        only_bin()(m)
+        os.replace(m / "pytorch_model.bin", m.parent / "outside.bin")
+        (m / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../outside.bin"}}))
+
     cases = []
     variants = [("bin", only_bin()), ("pt", only_bin("model.pt")), ("ckpt", only_bin("model.ckpt")), ("bin-index", bin_index), ("evil-reduce", only_bin(evil=True))]
     for vid, fn in variants:
         for cmd, base in (("quantize", "llama"), ("inspect", "gptq"), ("export", "gptq"), ("eval", "qtool")):
             cases.append(Case(f"pickle/{vid}/{cmd}", "pickle weights", _model_case(base, fn, cmd), "pickle"))
+    # --allow-pickle reads with torch.load(weights_only=True): code in the pickle must not run either
+    allowed = [("evil-reduce", only_bin(evil=True), "unsupported GLOBAL"), ("list-payload", payload([torch.zeros(2)]), "not a state dict"),
+               ("int-values", payload({"a": 1}), "not a state dict"), ("cut-in-half", damaged("cut"), "pytorch_model.bin"),
+               ("garbage", damaged("garbage"), "pytorch_model.bin"), ("index-leaves-dir", bin_index_out, "leaves the model directory"),
+               ("shape-contradicts-config", payload({"model.embed_tokens.weight": torch.zeros(3, 3)}), "")]
+    for vid, fn, needle in allowed:
+        def build(ws, bases, fn=fn):
+            return [*_model_case("llama", fn, "quantize")(ws, bases), "--allow-pickle"]
+        cases.append(Case(f"pickle/allow-pickle-{vid}/quantize", "pickle weights", build, needle))
     return cases
 
 
@@ -860,8 +887,6 @@ OWNER_FAILING: set[str] = {
     "format-auto-round/config-data_type-unknown/inspect",  # data_type "int7x" not checked
     "format-awq/config-zero_point-string/export",  # zero_point "maybe" taken as true
     "format-fp8/config-fmt-e5m2/eval",  # e4m3 data read under fmt e5m2
-    "format-modelopt/config-quant_algo-unknown/export",  # config.json quant_algo FP9 not checked (hf_quant_config.json read)
-    "format-modelopt/config-quant_algo-nvfp4-on-fp8-data/eval",  # contradicting quant_algo not checked
     "format-modelopt/config-num_bits-5/inspect",  # config_groups num_bits 5 not checked
 }
 SCHEME_TRIES = ("w4a16", "w8a8-int8", "fp8-dynamic", "fp8-block", "fp8", "w8a16", "nvfp4", "w4a4")
