@@ -71,6 +71,8 @@ class Fp8BlockFormat(Format):
             raise QtoolError("fp8 quantization_config without weight_block_size: per-tensor fp8 is not read by this qtool")
         if list(bs) != list(BLOCK):
             raise QtoolError(f"fp8 quantization_config: weight_block_size {bs} (only [128, 128] is supported)")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise QtoolError(f"fp8 quantization_config: fmt {qc.get('fmt')!r} (only e4m3 weights are read)")
         if qc.get("activation_scheme", "dynamic") != "dynamic":
             raise QtoolError(f"fp8 quantization_config: activation_scheme {qc.get('activation_scheme')} with block scales")
         td = TensorDir(path)

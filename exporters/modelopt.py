@@ -178,6 +178,25 @@ def config_block(hf: dict) -> dict:
     return out
 
 
+def _check_groups(qc, q: dict) -> None:
+    """config.json's config_groups (what engines read first) must say what the quant_algo implies."""
+    if not isinstance(qc, dict) or "config_groups" not in qc or q.get("quant_algo") not in ("FP8", "NVFP4"):
+        return
+    groups = qc["config_groups"]
+    want = group_config(q)
+    if not isinstance(groups, dict) or not groups:
+        raise QtoolError("config.json quantization_config.config_groups is not a non-empty object")
+    for gname, g in groups.items():
+        for part, spec in want.items():
+            got = g.get(part) if isinstance(g, dict) else None
+            if not isinstance(got, dict):
+                raise QtoolError(f"config.json quantization_config.config_groups.{gname}.{part} is missing")
+            for key in ("num_bits", "type", "group_size"):
+                if key in spec and got.get(key) != spec[key]:
+                    raise QtoolError(f"config.json quantization_config.config_groups.{gname}.{part}.{key} is {got.get(key)!r}, "
+                                     f"{q['quant_algo']} means {spec[key]!r}")
+
+
 def read_hf_quant_config(path: Path, config: dict) -> dict:
     """The `quantization` table: hf_quant_config.json, else config.json's flattened block."""
     f = Path(path) / "hf_quant_config.json"
@@ -192,10 +211,12 @@ def read_hf_quant_config(path: Path, config: dict) -> dict:
         qc = config.get("quantization_config")
         if isinstance(qc, dict) and "quant_algo" in qc and qc["quant_algo"] != q.get("quant_algo"):
             raise QtoolError(f"{f} says quant_algo {q.get('quant_algo')!r} but config.json quantization_config says {qc['quant_algo']!r}")
+        _check_groups(qc, q)
         return q
     qc = config.get("quantization_config") or {}
     if not isinstance(qc, dict) or "quant_algo" not in qc:
         raise QtoolError(f"{path}: modelopt checkpoint without hf_quant_config.json or quant_algo in config.json")
+    _check_groups(qc, {"quant_algo": qc["quant_algo"]})
     return {"quant_algo": qc["quant_algo"], "exclude_modules": qc.get("ignore", []), "quantized_layers": qc.get("quantized_layers"),
             "group_size": next((g.get("weights", {}).get("group_size") for g in (qc.get("config_groups") or {}).values()), None)}
 

@@ -886,8 +886,6 @@ OWNER_FAILING: set[str] = {
     "format-auto-round/config-sym-string/export",  # sym "yes" taken as true
     "format-auto-round/config-data_type-unknown/inspect",  # data_type "int7x" not checked
     "format-awq/config-zero_point-string/export",  # zero_point "maybe" taken as true
-    "format-fp8/config-fmt-e5m2/eval",  # e4m3 data read under fmt e5m2
-    "format-modelopt/config-num_bits-5/inspect",  # config_groups num_bits 5 not checked
 }
 SCHEME_TRIES = ("w4a16", "w8a8-int8", "fp8-dynamic", "fp8-block", "fp8", "w8a16", "nvfp4", "w4a4")
 
