@@ -179,10 +179,12 @@ class GPTQFormat(Format):
         }
         if dynamic:
             cfg["dynamic"] = dynamic
+        self._last_config = (ckpt, cfg)
         return cfg
 
     def extra_files(self, ckpt):
-        return {"quantize_config.json": self.quant_config(ckpt)}
+        cached = getattr(self, "_last_config", None)  # write_checkpoint asked for it just before
+        return {"quantize_config.json": cached[1] if cached and cached[0] is ckpt else self.quant_config(ckpt)}
 
     def detect(self, path, config):
         qc = config.get("quantization_config") or {}

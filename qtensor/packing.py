@@ -29,9 +29,11 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 0, order: list[int] | 
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"unsupported bit width {bits}")
-    x = _to_dim0(codes, dim).to(torch.int64)
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= (1 << bits)):
-        raise ValueError(f"codes out of range for {bits}-bit packing")
+    x = _to_dim0(codes, dim)
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        if int(lo) < 0 or int(hi) >= (1 << bits):
+            raise ValueError(f"codes out of range for {bits}-bit packing")
     n = x.shape[0]
     chunk = 32 if bits == 3 else 32 // bits  # codes per chunk
     words = chunk * bits // 32  # int32 words per chunk
@@ -40,15 +42,16 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 0, order: list[int] | 
     x = x.reshape(n // chunk, chunk, *x.shape[1:])
     if order is not None:
         x = x[:, order]
-    out = torch.zeros((n // chunk, words, *x.shape[2:]), dtype=torch.int64, device=x.device)
+    # int32 arithmetic: the fields are disjoint, so shifts that reach the sign bit wrap as intended
+    out = torch.zeros((n // chunk, words, *x.shape[2:]), dtype=torch.int32, device=x.device)
     for i in range(chunk):
         off = i * bits
         w, s = divmod(off, 32)
-        out[:, w] |= (x[:, i] << s) & 0xFFFFFFFF
+        xi = x[:, i].to(torch.int32)
+        out[:, w].bitwise_or_(xi << s)
         if s + bits > 32:
-            out[:, w + 1] |= x[:, i] >> (32 - s)
+            out[:, w + 1].bitwise_or_(xi >> (32 - s))
     out = out.reshape(n // chunk * words, *x.shape[2:])
-    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
     return out.movedim(0, dim).contiguous()
 
 
