@@ -179,7 +179,13 @@ def test_modelopt_malformed(tiny_models, tmp_path, cli):
     r = cli("inspect", tmp_path / "c")
     assert r.code == 2 and "quant_algo 'NVFP4'" in r.err and "'FP8'" in r.err and len(r.err.strip().splitlines()) == 1
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    cfg["quantization_config"]["quant_algo"] = "NVFP4"  # both files agree now, the tensors do not
+    cfg["quantization_config"]["quant_algo"] = "NVFP4"  # config_groups still say FP8's 8 bits
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    r = cli("inspect", tmp_path / "c")
+    assert r.code == 2 and "config_groups.group_0" in r.err and "num_bits is 8" in r.err
+    from exporters.modelopt import config_block
+
+    cfg["quantization_config"] = config_block(hf)  # both files fully agree now, the tensors do not
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     r = cli("inspect", tmp_path / "c")
     assert r.code == 2 and "model.layers." in r.err and ".weight" in r.err and len(r.err.strip().splitlines()) == 1
