@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from exporters.io import TensorFile
 from exporters.qtool import decode_module, encode_module, module_meta
 from qtensor import QTensor
 from qtensor.errors import QtoolError
@@ -137,9 +138,9 @@ class _LayerFiles:
         self.files = files
         self._handles = {}
 
-    def handle(self, f: Path):
+    def handle(self, f: Path) -> TensorFile:
         if f not in self._handles:
-            self._handles[f] = safe_open(str(f), "pt")
+            self._handles[f] = TensorFile(f)
         return self._handles[f]
 
 
@@ -160,7 +161,7 @@ class LazyQTensors(Mapping):
 
         class _Get(Mapping):
             def __getitem__(self_, k):
-                return h.get_tensor(k)
+                return h.get(k)
 
             def __contains__(self_, k):
                 return k in h.keys()
@@ -192,7 +193,7 @@ class LazyTensors(Mapping):
                     self._where[k[len(_PT):]] = f
 
     def __getitem__(self, k):
-        return self._lf.handle(self._where[k]).get_tensor(_PT + k)
+        return self._lf.handle(self._where[k]).get(_PT + k)
 
     def __iter__(self):
         return iter(self._where)

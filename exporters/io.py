@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -136,6 +137,45 @@ def read_index(path: Path, root: Path) -> tuple[dict, list[Path]]:
     return wm, [files[k] for k in sorted(files)]
 
 
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                 "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+                 "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64}
+_ST_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+class TensorFile:
+    """One safetensors file read with plain reads into fresh memory (no mmap): pages of tensors already
+    used do not stay resident, so streaming a model larger than memory keeps a flat RSS."""
+
+    def __init__(self, path: Path, header: dict | None = None):
+        self.path = Path(path)
+        self.header = read_header(self.path) if header is None else header
+        with self.path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        self.start = 8 + n
+        self._f = None
+
+    def keys(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def metadata(self) -> dict:
+        return self.header.get("__metadata__", {})
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise QtoolError(f"{self.path.name}: tensor {name} has dtype {info['dtype']}, which qtool does not read")
+        a, b = info["data_offsets"]
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        if self._f is None:
+            self._f = self.path.open("rb")
+        self._f.seek(self.start + a)
+        if b > a and self._f.readinto(buf.numpy()) != b - a:
+            raise QtoolError(f"{self.path.name}: tensor {name} is truncated")
+        return buf.view(dtype).reshape(info["shape"])
+
+
 class TensorDir(Mapping):
     """Lazy name -> tensor view of the *.safetensors files of a directory (index honoured).
 
@@ -163,12 +203,13 @@ class TensorDir(Mapping):
         self._handles = {}
         for f in files:
             header = read_header(f)
-            try:
-                h = safe_open(str(f), framework="pt")
+            try:  # the reference parser validates too (then closes: no mapping stays open)
+                with safe_open(str(f), framework="pt") as h:
+                    keys = list(h.keys())
             except Exception as e:  # noqa: BLE001
                 raise QtoolError(f"{f.name}: cannot open safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-            self._handles[f] = h
-            for k in h.keys():
+            self._handles[f] = TensorFile(f, header)
+            for k in keys:
                 if k in self._where:
                     raise QtoolError(f"tensor {k} appears in more than one file ({self._where[k].name}, {f.name})")
                 self._where[k] = f
@@ -182,7 +223,9 @@ class TensorDir(Mapping):
         if name not in self._where:
             raise KeyError(name)
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            return self._handles[self._where[name]].get(name)
+        except QtoolError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise QtoolError(f"cannot read tensor {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -301,41 +344,69 @@ def pickle_to_safetensors(src: Path, dst: Path, copy_files: Iterable[str] = ()) 
     return names
 
 
+class _ShardWriter:
+    """A safetensors file written as tensors arrive: data goes to a side file, the header and the data
+    are joined at close, so no shard is ever held in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.f = self.data_path.open("wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.entries:
+            raise QtoolError(f"tensor {name} written twice")
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in _ST_NAMES:
+            raise QtoolError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        nb = t.numel() * t.element_size()
+        self.f.write(memoryview(raw) if nb else b"")
+        self.entries[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + nb]}
+        self.size += nb
+
+    def close(self) -> None:
+        self.f.close()
+        header = {"__metadata__": {"format": "pt"}, **self.entries}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * ((8 - len(hb) % 8) % 8)
+        with self.path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(struct.pack("<Q", len(hb)))
+            out.write(hb)
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.data_path.unlink()
+
+
 def write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write tensors into model.safetensors, or model-0000i-of-0000N shards + index above max_bytes."""
-    parts: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    written: list[Path] = []
+    """Write tensors into model.safetensors, or model-0000i-of-0000N shards + index above max_bytes,
+    streaming (memory holds one tensor at a time)."""
+    written: list[_ShardWriter] = []
+    cur = None
     total = 0
-
-    def flush():
-        nonlocal size
-        p = out / f".part-{len(written):05d}.safetensors"
-        save_file(parts[-1], str(p), metadata={"format": "pt"})
-        written.append(p)
-        parts[-1] = {}
-        size = 0
-
     for name, t in tensors:
         nb = t.numel() * t.element_size()
-        if parts[-1] and size + nb > max_bytes:
-            flush()
-        parts[-1][name] = t.contiguous()
-        size += nb
+        if cur is None or (cur.entries and cur.size + nb > max_bytes):
+            if cur is not None:
+                cur.close()
+            cur = _ShardWriter(out / f".part-{len(written):05d}.safetensors")
+            written.append(cur)
+        cur.add(name, t)
         total += nb
-    if parts[-1] or not written:
-        flush()
+    if cur is None:
+        cur = _ShardWriter(out / ".part-00000.safetensors")
+        written.append(cur)
+    cur.close()
     if len(written) == 1:
-        os.replace(written[0], out / "model.safetensors")
+        os.replace(written[0].path, out / "model.safetensors")
         return ["model.safetensors"]
     names = []
     weight_map = {}
-    for i, p in enumerate(written):
+    for i, w in enumerate(written):
         fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-        with safe_open(str(p), framework="pt") as h:
-            for k in h.keys():
-                weight_map[k] = fname
-        os.replace(p, out / fname)
+        weight_map.update(dict.fromkeys(w.entries, fname))
+        os.replace(w.path, out / fname)
         names.append(fname)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names
