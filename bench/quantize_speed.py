@@ -138,7 +138,8 @@ def main():
     per = api.layer_seconds
     print(f"qtool gptq w4a16 g128 end to end: {total:.1f} s for {a.layers} layers ({a.samples} x {a.seqlen} tokens, device {a.device})")
     print(f"per layer: mean {sum(per) / len(per):.2f} s, min {min(per):.2f}, max {max(per):.2f}")
-    result = {"end_to_end_s": total, "layers": a.layers, "layer_seconds": per, "device": a.device,
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in api.phases.items()))
+    result = {"end_to_end_s": total, "phases": api.phases, "layers": a.layers, "layer_seconds": per, "device": a.device,
               "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu"}
 
     if not a.skip_textbook:

@@ -337,10 +337,11 @@ def place(tmp: Path, out: Path) -> None:
 
 
 def file_sha256(paths) -> str:
+    """sha256 over the files' bytes in name order (hashlib releases the GIL: run it in a thread)."""
     h = hashlib.sha256()
     for p in sorted(paths):
         with open(p, "rb") as f:
-            for b in iter(lambda: f.read(1 << 20), b""):
+            for b in iter(lambda: f.read(1 << 24), b""):
                 h.update(b)
     return h.hexdigest()
 
@@ -349,10 +350,16 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
     fmt = get_format(fmt_name)
     out = Path(out)
     prepare_out(out, force)
-    for name, qt in ckpt.qtensors.items():
+
+    def check(name, qt):
         reason = fmt.can_hold(name, qt)
         if reason:
             raise QtoolError(f"format {fmt.name} cannot hold {name}: {reason}")
+
+    lazy = not isinstance(ckpt.qtensors, dict)  # decoded from disk on access: check while encoding (one pass)
+    if not lazy:
+        for name, qt in ckpt.qtensors.items():
+            check(name, qt)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         task = progress.add_task(f"writing {fmt.name}", total=len(ckpt.qtensors) + len(ckpt.tensors)) if progress else None
@@ -360,6 +367,8 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
 
         def items():
             for name, qt in ckpt.qtensors.items():
+                if lazy:
+                    check(name, qt)
                 for k, t in fmt.encode(name, qt).items():
                     yield k, t
                 if progress:

@@ -136,10 +136,14 @@ def quantize(
         "field": field,
         "tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
     }
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    src_hash = pool.submit(file_sha256, safetensors)  # overlaps with calibration
     meta = {
         "source": model,
         "source_path": str(mdir.resolve()),
-        "source_sha256": file_sha256(safetensors),
+        "source_sha256": None,
         "scheme": scheme,
         "method": method,
         "backend": backend,
@@ -157,14 +161,23 @@ def quantize(
         for qt in qts.values():
             qt.orig_dtype = src_dtype
     else:
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype,
-                                            {**{k: v for k, v in meta.items() if k != "source"}, "options": meth.options, "qtool": __version__})
+        source_files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in safetensors]
+        fingerprint = {**{k: v for k, v in meta.items() if k not in ("source", "source_sha256")}, "source_files": source_files,
+                       "options": meth.options, "qtool": __version__}
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint)
         meta["options"] = meth.options
     meta["notes"] = notes
+    phases["calibrate"] = time.time() - t0
+    t1 = time.time()
+    meta["source_sha256"] = src_hash.result()
+    pool.shutdown()
+    phases["hash_wait"] = time.time() - t1
+    t1 = time.time()
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     if work is not None:
         work.remove()
+    phases["write"] = time.time() - t1
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
     return {"out": str(out), "format": format, "scheme": scheme, "method": method, "backend": backend, "modules": len(qts), "seconds": round(seconds, 2), "notes": notes}
@@ -221,6 +234,7 @@ def passthrough_tensors(net, qts: dict, dtype: torch.dtype) -> dict:
 
 
 layer_seconds: list = []  # seconds per layer of the last native run in this process (bench/quantize_speed.py)
+phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
 def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint):
@@ -234,6 +248,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
 
     # CPU computes the calibration forwards in fp32; a GPU in bf16 (Gemma overflows in fp16), with
     # Hessians and the GPTQ solve in fp32
+    t0 = time.time()
     sm = StreamedModel(mdir, torch.float32 if device == "cpu" else torch.bfloat16, device)
     prefix, layers = find_decoder_layers(sm.model)
     work = WorkDir(Path(out), fingerprint, resume)
@@ -241,6 +256,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
     hidden = work.load_hidden(start - 1, device) if 0 < start < len(layers) else None
 
     layer_seconds.clear()
+    phases.clear()
 
     def on_layer(li, layer_q, others, hidden_after, rep):
         layer_seconds.append(round(rep.seconds, 3))
@@ -250,7 +266,9 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
         work.save_layer(li, layer_q, others, hidden_after, rep.notes)
 
     if start < len(layers):
+        phases["setup"] = time.time() - t0
         quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden)
+    phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]
     tensors = ChainMap(layer_tensors, Subset(sm.td, outside))
