@@ -13,7 +13,9 @@ from qtensor.schemes import WeightSpec
 
 
 def linear_names(td, config) -> list[str]:
-    return sorted(k[:-7] for k in td if k.endswith(".weight") and ".layers." in k and len(td.shape(k)) == 2 and "norm" not in k)
+    # decoder linears, without MoE routers (`mlp.gate`: kept in full precision, as the pipeline does)
+    return sorted(k[:-7] for k in td if k.endswith(".weight") and ".layers." in k and len(td.shape(k)) == 2 and "norm" not in k
+                  and not k.endswith(".mlp.gate.weight"))
 
 
 def make_checkpoint(model_dir: Path, spec: WeightSpec, act_order: bool = False, static_groups: bool = True, method: str = "rtn") -> Checkpoint:

@@ -10,7 +10,7 @@ from qtensor.schemes import WeightSpec
 
 from .helpers import make_checkpoint
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -33,7 +33,11 @@ def test_auto_round_roundtrip_bit_identical(tiny_models, tmp_path, arch, fmt, sc
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "auto-round" and cfg["data_type"] == "int"
     assert cfg["packing_format"] == ("auto_round:auto_awq" if fmt == "auto-round-awq" else "auto_round:auto_gptq")
-    assert cfg["block_name_to_quantize"] == "model.layers" and "extra_config" not in cfg
+    assert cfg["block_name_to_quantize"] == "model.layers"
+    if arch == "qwen3_moe":  # MoE routers stay in full precision: extra_config says bits 16
+        assert cfg["extra_config"] and all(k.endswith("mlp.gate") and v["bits"] == 16 for k, v in cfg["extra_config"].items())
+    else:
+        assert "extra_config" not in cfg
     assert (cfg["bits"], cfg["group_size"], cfg["sym"]) == (get_scheme(scheme).weight_bits, group, sym)
     td = TensorDir(tmp_path / "r")
     assert not [k for k in td if k.endswith(".g_idx")]  # AutoRound's packers write no g_idx

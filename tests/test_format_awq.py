@@ -11,7 +11,7 @@ from qtensor.schemes import WeightSpec
 
 from .helpers import make_checkpoint
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

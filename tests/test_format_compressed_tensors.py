@@ -12,7 +12,7 @@ from qtensor.schemes import WeightSpec
 
 from .helpers import make_checkpoint
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"]
 CASES = [("w4a16", True), ("w4a16", False), ("w8a16", True), ("w8a16", False), ("w8a8-int8", True), ("w8a8-int8-static", True),
          ("fp8", True), ("fp8-dynamic", True), ("fp8-block", True), ("nvfp4", True)]
 FORMAT = {"w4a16": "pack-quantized", "w8a16": "pack-quantized", "w8a8-int8": "int-quantized", "w8a8-int8-static": "int-quantized",
@@ -50,7 +50,9 @@ def test_ct_roundtrip_bit_identical(tiny_models, tmp_path, arch, scheme, sym):
         assert torch.equal(b.dequantize(), qt.dequantize())
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == FORMAT[scheme] and cfg["quantization_status"] == "compressed"
-    assert cfg["ignore"] == ["lm_head"] and list(cfg["config_groups"]) == ["group_0"]
+    routers = {k[:-7] for k in TensorDir(tmp_path / "c") if k.endswith(".mlp.gate.weight")}
+    assert bool(routers) == (arch == "qwen3_moe")  # MoE routers stay in full precision, listed in ignore
+    assert cfg["ignore"][0] == "lm_head" and set(cfg["ignore"]) == {"lm_head", *routers} and list(cfg["config_groups"]) == ["group_0"]
     assert cfg["config_groups"]["group_0"]["targets"] == ["Linear"]
 
 

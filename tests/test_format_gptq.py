@@ -96,3 +96,16 @@ def test_shards_and_index(tiny_models, tmp_path):
     back = read_checkpoint(tmp_path / "g")
     for name, qt in ckpt.qtensors.items():
         assert back.qtensors[name].equal(qt)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("scheme,group", [("w4a16", 128), ("w8a16", 64)])
+def test_gptq_roundtrip_architectures(tiny_models, tmp_path, arch, scheme, group):
+    ckpt = make_checkpoint(tiny_models(arch), WeightSpec.of(get_scheme(scheme), group))
+    write_checkpoint(ckpt, "gptq", tmp_path / "g")
+    back = read_checkpoint(tmp_path / "g")
+    assert set(back.qtensors) == set(ckpt.qtensors)
+    if arch == "qwen3_moe":
+        assert any(".experts." in n for n in back.qtensors)
+    for name, qt in ckpt.qtensors.items():
+        assert back.qtensors[name].equal(qt), name

@@ -74,3 +74,51 @@ def test_sigkill_then_resume_is_bit_identical(deep_model, tmp_path):
     assert r.wait(300) == 0, r.stderr.read()
     assert sha(tmp_path / "run") == sha(tmp_path / "ref")
     assert not work.exists()
+
+
+def test_nan_in_source_weight_names_the_layer(tmp_path, cli):
+    """A NaN in a source weight ends with one error line naming the layer, exit 2, nothing written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from calibrate.tiny import make_tiny_model
+
+    src = make_tiny_model("llama", tmp_path / "m")
+    f = src / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(t, str(f), metadata={"format": "pt"})
+    r = cli("quantize", src, "--scheme", "w4a16", "--method", "gptq", "--format", "gptq", "--out", tmp_path / "o", "--samples", "4", "--seqlen", "32")
+    assert r.code == 2, r.err
+    assert "model.layers.1.mlp.up_proj" in r.err and "non-finite" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_indefinite_hessian_raises_damping_and_reports():
+    import torch
+
+    from calibrate.algorithms.gptq import gptq_quantize
+    from qtensor import get_scheme
+    from qtensor.schemes import WeightSpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g)
+    H = 2 * x.t() @ x / 64
+    H[0, 1] = H[1, 0] = 10 * float(H.diagonal().max())  # not positive definite at the default damping
+    r = gptq_quantize(torch.randn(32, 128, generator=g), H, WeightSpec.of(get_scheme("w4a16"), 64))
+    assert r.damp > 0.01 and "damping raised" in r.note
+    assert torch.isfinite(r.qtensor.dequantize()).all()
+
+
+def test_nan_hessian_is_an_error():
+    import pytest
+    import torch
+
+    from calibrate.algorithms.gptq import gptq_quantize
+    from qtensor import get_scheme
+    from qtensor.schemes import WeightSpec
+
+    H = torch.eye(64)
+    H[2, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        gptq_quantize(torch.randn(8, 64), H, WeightSpec.of(get_scheme("w4a16"), 64))
