@@ -66,7 +66,8 @@ def test_file_formats(tok, tmp_path):
     "name,content,msg",
     [
         ("empty.txt", b"", "holds no text"),
-        ("bin.txt", b"\xff\xfe\x00\x81" * 10, "not UTF-8"),
+        ("bin.txt", b"\xff\xfe\x00\x81" * 10, "binary data"),
+        ("latin1.txt", b"caf\xe9 au lait " * 10, "not UTF-8"),
         ("bad.jsonl", b'{"text": 1}\n', "not a string"),
         ("nofield.jsonl", b'{"body": "x"}\n', "no field 'text'"),
         ("broken.jsonl", b"{not json\n", "cannot read data"),
