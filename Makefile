@@ -17,6 +17,7 @@ setup: $(STAMP)
 
 # quantize -> export -> eval on the bundled Gemma-3-270M (built once into ~/.cache/qtool)
 demo: setup
+	@mkdir -p $(OUT)
 	$(QTOOL) models
 	$(QTOOL) quantize gemma-3-270m --scheme w4a16 --method gptq --group-size 128 --format gptq --out $(OUT)/gemma-3-270m-w4a16-gptq --force
 	$(QTOOL) export $(OUT)/gemma-3-270m-w4a16-gptq --format qtool --out $(OUT)/gemma-3-270m-w4a16-qtool --force
