@@ -237,7 +237,7 @@ def quantize_layers(
         layer_q: dict[str, QTensor] = {}
         for group in groups:
             stats = {n: {} for n in group}
-            if needs_data:
+            if method.stats or scheme.act_kind == "static":  # AWQ/SmoothQuant alone need no per-group pass
                 _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats)
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():
