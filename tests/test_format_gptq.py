@@ -79,9 +79,10 @@ def test_gptq_refuses_fp8(tiny_models, tmp_path):
     assert not [p for p in tmp_path.iterdir()]  # no temporary directory left behind
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8-int8", "fp8", "fp8-block", "nvfp4", "mxfp4", "mxfp8"])
-def test_qtool_format_lossless(tiny_models, tmp_path, scheme):
-    ckpt = make_checkpoint(tiny_models("llama"), WeightSpec.of(get_scheme(scheme)))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8-int8", "fp8", "fp8-block", "nvfp4", "mxfp4", "mxfp8"])
+def test_qtool_format_lossless(tiny_models, tmp_path, scheme, arch):
+    ckpt = make_checkpoint(tiny_models(arch), WeightSpec.of(get_scheme(scheme)))
     write_checkpoint(ckpt, "qtool", tmp_path / "q")
     back = read_checkpoint(tmp_path / "q")
     for name, qt in ckpt.qtensors.items():
