@@ -232,6 +232,10 @@ def quantize_layers(
         mods = dict(layer.named_modules())
         groups = linear_groups(layer, hidden[0][:1], kwargs, args)
         if method.prepare is not None:
+            from . import distributed
+
+            if distributed.active():
+                raise QtoolError(f"method {method.name} does not support multi-process calibration yet (run it in one process)")
             ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec)
             rep.notes.extend(f"{lname}: {n}" for n in method.prepare(ctx, **method.options))
         layer_q: dict[str, QTensor] = {}
@@ -348,3 +352,6 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
     finally:
         for hk in hooks:
             hk.remove()
+    from . import distributed
+
+    distributed.reduce_stats(stats)  # data-parallel runs: every rank sees the statistics of all samples

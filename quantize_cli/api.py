@@ -168,6 +168,14 @@ def quantize(
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
+    from calibrate import distributed
+
+    if distributed.rank() != 0:  # data-parallel: only rank 0 writes
+        if work is not None:
+            work.remove()
+        distributed.barrier()
+        return {"out": str(out), "rank": distributed.rank(), "format": format, "scheme": scheme, "method": method, "backend": backend,
+                "modules": len(qts), "seconds": round(time.time() - t0, 2), "notes": []}
     t1 = time.time()
     meta["source_sha256"] = src_hash.result()
     pool.shutdown()
@@ -177,6 +185,7 @@ def quantize(
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     if work is not None:
         work.remove()
+    distributed.barrier()
     phases["write"] = time.time() - t1
     seconds = time.time() - t0
     _update_meta(Path(out), {"quantize_seconds": round(seconds, 2)})
@@ -249,9 +258,19 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
     # CPU computes the calibration forwards in fp32; a GPU in bf16 (Gemma overflows in fp16), with
     # Hessians and the GPTQ solve in fp32
     t0 = time.time()
+    from calibrate import distributed
+
+    distributed.init(device)
+    if distributed.active():
+        if resume:
+            raise QtoolError("--resume is not supported for multi-process runs yet")
+        ids = distributed.shard(ids)
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
     sm = StreamedModel(mdir, torch.float32 if device == "cpu" else torch.bfloat16, device)
     prefix, layers = find_decoder_layers(sm.model)
-    work = WorkDir(Path(out), fingerprint, resume)
+    # rank 0 keeps the work directory and writes the checkpoint; other ranks keep theirs apart
+    work = WorkDir(Path(out) if distributed.rank() == 0 else Path(out).with_name(f"{Path(out).name}.rank{distributed.rank()}"), fingerprint, resume)
     start = work.done
     hidden = work.load_hidden(start - 1, device) if 0 < start < len(layers) else None
 

@@ -149,6 +149,9 @@ def quantize(
     )
 
     def human(r):
+        if r.get("rank"):
+            err.print(f"rank {r['rank']}: calibration statistics shared with rank 0, which writes the checkpoint")
+            return
         err.print(f"wrote {r['format']} checkpoint ({r['scheme']}, {r['method']}, {r['modules']} modules) to {r['out']} in {r['seconds']:.1f} s")
         for n in r["notes"]:
             err.print(f"  note: {n}", markup=False)

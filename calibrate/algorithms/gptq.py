@@ -7,7 +7,6 @@ groups, so no g_idx is needed), Cholesky failure answered by raising the damping
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,29 +19,41 @@ from .rtn import mse_clip_search
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum x x^T in float32 (float64 would be safer on huge n; float32 matches peers)."""
+    """H = 2/n * sum x x^T. On CPU the sum is kept in float64, so the result does not depend on how the
+    tokens were batched or split across processes (float32 H read out); on GPU in float32 with TF32."""
 
     def __init__(self, k: int, device="cpu"):
-        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+        dev = torch.device(device)
+        self.S = torch.zeros(k, k, dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        if m == 0:
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
             return
-        self.H *= self.n / (self.n + m)
-        self.n += m
-        x = math.sqrt(2 / self.n) * x
+        self.n += x.shape[0]
+        x = x.to(self.S.dtype)
         if x.is_cuda:  # TF32 tensor cores for the big x^T x (fp32 accumulation); restored after
             prev = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
             try:
-                self.H.addmm_(x.t(), x)
+                self.S.addmm_(x.t(), x)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = prev
         else:
-            self.H += x.t() @ x
+            self.S.addmm_(x.t(), x)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.S.device)
+        dist.all_reduce(self.S)
+        dist.all_reduce(n)
+        self.n = int(n.item())
+
+    @property
+    def H(self) -> torch.Tensor:
+        return (self.S * (2.0 / max(self.n, 1))).float()
 
 
 @dataclass
