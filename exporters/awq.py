@@ -47,7 +47,7 @@ def awq_reason(qt: QTensor) -> str | None:
     if n % 8:
         return f"out_features {n} not a multiple of 8 (AWQ packs 8 codes per int32 along N)"
     if not fp16_exact(qt.scales):
-        return "scales not representable in fp16 (use --requantize)"
+        return "scales not representable in fp16"
     return None
 
 

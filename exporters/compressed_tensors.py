@@ -136,7 +136,7 @@ def ct_reason(qt: QTensor) -> str | None:
             return f"in_features {k} not a multiple of 16"
         if nm.f32_reciprocal(qt.global_scale) is None:
             return ("global scale is not the float32 reciprocal of any float32 (compressed-tensors stores 1/scale); "
-                    "use --requantize or pick it with numerics.f32_reciprocal_snap")
+                    "a quantizer can pick it with numerics.f32_reciprocal_snap")
         if qt.act.kind == "static" or (qt.act.kind != "none" and qt.act.dtype != "e2m1"):
             return f"NVFP4 weights with {qt.act.kind} {qt.act.dtype} activations"
         if qt.act.kind == "dynamic":

@@ -164,7 +164,7 @@ class GGUFFormat(Format):
         if qt.shape[1] % 32:
             return f"in_features {qt.shape[1]} not a multiple of 32"
         if not fp16_exact(qt.scales):
-            return "scales not representable in fp16 (use --requantize)"
+            return "scales not representable in fp16"
         return None
 
     def encode(self, name, qt):  # the .gguf is written whole by write_files

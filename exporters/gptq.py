@@ -48,7 +48,7 @@ def int_weight_only_reason(qt: QTensor, bits=BITS, allow_act_order=True) -> str 
     if (n * qt.bits) % 32 or (k * qt.bits) % 32 or (qt.bits == 3 and (n % 32 or k % 32)):
         return f"shape {n}x{k} does not pack into int32 words at {qt.bits} bits"
     if not fp16_exact(qt.scales):
-        return "scales not representable in fp16 (use --requantize)"
+        return "scales not representable in fp16"
     if qt.zeros is not None and int(qt.zeros.min()) == 0:
         return "an asymmetric zero point of 0 cannot be stored in GPTQ v1 (z-1 underflows)"
     if qt.act_order and not allow_act_order:

@@ -81,7 +81,7 @@ def algo_of(qt: QTensor) -> tuple[str | None, str | None]:
         if qt.group_size <= 0 or k % qt.group_size or qt.scales.shape != (n, k // qt.group_size):
             return None, "int4 without groups along K (ModelOpt INT4_AWQ is grouped)"
         if qt.scales.dtype != torch.float32:
-            return None, f"{qt.scales.dtype} scales (ModelOpt INT4_AWQ stores float32; use --requantize)"
+            return None, f"{qt.scales.dtype} scales (ModelOpt INT4_AWQ stores float32)"
         if n % 2:
             return None, f"odd out_features {n} (int4 packs two rows per byte)"
         if qt.pre_scale is not None and qt.pre_scale.shape != (k,):

@@ -58,7 +58,7 @@ def type_of(qt: QTensor) -> tuple[str | None, str | None]:
     if qt.pre_scale is not None or qt.act_order or qt.block is not None or qt.global_scale is not None:
         return None, "a pre_scale, act order, block scales or a second-level scale"
     if qt.scales.dtype != torch.float32:
-        return None, f"{qt.scales.dtype} scales (msModelSlim stores float32; use --requantize)"
+        return None, f"{qt.scales.dtype} scales (msModelSlim stores float32)"
     if qt.group_size == 0 or (qt.group_size > 0 and k % qt.group_size):
         return None, "per-tensor scales or groups that do not divide in_features"
     if a.kind == "static":

@@ -34,7 +34,7 @@ class _W8A8(Format):
         if qt.group_size != -1 or qt.block is not None or tuple(qt.scales.shape) != (n, 1):
             return "scales that are not per output channel"
         if qt.scales.dtype != torch.float32:
-            return f"{qt.scales.dtype} scales ({self.name} stores float32; use --requantize)"
+            return f"{qt.scales.dtype} scales ({self.name} stores float32)"
         if qt.act.kind != "dynamic" or qt.act.dtype != want or qt.act.granularity != "token":
             return f"activations other than dynamic per-token {want}"
         if qt.pre_scale is not None or qt.act_order or qt.global_scale is not None:
