@@ -160,6 +160,31 @@ def build_skeleton(config: dict, trust_remote_code: bool = False):
     return model.eval()
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def fast_cpu_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where oneDNN runs bf16 matmuls
+    several times faster than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+def compute_dtype(requested: str, src_dtype: torch.dtype, device: str, searches: bool = False) -> torch.dtype:
+    """The dtype the calibration forwards run in. auto: bf16 on a GPU (Gemma overflows in fp16); on a CPU
+    bf16 when the checkpoint is bf16 (nothing is lost), the CPU has bf16 matrix units and the method does
+    not search on layer-output errors (AWQ/SmoothQuant: bf16 rounding noise would swamp them), else fp32."""
+    if requested not in COMPUTE_DTYPES:
+        raise QtoolError(f"unknown compute dtype '{requested}' (choose from: {', '.join(COMPUTE_DTYPES)})")
+    if requested != "auto":
+        return getattr(torch, requested)
+    if not device.startswith("cpu"):
+        return torch.bfloat16
+    return torch.bfloat16 if src_dtype == torch.bfloat16 and not searches and fast_cpu_bf16() else torch.float32
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
     """Load a full-precision HF causal LM (safetensors only)."""
     from transformers import AutoModelForCausalLM

@@ -329,7 +329,7 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
             x2 = inp[0].detach().reshape(-1, inp[0].shape[-1])
             st["n"] += x2.shape[0]
             if "hessian" in st and owner:
-                st["hessian"].add(x2)
+                st["hessian"].add(inp[0].detach())
             a = x2.abs().amax().float().cpu() if x2.numel() else torch.tensor(0.0)
             st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a)
             if "act_absmean" in needs:

@@ -96,12 +96,13 @@ def quantize(
     progress=None,
     resume: bool = False,
     allow_pickle: bool = False,
+    compute_dtype: str = "auto",
 ) -> dict:
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
-        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume))
+        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume, compute_dtype=compute_dtype))
     check_combination(scheme, method, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
@@ -150,6 +151,7 @@ def quantize(
         "weight": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym},
         "calibration": calibration,
         "device": device,
+        "compute_dtype": str(cmodels.compute_dtype(compute_dtype, _model_dtype(config), device, meth is not None and meth.prepare is not None)).replace("torch.", ""),
     }
     work = None
     if backend != "native":
@@ -164,7 +166,7 @@ def quantize(
         source_files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in safetensors]
         fingerprint = {**{k: v for k, v in meta.items() if k not in ("source", "source_sha256")}, "source_files": source_files,
                        "options": meth.options, "qtool": __version__}
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint)
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, compute_dtype)
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -246,7 +248,7 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint):
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, compute_dtype="auto"):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -255,7 +257,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
     from calibrate.workdir import WorkDir
     from exporters.io import Subset
 
-    # CPU computes the calibration forwards in fp32; a GPU in bf16 (Gemma overflows in fp16), with
+    # the calibration forwards run in the compute dtype (calibrate.models.compute_dtype), with
     # Hessians and the GPTQ solve in fp32
     t0 = time.time()
     from calibrate import distributed
@@ -267,7 +269,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
         ids = distributed.shard(ids)
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-    sm = StreamedModel(mdir, torch.float32 if device == "cpu" else torch.bfloat16, device)
+    sm = StreamedModel(mdir, cmodels.compute_dtype(compute_dtype, src_dtype, device, meth.prepare is not None), device)
     prefix, layers = find_decoder_layers(sm.model)
     # rank 0 keeps the work directory and writes the checkpoint; other ranks keep theirs apart
     work = WorkDir(Path(out) if distributed.rank() == 0 else Path(out).with_name(f"{Path(out).name}.rank{distributed.rank()}"), fingerprint, resume)

@@ -125,6 +125,7 @@ def quantize(
     backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="dtype of the calibration forwards: auto (bf16 on GPUs, and on CPUs with bf16 units for bf16 models), float32, bfloat16"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
@@ -144,7 +145,7 @@ def quantize(
     if allow_pickle:
         err.print(f"warning: --allow-pickle: pickle weights in {one_line(model)} are read with torch.load(weights_only=True)", markup=False, highlight=False, soft_wrap=True)
     res = _run(
-        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle),
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle, compute_dtype=compute_dtype),
         as_json,
     )
 
