@@ -186,3 +186,17 @@ def test_quantlinear_dispatch_matches_torch_path():
     assert y is not None and rel_err(y, ref) < 2e-3
     # layouts without a kernel fall back (3-bit)
     assert kernels.linear(QuantLinear(int_qt(32, 128, 3, 32, True)), x) is None
+
+
+@pytest.mark.parametrize("bits,group,uniform", [(4, 128, True), (4, -1, True), (8, 64, True), (4, 32, False), (4, 64, False)])
+def test_gemv_uniform_block_path(bits, group, uniform):
+    """Weights whose packed blocks each lie in one group take the per-block-scale GEMV (magic-number
+    decode); the others the per-slot one; both equal the reference, asym and act order included."""
+    n, k = 40, 512
+    for sym, act_order in ((True, False), (False, True)):
+        qt = int_qt(n, k, bits, group, sym, act_order and group > 0)
+        st = kernels.prepare(qt).state
+        assert st.uniform == uniform
+        x = x_of(1, k)
+        y = weight_only.matmul(x, st, path="gemv")
+        assert rel_err(y, ref_linear(x, qt)) < 1e-2

@@ -43,6 +43,7 @@ class WeightOnlyState:
     k: int
     bits: int
     wtype: int
+    uniform: bool = False  # int weights whose every 16*PER-channel block lies in one group (g >= 128, per channel)
 
     def nbytes(self) -> int:
         b = self.qw.numel() * 4 + self.scales.numel() * self.scales.element_size()
@@ -52,7 +53,7 @@ class WeightOnlyState:
 
     def clone(self) -> "WeightOnlyState":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return WeightOnlyState(self.qw.clone(), self.scales.clone(), c(self.zeros), self.gblk, self.perm, self.global_scale, self.n, self.k, self.bits, self.wtype)
+        return WeightOnlyState(self.qw.clone(), self.scales.clone(), c(self.zeros), self.gblk, self.perm, self.global_scale, self.n, self.k, self.bits, self.wtype, self.uniform)
 
 
 def supports(qt: QTensor) -> str | None:
@@ -117,10 +118,19 @@ def prepare(qt: QTensor) -> WeightOnlyState | None:
     nb = k // (RUN * per)
     t = u.reshape(n, nb, per, RUN).permute(1, 3, 2, 0).reshape(k, n)  # [b, r, i] along dim 0
     qw = pk.pack_int32(t.contiguous(), bits, dim=0)
+    uniform = wtype == WTYPE_INT and bool((gblk.reshape(-1, per) == gblk.reshape(-1, per)[:, :1]).all())
     return WeightOnlyState(
         qw.contiguous(), scales.contiguous(), None if zeros is None else zeros.to(torch.uint8).contiguous(),
-        gblk, perm, gs.float().contiguous(), n, k, bits, wtype,
+        gblk, perm, gs.float().contiguous(), n, k, bits, wtype, uniform,
     )
+
+
+@triton.jit
+def _int_code(words, i: tl.constexpr, BITS: tl.constexpr):
+    """Code of slot i as fp32 without an int->float conversion (a quarter-rate instruction): the code
+    is OR-ed into the mantissa of 2^23 and 2^23 subtracted, both exact."""
+    q = (words >> (i * BITS)) & ((1 << BITS) - 1)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -130,15 +140,15 @@ def _dequant_slot(words, i: tl.constexpr, s_ptr, z_ptr, gs, g, offs_n, mask_n, N
 
     With SCALE_AFTER the values are the raw codes (int) and the caller applies (v - zero) * scale after
     its reduction; otherwise the values are already dequantized."""
-    q = (words >> (i * BITS)) & ((1 << BITS) - 1)
     if WTYPE == 0:
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         else:
             z = tl.zeros_like(s) + (1 << (BITS - 1))
-        v = q.to(tl.float32)
+        v = _int_code(words, i, BITS)
     else:
+        q = (words >> (i * BITS)) & ((1 << BITS) - 1)
         # e2m1 -> fp16 bit pattern (sign<<15 | e<<10 | m<<9), value * 2^-14 exactly (subnormals too)
         h = ((q & 7) << 9) | ((q & 8) << 12)
         v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -247,7 +257,7 @@ def _wo_gemv_kernel(
                     z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mu[:, None] & mask_n[None, :], other=0).to(tl.float32)
                 else:
                     z = tl.zeros_like(s) + (1 << (BITS - 1))
-                v = q.to(tl.float32)
+                v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             else:
                 h = ((q & 7) << 9) | ((q & 8) << 12)
                 v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -267,6 +277,73 @@ def _wo_gemv_kernel(
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if WTYPE == 1:
         y = y * gs
+    optrs = out_ptr + row * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(optrs, y, mask=mask_n)
+
+
+@triton.jit
+def _wo_gemv_uniform_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
+    N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+    BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
+):
+    """GEMV for int weights whose 16*PER-channel blocks each lie in one group (the common g128 and
+    per-channel cases). Per weight: one AND+OR (the code ORed into the mantissa of 2^23, no int->float
+    conversion), one FSUB (2^23 and, when symmetric, the zero point subtracted exactly), one FMA with
+    x pre-scaled by 2^-(slot shift); the group scale is applied once per block, not per weight."""
+    PER: tl.constexpr = 32 // BITS
+    BLK: tl.constexpr = 16 * PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    LOW: tl.constexpr = 23 // BITS  # slots 0..LOW-1 sit below bit 23: masked in place, no shift
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_u = tl.arange(0, KU)
+    mask_n = offs_n < N
+    nblk = K // BLK
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    acc = tl.zeros((KU, 16, BN), dtype=tl.float32)
+    for b in range(b0, b1, KU):
+        ub = b + offs_u
+        mu = ub < b1
+        wrow = ub[:, None] * 16 + offs_r[None, :]
+        words = tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=mu[:, None, None] & mask_n[None, None, :], other=0)
+        hi = words >> (LOW * BITS)
+        blk = tl.zeros((KU, 16, BN), dtype=tl.float32)
+        sx = tl.zeros((KU, 16), dtype=tl.float32)
+        for i in tl.static_range(PER):
+            kk = ub[:, None] * BLK + i * 16 + offs_r[None, :]
+            if HAS_PERM:
+                kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
+            xv = tl.load(x_ptr + row * stride_xm + kk, mask=mu[:, None], other=0.0).to(tl.float32)
+            if i < LOW:
+                SH: tl.constexpr = i * BITS
+                q = words & (MASK << SH)
+            else:
+                SH: tl.constexpr = (i - LOW) * BITS
+                q = hi & (MASK << SH)
+            if HAS_ZERO:
+                f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                sx += xv
+            else:  # (code - 2^(BITS-1)) * 2^SH, exactly
+                f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)) * (1 << SH))
+            blk += f * (xv * (1.0 / (1 << SH)))[:, :, None]
+        g = tl.load(gblk_ptr + ub * PER, mask=mu, other=0)
+        m2 = mu[:, None] & mask_n[None, :]
+        sc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += blk * sc[:, None, :]
+        if HAS_ZERO:
+            zs = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32) * sc
+            acc -= zs[:, None, :] * sx[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
     optrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -320,6 +397,14 @@ def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
     else:
         out = torch.zeros((m, st.n), dtype=torch.float32, device=x2.device)
     grid = (m, triton.cdiv(st.n, cfg["BN"]), sk)
+    if st.uniform:
+        _wo_gemv_uniform_kernel[grid](
+            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
+            st.perm if st.perm is not None else st.gblk, out, st.n, st.k, x2.stride(0), out.stride(0),
+            BITS=st.bits, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
+            BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
+        )
+        return out if sk == 1 else out.to(x2.dtype)
     _wo_gemv_kernel[grid](
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
         st.perm if st.perm is not None else st.gblk, st.global_scale, out,
@@ -365,7 +450,7 @@ def dequantize(st: WeightOnlyState, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _key(st: WeightOnlyState, path: str, m: int):
-    return ("wo", path, tuning.m_bucket(m), st.n, st.k, st.bits, st.wtype)
+    return ("wo", path, tuning.m_bucket(m), st.n, st.k, st.bits, st.wtype, st.uniform)
 
 
 def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""Accuracy of every native method on Gemma-3-270M under shared/EVAL.md, optionally beside the peers.
+
+    python bench/accuracy.py                     # qtool's native methods
+    python bench/accuracy.py --peers             # + GPTQModel, AutoRound, ModelOpt, msModelSlim side by side
+    python bench/accuracy.py --rows gptq-w4a16,peer-gptqmodel-w4a16
+    python bench/accuracy.py --list
+
+Every row is `qtool quantize gemma-3-270m ... --format qtool` in its own process (the peers through
+qtool's library backends, so every row calibrates on the same 64 x 512 samples: the default
+calibration set, seed 0) followed by `qtool eval` (40 windows x 512 tokens against the bf16
+reference). Peak RSS is the quantize process's (and its children's) maximum resident set, from wait4.
+Rows accumulate in bench/results/accuracy.json (a row measured earlier is kept unless re-run; its
+date is recorded); the table and the side-by-side verdicts are printed and written to
+bench/results/accuracy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.backends import qtool  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+# name: (who, method, scheme, extra quantize arguments)
+NATIVE = {
+    "rtn-w4a16": ("qtool", "rtn", "w4a16", []),
+    "rtn-w4a16-mseclip": ("qtool", "rtn", "w4a16", ["--mse-clip"]),
+    "gptq-w4a16": ("qtool", "gptq", "w4a16", []),
+    "awq-w4a16": ("qtool", "awq", "w4a16", []),
+    "fp8-fp8": ("qtool", "fp8", "fp8", []),
+    "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", []),
+    "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", []),
+    "smoothquant-w8a8-int8-static": ("qtool", "smoothquant", "w8a8-int8-static", []),
+    "nvfp4-nvfp4": ("qtool", "nvfp4", "nvfp4", []),
+    "mx-mxfp4": ("qtool", "mx", "mxfp4", []),
+    "rtn-w4a4": ("qtool", "rtn", "w4a4", []),
+}
+PEERS = {
+    "peer-gptqmodel-w4a16": ("GPTQModel GPTQ", "gptqmodel", "w4a16", ["--backend", "gptqmodel"]),
+    "peer-autoround-w4a16": ("AutoRound (default)", "autoround", "w4a16", ["--backend", "autoround"]),
+    "peer-modelopt-fp8": ("ModelOpt FP8", "modelopt", "fp8", ["--backend", "modelopt"]),
+    "peer-modelopt-w8a8-int8": ("ModelOpt INT8 SmoothQuant", "modelopt", "w8a8-int8", ["--backend", "modelopt"]),
+    "peer-modelopt-w4a16": ("ModelOpt INT4_AWQ", "modelopt", "w4a16", ["--backend", "modelopt"]),
+    "peer-modelopt-nvfp4": ("ModelOpt NVFP4", "modelopt", "nvfp4", ["--backend", "modelopt"]),
+    "peer-msmodelslim-w8a8-int8-static": ("msModelSlim W8A8", "msmodelslim", "w8a8-int8-static", ["--backend", "msmodelslim"]),
+}
+ROWS = {**NATIVE, **PEERS}
+# side by side: (qtool row, peer row) where qtool's perplexity must be no worse than the peer's
+VERSUS = [
+    ("gptq-w4a16", "peer-gptqmodel-w4a16"),
+    ("gptq-w4a16", "peer-autoround-w4a16"),
+    ("awq-w4a16", "peer-modelopt-w4a16"),
+    ("fp8-fp8", "peer-modelopt-fp8"),
+    ("smoothquant-w8a8-int8", "peer-modelopt-w8a8-int8"),
+    ("smoothquant-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
+    ("smoothquant-w8a8-int8-static", "peer-msmodelslim-w8a8-int8-static"),
+    ("smoothquant-w8a8-int8", "peer-msmodelslim-w8a8-int8-static"),
+    ("nvfp4-nvfp4", "peer-modelopt-nvfp4"),
+    ("rtn-w4a16-mseclip", "rtn-w4a16"),
+]
+# goals from issue 5 (perplexity increase over bf16, percent)
+GOALS = {"gptq-w4a16": 10, "awq-w4a16": 12, "fp8-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
+
+
+def run_row(name: str, work: Path, samples: int, windows: int) -> dict:
+    who, method, scheme, extra = ROWS[name]
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    native_method = method if who == "qtool" else "rtn"
+    rc, res, err, rss = qtool("quantize", "gemma-3-270m", "--scheme", scheme, "--method", native_method, "--format", "qtool",
+                              "--out", out, "--samples", samples, *extra)
+    row = {"name": name, "who": who, "method": method, "scheme": scheme, "peak_rss_gib": round(rss, 2), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if rc != 0:
+        row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+        return row
+    row["quantize_seconds"] = res.get("seconds", round(time.time() - t0, 1))
+    row["notes"] = len(res.get("notes", []))
+    rc, ev, err, _ = qtool("eval", out, "--windows", windows)
+    if rc not in (0, 1) or not ev:
+        row["error"] = "eval: " + (err.strip().splitlines()[-1] if err.strip() else f"exit {rc}")
+        return row
+    row.update(perplexity=ev["perplexity"], reference_perplexity=ev.get("reference_perplexity"), ppl_increase_pct=ev.get("ppl_increase_pct"),
+               kl=ev.get("kl_divergence"), top1=ev.get("top1_agreement"))
+    shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not needed once measured
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    ref = next((r["reference_perplexity"] for r in rows if r.get("reference_perplexity")), None)
+    lines = ["| who | method | scheme | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    if ref:
+        lines.append(f"| bf16 reference | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
+    for r in rows:
+        who = r["who"]
+        method = r["method"] + (" (mse clip)" if r["name"].endswith("mseclip") else "")
+        if "error" in r:
+            lines.append(f"| {who} | {method} | {r['scheme']} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
+            continue
+        lines.append(f"| {who} | {method} | {r['scheme']} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} | {r['quantize_seconds']:.0f} | {r['peak_rss_gib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(done: dict) -> str:
+    out = []
+    for a, b in VERSUS:
+        ra, rb = done.get(a), done.get(b)
+        if not ra or not rb or "perplexity" not in ra or "perplexity" not in rb:
+            continue
+        ok = ra["perplexity"] <= rb["perplexity"]
+        out.append(f"- {a} {ra['perplexity']:.3f} vs {b} {rb['perplexity']:.3f}: {'no worse' if ok else 'WORSE'}"
+                   f" (KL {ra['kl']:.4f} vs {rb['kl']:.4f})")
+    for a, goal in GOALS.items():
+        r = done.get(a)
+        if r and "ppl_increase_pct" in r:
+            out.append(f"- goal {a} <= +{goal}%: {r['ppl_increase_pct']:+.1f}% ({'met' if r['ppl_increase_pct'] <= goal else 'not met'})")
+    return ("\nSide by side (same calibration samples):\n" + "\n".join(out) + "\n") if out else ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="", help="comma-separated row names (--list shows them); default: the native rows (+ peers with --peers)")
+    ap.add_argument("--peers", action="store_true", help="also run the peer libraries on the same samples")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--work", default=str(RESULTS / "accuracy-work"))
+    a = ap.parse_args()
+    if a.list:
+        print("\n".join(f"{n}: {ROWS[n][0]} {ROWS[n][1]} {ROWS[n][2]}" for n in ROWS))
+        return
+    names = [n.strip() for n in a.rows.split(",") if n.strip()] or [*NATIVE, *(PEERS if a.peers else [])]
+    bad = [n for n in names if n not in ROWS]
+    if bad:
+        sys.exit(f"unknown row(s) {', '.join(bad)}; --list shows them")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / "accuracy.json"
+    done = json.loads(store.read_text()) if store.is_file() else {}
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        print(f"[{time.strftime('%H:%M:%S')}] {n} ...", file=sys.stderr, flush=True)
+        done[n] = run_row(n, work, a.samples, a.windows)
+        store.write_text(json.dumps(done, indent=2) + "\n")
+        print(json.dumps(done[n]), file=sys.stderr, flush=True)
+    rows = [done[n] for n in ROWS if n in done]
+    md = table(rows) + verdicts(done)
+    (RESULTS / "accuracy.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
