@@ -32,7 +32,7 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         self.n += x.shape[0]
-        x = x.to(self.S.dtype)
+        x = x.to(self.S.device, self.S.dtype)  # a layer split over devices: inputs may come from another one
         if x.is_cuda:  # TF32 tensor cores for the big x^T x (fp32 accumulation); restored after
             prev = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
