@@ -4,7 +4,7 @@ The pipeline works one decoder layer at a time. A layer needs its parameters, th
 all calibration samples entering and leaving it, and the work of quantizing one linear at a time
 (GPTQ's Hessian and solve). When that does not fit the first device's budget, the layer is split
 by submodule over the devices the process owns: each *unit* (the smallest module that holds
-parameters itself: a linear, a norm, an expert) goes whole to one device, in execution order,
+parameters itself: a linear, a norm, an expert) goes whole to one device, in module order,
 filling device 0 first. Each unit then runs on its device with accelerate's AlignDevicesHook
 (inputs moved to it, outputs moved back), and its linears are quantized where they are.
 
@@ -38,6 +38,8 @@ def plan_layer(units: list[Unit], budgets: list[int], reserved: list[int] | None
     if not budgets:
         raise QtoolError("no device to place the layer on")
     reserved = list(reserved or []) + [0] * (len(budgets) - len(reserved or []))
+    if reserved[0] > budgets[0]:
+        raise QtoolError(f"the hidden states of the calibration samples need {_gib(reserved[0])} on the first device, more than its {_gib(budgets[0])} (use fewer --samples or a shorter --seqlen, or more processes)")
     out: list[int] = []
     d, used, work = 0, reserved[0], 0
     for u in units:
@@ -76,7 +78,9 @@ def _gib(n: int) -> str:
 
 
 def unit_names(layer: nn.Module) -> list[str]:
-    """Submodules that hold parameters or buffers themselves (each is moved whole), in module order."""
+    """Submodules that hold parameters or buffers themselves (each is moved whole), in module order.
+    Any placement of them is correct (each runs where it lives, its outputs return to its caller's
+    device); module order keeps an attention block or an MLP mostly on one device."""
     out: list[str] = []
 
     def walk(mod: nn.Module, prefix: str) -> None:
