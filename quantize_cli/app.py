@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
 
     global _ARGV
     _ARGV = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("QTOOL_LAUNCHER_PID"):  # a process of `--gpus`/`--nproc`
+        from .launch import die_with_launcher
+
+        die_with_launcher()
     try:
         rc = app(args=argv, standalone_mode=False)
     except cx.UsageError as e:

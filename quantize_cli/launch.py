@@ -103,6 +103,22 @@ def plan_ranks(model_dir: Path, gpus: int, samples: int, seqlen: int, max_gpu_me
     return r, m, why
 
 
+def die_with_launcher() -> None:
+    """In a process started by launch(): end when the launcher ends, even by SIGKILL (Linux), so no
+    orphan keeps its GPU or waits forever in a collective."""
+    pid = os.environ.get("QTOOL_LAUNCHER_PID")
+    if not pid or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(pid):  # the launcher is already gone
+        os._exit(1)
+
+
 def _print_errors(where: Path, code: int) -> None:
     """Each distinct error line of the processes once (rank 0's first), naming the ranks when they differ."""
     lines: dict[str, list[int]] = {}
@@ -123,7 +139,7 @@ def launch(argv: list[str], nproc: int, gpus_per_rank: int, device: str) -> int:
     from torch.distributed.run import parse_args, run
 
     errors = tempfile.mkdtemp(prefix="qtool-errors-")
-    env = {"QTOOL_RANK_GPUS": str(gpus_per_rank), "QTOOL_ERROR_DIR": errors}
+    env = {"QTOOL_RANK_GPUS": str(gpus_per_rank), "QTOOL_ERROR_DIR": errors, "QTOOL_LAUNCHER_PID": str(os.getpid())}
     if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     saved = {k: os.environ.get(k) for k in env}
