@@ -1,7 +1,11 @@
 """Data-parallel calibration through torch.distributed (torchrun): samples split across ranks, statistics
 all-reduced before each group is quantized, rank 0 writes. NCCL on GPUs, gloo on CPU.
 
+    qtool quantize MODEL ... --gpus K          # launches the processes itself (quantize_cli/launch.py)
     torchrun --nproc-per-node K -m quantize_cli quantize MODEL ... [--device cuda]
+
+Each process owns QTOOL_RANK_GPUS consecutive GPUs (default 1; the --gpus launcher sets more when a
+decoder layer must be split over several GPUs): local rank r owns cuda:r*M .. cuda:r*M+M-1.
 """
 
 from __future__ import annotations
@@ -23,10 +27,28 @@ def init(device: str) -> None:
     dist = _dist()
     if dist.is_initialized():
         return
-    backend = "nccl" if device == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    if device == "cuda":  # NCCL for the GPU tensors (Hessians), gloo for the small CPU ones (counts, amax)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) * gpus_per_rank())
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def gpus_per_rank() -> int:
+    try:
+        return max(1, int(os.environ.get("QTOOL_RANK_GPUS", "1")))
+    except ValueError:
+        return 1
+
+
+def local_gpus() -> list[str]:
+    """The CUDA devices this process calibrates on: its QTOOL_RANK_GPUS GPUs under torchrun, every
+    visible GPU in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        m = gpus_per_rank()
+        base = int(os.environ.get("LOCAL_RANK", "0")) * m
+        return [f"cuda:{base + j}" for j in range(m)]
+    return [f"cuda:{j}" for j in range(torch.cuda.device_count())]
 
 
 def active() -> bool:
@@ -65,6 +87,28 @@ def reduce_stats(stats: dict) -> None:
             st["amax"] = a.reshape(())
         if "act_abssum" in st:
             dist.all_reduce(st["act_abssum"])
+
+
+def world_size() -> int:
+    return _dist().get_world_size() if active() else 1
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (e.g. "save the hidden states now")."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return bool(t.item())
+
+
+def min_rank(value: int) -> int:
+    """The smallest `value` over the ranks."""
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    _dist().all_reduce(t, op=_dist().ReduceOp.MIN)
+    return int(t.item())
 
 
 def barrier() -> None:

@@ -201,6 +201,7 @@ def quantize_layers(
     stream=None,
     start_layer: int = 0,
     resume_hidden: list[torch.Tensor] | None = None,
+    placement: list[tuple[str, int]] | None = None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -208,6 +209,8 @@ def quantize_layers(
     on_layer(li, qtensors_of_layer, other_tensors_of_layer, hidden_after, report): called after
     each layer (the work directory persists it); the returned dict then stays empty.
     start_layer / resume_hidden: continue a run whose first layers are done.
+    placement: [(device, budget bytes)] the process owns, the first being `device`; a layer that does
+    not fit the first is split over them (calibrate/placement.py).
     """
     prefix, layers = find_decoder_layers(model)
     needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None
@@ -224,16 +227,19 @@ def quantize_layers(
     for li in range(start_layer, len(layers)):
         t0 = time.time()
         lname = f"{prefix}.{li}"
+        layer = layers[li]
+        rep = LayerReport(lname, 0.0)
+        hooked = _place(layer, lname, placement, hidden, method, model, stream, rep) if placement else None
         if stream is not None:
             stream.materialize(lname)
-        layer = layers[li]
         kwargs, args = cap.kwargs.get(li, {}), cap.args.get(li, ())
-        rep = LayerReport(lname, 0.0)
         mods = dict(layer.named_modules())
         groups = linear_groups(layer, hidden[0][:1], kwargs, args)
         if method.prepare is not None:
             from . import distributed
 
+            if hooked:
+                raise QtoolError(f"method {method.name} does not support a layer split over devices ({lname}); give it more memory per device")
             if distributed.active():
                 raise QtoolError(f"method {method.name} does not support multi-process calibration yet (run it in one process)")
             ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec)
@@ -291,11 +297,42 @@ def quantize_layers(
             on_layer(li, layer_q, others, hidden if li + 1 < len(layers) else None, rep)
         else:
             result.update(layer_q)
+        if hooked:
+            from .placement import undispatch
+
+            undispatch(hooked)
+            if stream is None:
+                layer.to(device)
         if stream is not None:
             stream.release(lname)
         if progress:
             progress.update(task, advance=1)
     return result, reports
+
+
+def _place(layer, lname, placement, hidden, method, model, stream, rep) -> list | None:
+    """Split the layer over the devices of `placement` when it does not fit the first one; returns the
+    hooked units (None: the layer stays whole on the first device)."""
+    from . import placement as pl
+
+    devices, budgets = [d for d, _ in placement], [b for _, b in placement]
+    h = hidden[0]
+    width = max((m.out_features for m in layer.modules() if isinstance(m, nn.Linear)), default=h.shape[-1])
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    dbytes = stream.dtype.itemsize if stream is not None else h.element_size()
+    units = pl.layer_units(layer, dbytes, "hessian" in method.stats, 8 if torch.device(devices[0]).type == "cpu" else 4)
+    tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
+    reserve = pl.hidden_bytes(tokens, h.shape[-1], h.element_size()) + pl.batch_bytes(h.shape[0], h.shape[1], h.shape[-1], width, getattr(cfg, "num_attention_heads", 1) or 1)
+    plan = pl.plan_layer(units, budgets, [reserve])
+    if max(plan) == 0:
+        return None
+    for u, d in zip(units, plan):
+        if stream is not None:
+            stream.materialize(f"{lname}.{u.name}" if u.name else lname, device=devices[d])
+    hooked = pl.dispatch(layer, [u.name for u in units], [torch.device(devices[d]) for d in plan])
+    used = sorted(set(plan))
+    rep.notes.append(f"{lname}: split over {len(used)} devices ({', '.join(f'{devices[d]}: {plan.count(d)} modules' for d in used)})")
+    return hooked
 
 
 def _to_cpu(qt: QTensor) -> QTensor:
@@ -315,7 +352,7 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
     from .algorithms.gptq import HessianAccumulator
 
     hooks = []
-    shared = len({m.in_features for m in linears.values()}) == 1
+    shared = len({(m.in_features, m.weight.device) for m in linears.values()}) == 1
     first = next(iter(linears.values()))
     acc = HessianAccumulator(first.in_features, first.weight.device) if "hessian" in needs and shared else None
     for name, mod in linears.items():

@@ -39,8 +39,10 @@ class StreamedModel:
         cfg = self.model.config
         return bool(getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False))
 
-    def materialize(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
-        """Load every parameter whose name starts with `prefix` (and not with any of `exclude`)."""
+    def materialize(self, prefix: str = "", exclude: tuple[str, ...] = (), device=None) -> None:
+        """Load every parameter whose name starts with `prefix` (and not with any of `exclude`), onto
+        `device` (default: the model's device); real buffers under `prefix` go there too."""
+        device = self.device if device is None else device
         root = self.model.get_submodule(prefix.rstrip(".")) if prefix else self.model
         base = prefix if prefix.endswith(".") or not prefix else prefix + "."
         for name, p in list(root.named_parameters(recurse=True)):
@@ -56,7 +58,12 @@ class StreamedModel:
                 raise QtoolError(f"tensor {full} has shape {list(t.shape)}, the model expects {list(p.shape)}")
             parent, _, leaf = name.rpartition(".")
             mod = root.get_submodule(parent) if parent else root
-            setattr(mod, leaf, nn.Parameter(t.to(self.device, self.dtype if t.is_floating_point() else t.dtype), requires_grad=False))
+            setattr(mod, leaf, nn.Parameter(t.to(device, self.dtype if t.is_floating_point() else t.dtype), requires_grad=False))
+        if device != self.device:
+            for name, b in list(root.named_buffers()):
+                parent, _, leaf = name.rpartition(".")
+                if b.device.type != "meta":
+                    (root.get_submodule(parent) if parent else root)._buffers[leaf] = b.to(device)
         if self.tied and not prefix:
             self.model.tie_weights()
 

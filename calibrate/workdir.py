@@ -45,28 +45,40 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 
 
 class WorkDir:
+    """Data-parallel runs: every rank keeps its own work directory (its hidden states are those of its
+    samples); ranks decide together when to save hidden states and where a resume starts."""
+
     def __init__(self, out: Path, fingerprint: dict, resume: bool):
+        from . import distributed
+
         self.path = work_path(out)
         self.fingerprint = fingerprint
         man = self.path / "manifest.json"
-        if self.path.exists():
+        error, at = None, -1
+        if self.path.exists() and resume:
             old = None
             try:
                 old = json.loads(man.read_text())
             except (OSError, ValueError):
                 old = None
-            if resume:
-                if old is None:
-                    raise QtoolError(f"work directory {self.path} has no readable manifest; remove it to start over")
-                if old.get("fingerprint") != fingerprint:
-                    diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {})) if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
-                    raise QtoolError(f"work directory {self.path} is from a different run (differs in: {', '.join(diff)}); remove it or run without --resume")
-                # restart after the last layer whose output hidden states were saved; layers after it
-                # are recomputed (deterministically: their files are rewritten with the same bytes)
-                self.hidden_at = int(old.get("hidden_at", -1))
-                self.done = self.hidden_at + 1
-                self._last_save = time.time()
-                return
+            if old is None:
+                error = f"work directory {self.path} has no readable manifest; remove it to start over"
+            elif old.get("fingerprint") != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {})) if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+                error = f"work directory {self.path} is from a different run (differs in: {', '.join(diff)}); remove it or run without --resume"
+            else:
+                at = int(old.get("hidden_at", -1))
+        if distributed.any_rank(error is not None):  # one rank's refusal stops them all
+            raise QtoolError(error or "the work directory of another process cannot be resumed (see its error)")
+        if self.path.exists() and resume:
+            # restart after the last layer whose output hidden states were saved (by every rank); layers
+            # after it are recomputed (deterministically: their files are rewritten with the same bytes)
+            self.hidden_at = distributed.min_rank(at)
+            self.done = self.hidden_at + 1
+            self._last_save = time.time()
+            return
+        distributed.min_rank(-1)  # the collective the resuming ranks make
+        if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         self.done = 0
@@ -98,13 +110,17 @@ class WorkDir:
         for k, v in tensors.items():
             out[_PT + k] = v
         _atomic_save(out, self.layer_file(i), {"modules": json.dumps(meta), "notes": json.dumps(notes)})
+        from . import distributed
+
         old = self.hidden_at
-        if hidden is not None and time.time() - self._last_save >= self.save_interval:
+        due = distributed.any_rank(hidden is not None and time.time() - self._last_save >= self.save_interval)
+        if due and hidden is not None:
             _atomic_save({f"h{j}": h.detach().cpu() for j, h in enumerate(hidden)}, self.hidden_file(i))
             self.hidden_at = i
             self._last_save = time.time()
         self.done = i + 1
         self._write_manifest()
+        distributed.barrier()  # every rank's manifest names the new hidden states before the old go
         if old != self.hidden_at and old >= 0 and self.hidden_file(old).exists():
             self.hidden_file(old).unlink()
 

@@ -97,12 +97,18 @@ def quantize(
     resume: bool = False,
     allow_pickle: bool = False,
     compute_dtype: str = "auto",
+    max_gpu_memory: float | None = None,
+    devices: list[str] | None = None,
 ) -> dict:
+    """max_gpu_memory: GiB each GPU may take for one decoder layer (default: 90% of its free memory); a
+    layer that does not fit one GPU is split over the GPUs the process owns. devices: the devices to
+    calibrate on instead of those of `device` (e.g. ["cpu", "cpu"] to exercise the split on a CPU)."""
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
-        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume, compute_dtype=compute_dtype))
+        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume,
+                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices))
     check_combination(scheme, method, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
@@ -115,6 +121,10 @@ def quantize(
         raise QtoolError(f"unknown device '{device}' (cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise QtoolError("--device cuda asked for, but no CUDA device is available")
+    if max_gpu_memory is not None and not max_gpu_memory > 0:
+        raise QtoolError(f"--max-gpu-memory must be a positive number of GiB, not {max_gpu_memory}")
+    if (max_gpu_memory is not None or devices) and backend != "native":
+        raise QtoolError(f"--max-gpu-memory applies to the native pipeline, not --backend {backend}")
     spec = WeightSpec.of(sch, group_size, sym)
     prepare_out(Path(out), force)
     mdir = cmodels.resolve_model(model, progress=progress)
@@ -166,7 +176,9 @@ def quantize(
         source_files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in safetensors]
         fingerprint = {**{k: v for k, v in meta.items() if k not in ("source", "source_sha256")}, "source_files": source_files,
                        "options": meth.options, "qtool": __version__}
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, compute_dtype)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process's work directory holds its share of the samples
+            fingerprint["world_size"] = int(os.environ["WORLD_SIZE"])
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype)
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -248,7 +260,7 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, compute_dtype="auto"):
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto"):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -264,11 +276,17 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
 
     distributed.init(device)
     if distributed.active():
-        if resume:
-            raise QtoolError("--resume is not supported for multi-process runs yet")
         ids = distributed.shard(ids)
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
+    placement = None
+    if devices or device.startswith("cuda"):
+        from calibrate.placement import device_budgets
+
+        devs = list(devices) if devices else distributed.local_gpus()
+        device = devs[0]
+        if len(devs) > 1 or max_gpu_memory is not None:
+            placement = list(zip(devs, device_budgets(devs, max_gpu_memory)))
     sm = StreamedModel(mdir, cmodels.compute_dtype(compute_dtype, src_dtype, device, meth.prepare is not None), device)
     prefix, layers = find_decoder_layers(sm.model)
     # rank 0 keeps the work directory and writes the checkpoint; other ranks keep theirs apart
@@ -288,7 +306,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden)
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]

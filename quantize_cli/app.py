@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Optional
 
@@ -24,6 +25,7 @@ import logging as _logging
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)  # torchao's import-time chatter
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_ARGV: list[str] = []  # the arguments main() was called with (--gpus re-launches them)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qtool: quantize LLM checkpoints, convert formats, check accuracy.")
 err = Console(stderr=True)
 
@@ -55,6 +57,19 @@ def one_line(msg: str) -> str:
     return "".join(out)
 
 
+def _error(line: str) -> None:
+    """The error line; processes started by --gpus/--nproc hand it to the launcher, which prints each
+    distinct one once (quantize_cli/launch.py)."""
+    where = os.environ.get("QTOOL_ERROR_DIR")
+    if where and os.path.isdir(where):
+        try:
+            Path(where, f"rank{int(os.environ.get('RANK', '0')):05d}").write_text(line)
+            return
+        except (OSError, ValueError):
+            pass
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _run(fn, as_json: bool):
     """Call the API; map errors to exit codes; never let a traceback reach the user."""
     try:
@@ -62,7 +77,8 @@ def _run(fn, as_json: bool):
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        with _progress(sys.stderr.isatty() or os.environ.get("QTOOL_PROGRESS") == "1") as p:
+        rank0 = os.environ.get("RANK", "0") == "0"  # data-parallel processes: the bars of rank 0 only
+        with _progress(rank0 and (sys.stderr.isatty() or os.environ.get("QTOOL_PROGRESS") == "1")) as p:
             return fn(p)
     except GateFailed as e:
         if as_json:
@@ -70,11 +86,11 @@ def _run(fn, as_json: bool):
         err.print(f"[red]eval gate failed:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except QtoolError as e:
-        err.print(f"error: {one_line(e)}", markup=False, highlight=False, soft_wrap=True)
+        _error(f"error: {one_line(e)}")
         raise typer.Exit(2)
     except OSError as e:  # the file system said no (name too long, disk full, permission): bad input, not a bug
         where = f": {one_line(e.filename)}" if getattr(e, "filename", None) else ""
-        err.print(f"error: {one_line(e.strerror or e)}{where}", markup=False, highlight=False, soft_wrap=True)
+        _error(f"error: {one_line(e.strerror or e)}{where}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("error: interrupted", markup=False)
@@ -86,7 +102,7 @@ def _run(fn, as_json: bool):
         if os.environ.get("QTOOL_DEBUG"):
             raise
         msg = one_line(str(e).strip().splitlines()[0]) if str(e).strip() else ""
-        err.print(f"error: internal error ({type(e).__name__}): {msg} (set QTOOL_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+        _error(f"error: internal error ({type(e).__name__}): {msg} (set QTOOL_DEBUG=1 for the traceback)")
         raise typer.Exit(1)
 
 
@@ -124,8 +140,11 @@ def quantize(
     mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
     backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cpu; cuda with --gpus)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="calibrate on K GPUs of this host: data-parallel processes, a layer too large for one GPU split over several"),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="dtype of the calibration forwards: auto (bf16 on GPUs, and on CPUs with bf16 units for bf16 models), float32, bfloat16"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="calibrate in K data-parallel CPU processes (gloo)"),
+    max_gpu_memory: Optional[float] = typer.Option(None, "--max-gpu-memory", help="GiB per GPU for one decoder layer (default: 90 percent of its free memory); a layer needing more is split over the process's GPUs"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
@@ -144,15 +163,40 @@ def quantize(
         options = dict(_key_value(o, backend) for o in option)
     if allow_pickle:
         err.print(f"warning: --allow-pickle: pickle weights in {one_line(model)} are read with torch.load(weights_only=True)", markup=False, highlight=False, soft_wrap=True)
+    devices = None
+    if gpus is not None or nproc is not None:
+        from . import launch
+
+        def plan(p):
+            from calibrate.models import resolve_model
+
+            k, dev = launch.validate(gpus, nproc, device, backend, method, allow_pickle, max_gpu_memory)
+            api.check_combination(scheme, method, format, backend)
+            from exporters.base import prepare_out
+
+            prepare_out(Path(out), force)
+            mdir = resolve_model(model, progress=p)  # once here, not raced by every process
+            if dev == "cpu":
+                return k, 1, dev, f"{k} CPU process(es)"
+            r, m, why = launch.plan_ranks(mdir, k, samples, seqlen, max_gpu_memory)
+            return r, m, dev, why
+
+        nranks, per_rank, device, why = _run(plan, False)
+        if nranks > 1:
+            err.print(f"qtool: calibrating in {why}", markup=False, highlight=False)
+            raise typer.Exit(launch.launch(list(_ARGV), nranks, per_rank, device))
+        if device == "cuda":
+            devices = [f"cuda:{j}" for j in range(per_rank)]
+    device = device or "cpu"
     res = _run(
-        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle, compute_dtype=compute_dtype),
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle,
+                               compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices),
         as_json,
     )
+    if res.get("rank"):  # data-parallel: rank 0 reports
+        return
 
     def human(r):
-        if r.get("rank"):
-            err.print(f"rank {r['rank']}: calibration statistics shared with rank 0, which writes the checkpoint")
-            return
         err.print(f"wrote {r['format']} checkpoint ({r['scheme']}, {r['method']}, {r['modules']} modules) to {r['out']} in {r['seconds']:.1f} s")
         for n in r["notes"]:
             err.print(f"  note: {n}", markup=False)
@@ -276,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         from click import exceptions as cx
 
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("QTOOL_LAUNCHER_PID"):  # a process of `--gpus`/`--nproc`
+        from .launch import die_with_launcher
+
+        die_with_launcher()
     try:
         rc = app(args=argv, standalone_mode=False)
     except cx.UsageError as e:

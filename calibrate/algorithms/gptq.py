@@ -34,6 +34,7 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         self.n += x.shape[0]
+        x = x.to(self.S.device)  # a layer split over devices: inputs may come from another one
         if not x.is_cuda:  # fp32 products (twice as fast as fp64) per sequence, summed in fp64
             for c in x.split(max(rows, 1)):
                 c = c.float()
