@@ -285,6 +285,22 @@ def _wo_gemv_kernel(
 
 
 @triton.jit
+def _uslot(src, SH: tl.constexpr, x_ptr, perm_ptr, kk, mu, blk, sx, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr):
+    """One slot of the uniform GEMV: the code sits at bit SH of `src` (SH + BITS <= 23)."""
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
+    xv = tl.load(x_ptr + kk, mask=mu[:, None], other=0.0).to(tl.float32)
+    q = src & (((1 << BITS) - 1) << SH)
+    if HAS_ZERO:
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        sx += xv
+    else:  # (code - 2^(BITS-1)) * 2^SH, exactly
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)) * (1 << SH))
+    blk += f * (xv * (1.0 / (1 << SH)))[:, :, None]
+    return blk, sx
+
+
+@triton.jit
 def _wo_gemv_uniform_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
     N, K, stride_xm, stride_om,
@@ -297,7 +313,6 @@ def _wo_gemv_uniform_kernel(
     x pre-scaled by 2^-(slot shift); the group scale is applied once per block, not per weight."""
     PER: tl.constexpr = 32 // BITS
     BLK: tl.constexpr = 16 * PER
-    MASK: tl.constexpr = (1 << BITS) - 1
     LOW: tl.constexpr = 23 // BITS  # slots 0..LOW-1 sit below bit 23: masked in place, no shift
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -319,23 +334,12 @@ def _wo_gemv_uniform_kernel(
         hi = words >> (LOW * BITS)
         blk = tl.zeros((KU, 16, BN), dtype=tl.float32)
         sx = tl.zeros((KU, 16), dtype=tl.float32)
-        for i in tl.static_range(PER):
-            kk = ub[:, None] * BLK + i * 16 + offs_r[None, :]
-            if HAS_PERM:
-                kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
-            xv = tl.load(x_ptr + row * stride_xm + kk, mask=mu[:, None], other=0.0).to(tl.float32)
-            if i < LOW:
-                SH: tl.constexpr = i * BITS
-                q = words & (MASK << SH)
-            else:
-                SH: tl.constexpr = (i - LOW) * BITS
-                q = hi & (MASK << SH)
-            if HAS_ZERO:
-                f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                sx += xv
-            else:  # (code - 2^(BITS-1)) * 2^SH, exactly
-                f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)) * (1 << SH))
-            blk += f * (xv * (1.0 / (1 << SH)))[:, :, None]
+        for i in tl.static_range(LOW):  # slots in place
+            blk, sx = _uslot(words, i * BITS, x_ptr + row * stride_xm, perm_ptr, ub[:, None] * BLK + i * 16 + offs_r[None, :], mu,
+                             blk, sx, BITS, HAS_ZERO, HAS_PERM)
+        for j in tl.static_range(PER - LOW):  # the slots above bit 23, shifted down once per word
+            blk, sx = _uslot(hi, j * BITS, x_ptr + row * stride_xm, perm_ptr, ub[:, None] * BLK + (LOW + j) * 16 + offs_r[None, :], mu,
+                             blk, sx, BITS, HAS_ZERO, HAS_PERM)
         g = tl.load(gblk_ptr + ub * PER, mask=mu, other=0)
         m2 = mu[:, None] & mask_n[None, :]
         sc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
