@@ -57,6 +57,20 @@ def with_acts(ckpt, scheme):
 
 
 def make(arch_dir, scheme):
+    if scheme == "w8a8-int8":  # INT8 SmoothQuant as ModelOpt exports it: static per-tensor int8 inputs and a
+        # pre_quant_scale (model dtype) on every layer, both shared by fused shards
+        ckpt = make_checkpoint(arch_dir, WeightSpec.of(get_scheme("w8a8-int8")))
+        g = torch.Generator().manual_seed(3)
+        qts = {}
+        for group in fused_groups(ckpt.qtensors) + [[n] for n in ckpt.qtensors]:
+            if group[0] in qts:
+                continue
+            k = ckpt.qtensors[group[0]].shape[1]
+            scale = (torch.rand((), generator=g) * 4 + 1).reshape(1) / 127
+            pre = (torch.rand(k, generator=g) + 0.5).to(ckpt.weight_dtype)
+            for n in group:
+                qts[n] = ckpt.qtensors[n].replace(act=ActQuant("static", "int8", "tensor", scale=scale.clone()), pre_scale=pre.clone())
+        return replace(ckpt, qtensors=qts)
     if scheme == "w4a8":  # W4A8_AWQ: int4 + fp8 second level (shared by fused shards) + static fp8 inputs
         ckpt = make(arch_dir, "w4a16")
         fp8 = with_acts(ckpt, "fp8")
@@ -80,7 +94,7 @@ def make(arch_dir, scheme):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("scheme", ["fp8", "nvfp4", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["fp8", "nvfp4", "w4a16", "w4a8", "w8a8-int8"])
 def test_modelopt_roundtrip_bit_identical(tiny_models, tmp_path, arch, scheme):
     ckpt = make(tiny_models(arch), scheme)
     write_checkpoint(ckpt, "modelopt", tmp_path / "m")
@@ -91,7 +105,7 @@ def test_modelopt_roundtrip_bit_identical(tiny_models, tmp_path, arch, scheme):
         assert b.equal(qt), name
         assert torch.equal(b.dequantize(), qt.dequantize()), name
     hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
-    algo = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16": "W4A16_AWQ", "w4a8": "W4A8_AWQ"}[scheme]
+    algo = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16": "W4A16_AWQ", "w4a8": "W4A8_AWQ", "w8a8-int8": "W8A8_SQ_PER_CHANNEL"}[scheme]
     assert hf["producer"]["name"] == "modelopt" and hf["quantization"]["quant_algo"] == algo
     assert "lm_head" in hf["quantization"]["exclude_modules"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -130,7 +144,8 @@ def test_modelopt_mixed_precision(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("scheme,match", [
-    ("fp8-block", "per-tensor"), ("mxfp4", "NVFP4"), ("w8a8-int8", "8-bit"), ("fp8-dynamic", "per-tensor"),
+    ("fp8-block", "per-tensor"), ("mxfp4", "NVFP4"), ("w8a8-int8", "int8 weight-only"), ("fp8-dynamic", "per-tensor"),
+    ("w8a16", "per output channel"),
 ])
 def test_modelopt_refuses(tiny_models, tmp_path, scheme, match):
     ckpt = make_checkpoint(tiny_models("llama"), WeightSpec.of(get_scheme(scheme)))
@@ -207,7 +222,8 @@ def test_modelopt_malformed(tiny_models, tmp_path, cli):
 
 # ---- against nvidia-modelopt itself -------------------------------------------------------------
 
-MO_CFGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
+MO_CFGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG",
+           "w8a8-int8": "INT8_SMOOTHQUANT_CFG"}
 
 
 def _emulated_block_quant(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
@@ -239,6 +255,7 @@ def modelopt_exports(llama32, tmp_path_factory):
     import modelopt.torch.quantization as mtq
     import modelopt.torch.quantization.tensor_quant as tq
     from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
     from transformers import AutoModelForCausalLM
 
@@ -265,6 +282,10 @@ def modelopt_exports(llama32, tmp_path_factory):
             model = mtq.quantize(model, cfg, loop)
             with torch.no_grad():  # what export_hf_checkpoint does first: resmooth/fuse shared-input layers
                 requantize_resmooth_fused_llm_layers(model)
+            if scheme == "w8a8-int8":  # what ModelOpt's INT8 SmoothQuant left on each input quantizer
+                out["w8a8-int8 input quantizers"] = {
+                    n: {"axis": m.input_quantizer.axis, "dynamic": m.input_quantizer._dynamic, "amax": m.input_quantizer.amax.detach().clone()}
+                    for n, m in model.named_modules() if isinstance(getattr(m, "input_quantizer", None), TensorQuantizer) and m.input_quantizer.is_enabled}
             fq = copy.deepcopy(model)
             mtq.disable_quantizer(fq, "*bmm_quantizer")  # qtool's runtime does not emulate the FP8 KV cache
             with torch.no_grad():
@@ -301,6 +322,38 @@ def test_modelopt_export_read_convert_back(modelopt_exports, tmp_path, scheme):
     if scheme in ("w4a16", "w4a8"):  # pre_quant_scale and float32 amax/7 scales: GPTQ refuses instead of rounding
         with pytest.raises(QtoolError, match="cannot hold"):
             write_checkpoint(ckpt, "gptq", tmp_path / "g")
+    if scheme == "w8a8-int8":  # compressed-tensors W8A8 has no pre_quant_scale: refused, not dropped
+        with pytest.raises(QtoolError, match="cannot hold"):
+            write_checkpoint(ckpt, "compressed-tensors", tmp_path / "ct")
+
+
+def test_modelopt_int8_sq_is_static_per_tensor(modelopt_exports):
+    """ModelOpt 0.47's INT8 SmoothQuant: SmoothQuant collects per-channel input amax only to compute the
+    smoothing, then leaves ONE static amax per input quantizer (axis None, not dynamic), keeps the
+    smoothing as a separate pre_quant_scale on every linear (q/k/v and gate/up sharing one), and its
+    export writes int8 weights, weight_scale [N] = amax/127 per row, input_scale [] = amax/127.
+    qtool reads that as static per-tensor int8 activations after pre_scale."""
+    d = modelopt_exports["w8a8-int8"][0]
+    quantizers = modelopt_exports["w8a8-int8 input quantizers"]
+    assert len(quantizers) == 14
+    for name, q in quantizers.items():
+        assert q["axis"] is None and not q["dynamic"] and q["amax"].numel() == 1, name
+    hf = json.loads((d / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert "config_groups" not in json.loads((d / "config.json").read_text())["quantization_config"]
+    td = TensorDir(d)
+    ckpt = read_checkpoint(d)
+    for name, qt in ckpt.qtensors.items():
+        n, k = qt.shape
+        assert (td[f"{name}.weight"].dtype, td.shape(f"{name}.weight")) == (torch.int8, [n, k])
+        assert (td[f"{name}.weight_scale"].dtype, td.shape(f"{name}.weight_scale")) == (torch.float32, [n])
+        assert (td[f"{name}.input_scale"].dtype, td.shape(f"{name}.input_scale")) == (torch.float32, [])
+        assert td.shape(f"{name}.pre_quant_scale") == [k], name
+        assert (qt.act.kind, qt.act.dtype, qt.act.granularity) == ("static", "int8", "tensor")
+        assert torch.equal(qt.act.scale, (quantizers[name]["amax"].float() / 127).reshape(1)), name
+        assert qt.group_size == -1 and qt.scales.shape == (n, 1) and qt.pre_scale is not None
+    for group in fused_groups(ckpt.qtensors):
+        assert all(torch.equal(ckpt.qtensors[m].pre_scale, ckpt.qtensors[group[0]].pre_scale) for m in group), group
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
@@ -329,8 +382,9 @@ def test_modelopt_structure_matches_producer(modelopt_exports, llama32, tmp_path
 # neighbouring code and the dequant scale is one ulp apart; on this random 2-layer model that single
 # flipped weight code moves the logits by ~2% of the FP8 quantization effect (measured 0.019), hence 5%.
 # W4A8_AWQ's second level goes through the same fp8 rounding path (measured 7e-7 here, no tie hit), so
-# it gets the FP8 allowance.
-TOL = {"fp8": 0.05, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05}
+# it gets the FP8 allowance. INT8 SmoothQuant (static per-tensor int8 inputs after pre_quant_scale)
+# agrees to float32 rounding as well (measured ~1e-6 of the quantization effect), hence 1e-4.
+TOL = {"fp8": 0.05, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05, "w8a8-int8": 1e-4}
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
