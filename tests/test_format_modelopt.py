@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from exporters import read_checkpoint, write_checkpoint
+from exporters import FORMATS, read_checkpoint, write_checkpoint
 from exporters.fused import fused_groups
 from exporters.io import TensorDir
 from qtensor import ActQuant, get_scheme
@@ -401,3 +401,82 @@ def test_modelopt_logits_match_fake_quant(modelopt_exports, scheme):
           f"mean |modelopt - unquantized| {qerr:.3g}")
     assert diff < TOL[scheme] * qerr
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+# ---- INT8 SmoothQuant through qtool's own workflows ---------------------------------------------
+
+def _same_dirs(a_dir, b_dir):
+    a, b = TensorDir(a_dir), TensorDir(b_dir)
+    assert set(a) == set(b)
+    for k in a:
+        assert same_tensor(a[k], b[k]), k
+    for f in ("hf_quant_config.json",):
+        assert json.loads((a_dir / f).read_text()) == json.loads((b_dir / f).read_text())
+
+
+def test_modelopt_int8_sq_backend_and_native_both_ways(tiny_models, tmp_path):
+    """`--backend modelopt --scheme w8a8-int8` writes the modelopt format directly; qtool -> modelopt ->
+    qtool -> modelopt is lossless and byte-stable. qtool's own SmoothQuant with static per-tensor int8
+    activations (w8a8-int8-static) goes there too (smoothing folded into the norms: no pre_quant_scale);
+    its dynamic per-token w8a8-int8 has no ModelOpt layout and is refused, naming why."""
+    import math
+
+    from quantize_cli import api
+
+    md = tiny_models("llama")
+    api.quantize(str(md), "w8a8-int8", format="modelopt", out=tmp_path / "m", samples=4, seqlen=32, backend="modelopt")
+    ck = read_checkpoint(tmp_path / "m")
+    assert ck.format == "modelopt" and len(ck.qtensors) == 14
+    hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    for name, qt in ck.qtensors.items():
+        assert (qt.act.kind, qt.act.dtype, qt.bits, qt.group_size) == ("static", "int8", 8, -1) and qt.pre_scale is not None, name
+    api.export(tmp_path / "m", "qtool", tmp_path / "q")
+    q = read_checkpoint(tmp_path / "q")
+    assert all(q.qtensors[n].equal(qt) for n, qt in ck.qtensors.items())
+    api.export(tmp_path / "q", "modelopt", tmp_path / "m2")
+    _same_dirs(tmp_path / "m", tmp_path / "m2")
+    r = api.evaluate(tmp_path / "m", windows=2)
+    assert all(math.isfinite(r[k]) for k in ("perplexity", "kl_divergence", "top1_agreement"))
+    engines = {e["engine"]: e for e in api.inspect(tmp_path / "m")["engines"]}
+    assert engines["tensorrt-llm"]["loads"] and not engines["vllm"]["loads"] and not engines["sglang"]["loads"]
+    assert "W8A8_SQ_PER_CHANNEL" in engines["vllm"]["note"]
+
+    api.quantize(str(md), "w8a8-int8-static", method="smoothquant", format="qtool", out=tmp_path / "nq", samples=4, seqlen=32)
+    nq = read_checkpoint(tmp_path / "nq")
+    api.export(tmp_path / "nq", "modelopt", tmp_path / "nm")
+    nm_ = read_checkpoint(tmp_path / "nm")
+    assert nm_.format == "modelopt" and all(nm_.qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
+    assert not any(k.endswith(".pre_quant_scale") for k in TensorDir(tmp_path / "nm"))
+    trt = next(why for e, ok, why in FORMATS["modelopt"].engines(nm_) if e == "tensorrt-llm")
+    assert "14 int8 layers have no pre_quant_scale" in trt
+    api.export(tmp_path / "nm", "qtool", tmp_path / "nq2")
+    assert all(read_checkpoint(tmp_path / "nq2").qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
+    dyn = replace(nq, qtensors={n: qt.replace(act=ActQuant("dynamic", "int8", "token")) for n, qt in nq.qtensors.items()})
+    with pytest.raises(QtoolError, match="dynamic per-token activations"):
+        write_checkpoint(dyn, "modelopt", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("tensor,bad,match", [
+    ("weight_scale", lambda t: t.bfloat16(), "dtype torch.bfloat16"),
+    ("weight_scale", lambda t: t.reshape(-1, 1), r"shape \[128, 1\], expected \[128\]"),
+    ("weight_scale", lambda t: t * 0, "not positive"),
+    ("input_scale", lambda t: t.half(), "dtype torch.float16"),
+    ("input_scale", lambda t: t.reshape(1).repeat(2), "expected a scalar"),
+    ("input_scale", lambda t: -t, "not positive"),
+    ("weight", lambda t: t.view(torch.uint8), "dtype torch.uint8"),
+    ("pre_quant_scale", lambda t: t[:-1], r"shape \[127\]"),
+])
+def test_modelopt_int8_sq_malformed(tiny_models, tmp_path, cli, tensor, bad, match):
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint(make(tiny_models("llama"), "w8a8-int8"), "modelopt", tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    sd = load_file(f)
+    key = f"model.layers.1.self_attn.o_proj.{tensor}"
+    sd[key] = bad(sd[key]).contiguous()
+    save_file(sd, f)
+    r = cli("inspect", tmp_path / "m")
+    assert r.code == 2 and key in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert __import__("re").search(match, r.err), r.err
