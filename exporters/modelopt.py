@@ -27,13 +27,15 @@ compressed-tensors-like config_groups for FP8/NVFP4, "ignore", "producer"). Per 
              share one). Layers without pre_quant_scale (qtool's smoothquant folds it into the norm)
              are written without it. config.json gets no config_groups (ModelOpt's
              convert_hf_quant_config_format has none for it). Verified against export_hf_checkpoint.
+             (ModelOpt's fake quant clamps activations to [-127, 127], qtool's runtime and TensorRT-LLM
+             to [-128, 127]: only inputs beyond the calibrated amax can differ.)
   KV cache   <attn>.k_proj.k_scale / v_proj.v_scale float32 [] pass through (kv_cache_quant_algo FP8)
 
 Mixed algorithms are written as ModelOpt does: quant_algo MIXED_PRECISION with quantized_layers.
 Engine rule enforced on write: fused q/k/v and gate/up shards share `input_scale`, `weight_scale_2`
 and `pre_quant_scale` (vLLM/SGLang/TensorRT-LLM keep one value per fused tensor, and a fused GEMM
-reads one input; ModelOpt's export unifies them the same way); FP8 per-tensor weight scales may differ (the engines re-quantize the shards to their max, as
-they do for ModelOpt's own exports).
+reads one input; ModelOpt's export unifies them the same way); FP8 per-tensor weight scales may
+differ (the engines re-quantize the shards to their max, as they do for ModelOpt's own exports).
 """
 
 from __future__ import annotations

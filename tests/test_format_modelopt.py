@@ -143,6 +143,22 @@ def test_modelopt_mixed_precision(tiny_models, tmp_path):
         assert back.qtensors[name].equal(qt), name
 
 
+def test_modelopt_mixed_fp8_int8_sq(tiny_models, tmp_path):
+    """FP8 attention + INT8 SmoothQuant MLP: MIXED_PRECISION, config.json exactly as ModelOpt derives it."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    fp8 = make(tiny_models("llama"), "fp8")
+    int8 = make(tiny_models("llama"), "w8a8-int8")
+    mixed = replace(fp8, qtensors={n: (int8.qtensors[n] if ".mlp." in n else q) for n, q in fp8.qtensors.items()})
+    write_checkpoint(mixed, "modelopt", tmp_path / "m")
+    hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quantized_layers"]["model.layers.0.mlp.down_proj"] == {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert cfg == convert_hf_quant_config_format(hf)
+    back = read_checkpoint(tmp_path / "m")
+    assert all(back.qtensors[n].equal(qt) for n, qt in mixed.qtensors.items())
+
+
 @pytest.mark.parametrize("scheme,match", [
     ("fp8-block", "per-tensor"), ("mxfp4", "NVFP4"), ("w8a8-int8", "int8 weight-only"), ("fp8-dynamic", "per-tensor"),
     ("w8a16", "per output channel"),
