@@ -36,7 +36,7 @@ ROWS = {
     "modelopt-nvfp4": ("modelopt", "rtn", "nvfp4", "modelopt", "qtool", []),
     "modelopt-w4a16": ("modelopt", "rtn", "w4a16", "modelopt", "qtool", []),
     "modelopt-w4a8": ("modelopt", "rtn", "w4a8", "qtool", None, []),
-    "modelopt-w8a8-int8": ("modelopt", "rtn", "w8a8-int8", "qtool", None, []),
+    "modelopt-w8a8-int8": ("modelopt", "rtn", "w8a8-int8", "modelopt", "qtool", []),
     "autoround-w4a16-iters0": ("autoround", "rtn", "w4a16", "auto-round", "gptq", ["--option", "iters=0"]),
     "autoround-w4a16-iters20": ("autoround", "rtn", "w4a16", "auto-round", "gptq", ["--option", "iters=20"]),
     "gptqmodel-w4a16": ("gptqmodel", "rtn", "w4a16", "gptq", "qtool", []),

@@ -18,13 +18,24 @@ compressed-tensors-like config_groups for FP8/NVFP4, "ignore", "producer"). Per 
              SequentialQuantizer and TensorRT-LLM's W4A8 kernel compute it; QTensor.global_scale of an
              int weight) and input_scale float32 [] (static fp8 activations). Verified against
              export_hf_checkpoint with W4A8_AWQ_BETA_CFG.
+  W8A8_SQ_PER_CHANNEL  (INT8_SMOOTHQUANT_CFG, "int8_sq") weight int8 [N, K] = round(w / weight_scale)
+             clamped to [-128, 127]; weight_scale float32 [N] = per-row amax/127; input_scale float32 []
+             = amax/127 of the smoothed input (STATIC per-tensor int8: ModelOpt's SmoothQuant collects
+             per-channel amax only to compute the smoothing, then sets axis=None and one amax; there
+             is no dynamic per-token mode in its export); pre_quant_scale [K] (model dtype) on every
+             layer ModelOpt wrote it (0.47 keeps the smoothing separate for int8_sq, q/k/v and gate/up
+             share one). Layers without pre_quant_scale (qtool's smoothquant folds it into the norm)
+             are written without it. config.json gets no config_groups (ModelOpt's
+             convert_hf_quant_config_format has none for it). Verified against export_hf_checkpoint.
+             (ModelOpt's fake quant clamps activations to [-127, 127], qtool's runtime and TensorRT-LLM
+             to [-128, 127]: only inputs beyond the calibrated amax can differ.)
   KV cache   <attn>.k_proj.k_scale / v_proj.v_scale float32 [] pass through (kv_cache_quant_algo FP8)
 
 Mixed algorithms are written as ModelOpt does: quant_algo MIXED_PRECISION with quantized_layers.
-Engine rule enforced on write: fused q/k/v and gate/up shards share `input_scale` and `weight_scale_2`
-(vLLM/SGLang/TensorRT-LLM keep one value per fused tensor; ModelOpt's export unifies them the same
-way); FP8 per-tensor weight scales may differ (the engines re-quantize the shards to their max, as
-they do for ModelOpt's own exports).
+Engine rule enforced on write: fused q/k/v and gate/up shards share `input_scale`, `weight_scale_2`
+and `pre_quant_scale` (vLLM/SGLang/TensorRT-LLM keep one value per fused tensor, and a fused GEMM
+reads one input; ModelOpt's export unifies them the same way); FP8 per-tensor weight scales may
+differ (the engines re-quantize the shards to their max, as they do for ModelOpt's own exports).
 """
 
 from __future__ import annotations
@@ -75,6 +86,8 @@ def algo_of(qt: QTensor) -> tuple[str | None, str | None]:
         if qt.pre_scale is not None:
             return None, "pre_scale on an NVFP4 layer (NVFP4_AWQ is not written)"
         return "NVFP4", None
+    if qt.dtype == "int" and qt.bits == 8:
+        return _int8_algo(qt)
     if qt.dtype == "int":
         if qt.bits != 4 or not qt.sym:
             return None, f"{qt.bits}-bit {'symmetric' if qt.sym else 'asymmetric'} int weights (ModelOpt INT4_AWQ is 4-bit symmetric)"
@@ -94,6 +107,29 @@ def algo_of(qt: QTensor) -> tuple[str | None, str | None]:
             return None, "int4 with activations other than W4A8_AWQ's (static per-tensor fp8 input_scale and an fp8 weight_scale_2)"
         return "W4A8_AWQ", None
     return None, f"{qt.dtype} weights"
+
+
+def _int8_algo(qt: QTensor) -> tuple[str | None, str | None]:
+    """W8A8_SQ_PER_CHANNEL (ModelOpt INT8 SmoothQuant) or the reason an int8 layer is not it."""
+    n, k = qt.shape
+    a = qt.act
+    if not qt.sym:
+        return None, "asymmetric int8 weights (ModelOpt W8A8_SQ_PER_CHANNEL is symmetric)"
+    if qt.group_size != -1 or qt.scales.shape != (n, 1):
+        return None, "int8 weights not scaled per output channel (ModelOpt W8A8_SQ_PER_CHANNEL has one weight_scale per row)"
+    if qt.scales.dtype != torch.float32:
+        return None, f"{qt.scales.dtype} scales (ModelOpt W8A8_SQ_PER_CHANNEL stores float32)"
+    if qt.global_scale is not None:
+        return None, "a second-level weight scale on int8 weights"
+    if qt.pre_scale is not None and qt.pre_scale.shape != (k,):
+        return None, f"pre_scale of shape {list(qt.pre_scale.shape)}"
+    if a.kind == "none":
+        return None, "int8 weight-only (ModelOpt W8A16 is not written by qtool)"
+    if a.kind != "static" or a.dtype != "int8" or a.granularity != "tensor" or not _scalar(a.scale) or a.offset is not None:
+        how = "dynamic per-token" if a.kind == "dynamic" else f"{a.kind} {a.dtype} {a.granularity}"
+        return None, (f"int8 weights with {how} activations (ModelOpt W8A8_SQ_PER_CHANNEL needs static per-tensor "
+                      "int8 activations with one float32 input_scale; ModelOpt has no per-token int8 export)")
+    return "W8A8_SQ_PER_CHANNEL", None
 
 
 def layer_config(algo: str, qt: QTensor) -> dict:
@@ -118,6 +154,9 @@ def group_config(cfg: dict) -> dict:
         g = gs or 16
         return {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g},
                 "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": g}}
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "int"},
+                "weights": {"dynamic": False, "num_bits": 8, "type": "int", "strategy": "channel"}}
     return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": gs or 128}}
 
 
@@ -243,6 +282,17 @@ def decode_layer(td, name: str, algo: str, cfg: dict, orig_dtype: torch.dtype) -
         used.add(key)
         return t
 
+    def pre_quant(k):
+        key = f"{name}.pre_quant_scale"
+        if key not in td:
+            return None
+        pre = td[key]
+        check_tensor(key, pre, shape=[k], dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if not bool((pre > 0).all()):
+            raise QtoolError(f"tensor {key} holds a value that is not positive")
+        used.add(key)
+        return pre
+
     if algo == "FP8":
         check_tensor(f"{name}.weight", w, dtypes=(torch.float8_e4m3fn,))
         check_tensor(f"{name}.weight_scale", ws, dtypes=F32)
@@ -271,24 +321,29 @@ def decode_layer(td, name: str, algo: str, cfg: dict, orig_dtype: torch.dtype) -
             raise QtoolError(f"{name}: INT4_AWQ group size {gs} does not divide in_features {k}")
         check_tensor(f"{name}.weight_scale", ws, shape=[n, k // gs], dtypes=F32)
         codes = pk.twos_to_signed(pk.unpack_nibbles_uint8(w, dim=0), 4)
-        pre = None
-        if f"{name}.pre_quant_scale" in td:
-            pre = td[f"{name}.pre_quant_scale"]
-            check_tensor(f"{name}.pre_quant_scale", pre, shape=[k], dtypes=(torch.float32, torch.bfloat16, torch.float16))
-            used.add(f"{name}.pre_quant_scale")
+        pre = pre_quant(k)
         if algo == "W4A8_AWQ":
             act = ActQuant("static", "fp8_e4m3", "tensor", scale=scalar("input_scale").reshape(1))
             return QTensor("int", 4, codes, ws, None, gs, global_scale=scalar("weight_scale_2").reshape(()), act=act,
                            orig_dtype=orig_dtype, pre_scale=pre), used
         return QTensor("int", 4, codes, ws, None, gs, orig_dtype=orig_dtype, pre_scale=pre), used
-    raise QtoolError(f"{name}: ModelOpt quant_algo '{algo}' is not supported by this qtool (FP8, NVFP4, W4A16_AWQ, W4A8_AWQ)")
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        check_tensor(f"{name}.weight", w, dtypes=(torch.int8,))
+        n, k = w.shape
+        check_tensor(f"{name}.weight_scale", ws, shape=[n], dtypes=F32)
+        if not bool((ws > 0).all()):
+            raise QtoolError(f"tensor {name}.weight_scale holds a scale that is not positive")
+        inp = scalar("input_scale")
+        act = ActQuant("static", "int8", "tensor", scale=inp.reshape(1))
+        return QTensor("int", 8, w, ws.reshape(n, 1), None, -1, act=act, orig_dtype=orig_dtype, pre_scale=pre_quant(k)), used
+    raise QtoolError(f"{name}: ModelOpt quant_algo '{algo}' is not supported by this qtool (FP8, NVFP4, W4A16_AWQ, W4A8_AWQ, W8A8_SQ_PER_CHANNEL)")
 
 
 @register
 class ModelOptFormat(Format):
     name = "modelopt"
-    description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ, W4A8_AWQ): TensorRT-LLM, vLLM, SGLang"
-    schemes = ("fp8", "nvfp4", "w4a16", "w4a8")
+    description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ, W4A8_AWQ, INT8 SmoothQuant): TensorRT-LLM, vLLM, SGLang"
+    schemes = ("fp8", "nvfp4", "w4a16", "w4a8", "w8a8-int8", "w8a8-int8-static")
 
     def can_hold(self, name, qt):
         return algo_of(qt)[1]
@@ -302,6 +357,11 @@ class ModelOptFormat(Format):
         if algo == "NVFP4":
             return {f"{name}.weight": pk.pack_nibbles_uint8(qt.codes, dim=1), f"{name}.weight_scale": qt.scales,
                     f"{name}.weight_scale_2": qt.global_scale.reshape(()), f"{name}.input_scale": qt.act.scale.reshape(())}
+        if algo == "W8A8_SQ_PER_CHANNEL":
+            out = {f"{name}.weight": qt.codes, f"{name}.weight_scale": qt.scales.reshape(-1), f"{name}.input_scale": qt.act.scale.reshape(())}
+            if qt.pre_scale is not None:
+                out[f"{name}.pre_quant_scale"] = qt.pre_scale
+            return out
         out = {f"{name}.weight": pk.pack_nibbles_uint8(pk.signed_to_twos(qt.codes, 4), dim=0), f"{name}.weight_scale": qt.scales}
         if qt.pre_scale is not None:
             out[f"{name}.pre_quant_scale"] = qt.pre_scale
@@ -313,7 +373,8 @@ class ModelOptFormat(Format):
     def check(self, ckpt: Checkpoint) -> None:
         """Fused-shard rule (see exporters/fused.py), checked on the whole checkpoint."""
         reason = check_shared(ckpt.qtensors, "input_scale", lambda q: q.act.scale) or \
-            check_shared(ckpt.qtensors, "weight_scale_2", lambda q: q.global_scale)
+            check_shared(ckpt.qtensors, "weight_scale_2", lambda q: q.global_scale) or \
+            check_shared(ckpt.qtensors, "pre_quant_scale", lambda q: q.pre_scale)
         if reason:
             raise QtoolError(f"format modelopt cannot hold this checkpoint: {reason}")
 
@@ -370,10 +431,23 @@ class ModelOptFormat(Format):
             fp4 = "NVFP4" in algos
             out.append(("vllm", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
             out.append(("sglang", True, "modelopt / modelopt_fp4" + (" (FP4 GEMM needs Blackwell)" if fp4 else "")))
+        elif "W8A8_SQ_PER_CHANNEL" in algos:
+            # vLLM's modelopt.py QUANT_ALGOS is FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4,
+            # MXFP8, MIXED_PRECISION and raises on anything else; SGLang's modelopt only maps quant_algos
+            # containing "FP8" or "FP4" (ModelOptFp8Config raises otherwise)
+            out.append(("vllm", False, "ModelOpt W8A8_SQ_PER_CHANNEL is not in vLLM's modelopt QUANT_ALGOS (it raises on load)"))
+            out.append(("sglang", False, "ModelOpt W8A8_SQ_PER_CHANNEL: SGLang's modelopt loader takes FP8/FP4 quant_algos only"))
         else:
             reason = "ModelOpt W4A16_AWQ / W4A8_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
             out.append(("vllm", False, reason))
             out.append(("sglang", False, reason))
-        out.append(("tensorrt-llm", True, "reads hf_quant_config.json"))
+        if "W8A8_SQ_PER_CHANNEL" in algos:
+            nopre = sum(q.pre_scale is None for q in ckpt.qtensors.values() if algo_of(q)[0] == "W8A8_SQ_PER_CHANNEL")
+            note = (f"; {nopre} int8 layers have no pre_quant_scale (smoothing folded into the norm), "
+                    "which ModelOpt's own int8_sq export never produces: untested there") if nopre else ""
+            out.append(("tensorrt-llm", True, "reads hf_quant_config.json; W8A8_SQ_PER_CHANNEL = int8 per-channel weights, "
+                        "static per-tensor int8 activations (untested here)" + note))
+        else:
+            out.append(("tensorrt-llm", True, "reads hf_quant_config.json"))
         out.append(("transformers", False, "transformers 5.24 cannot load ModelOpt exports (FP8 drops scales, int4/fp4 shapes fail)"))
         return out

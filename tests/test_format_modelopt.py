@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from exporters import read_checkpoint, write_checkpoint
+from exporters import FORMATS, read_checkpoint, write_checkpoint
 from exporters.fused import fused_groups
 from exporters.io import TensorDir
 from qtensor import ActQuant, get_scheme
@@ -57,6 +57,20 @@ def with_acts(ckpt, scheme):
 
 
 def make(arch_dir, scheme):
+    if scheme == "w8a8-int8":  # INT8 SmoothQuant as ModelOpt exports it: static per-tensor int8 inputs and a
+        # pre_quant_scale (model dtype) on every layer, both shared by fused shards
+        ckpt = make_checkpoint(arch_dir, WeightSpec.of(get_scheme("w8a8-int8")))
+        g = torch.Generator().manual_seed(3)
+        qts = {}
+        for group in fused_groups(ckpt.qtensors) + [[n] for n in ckpt.qtensors]:
+            if group[0] in qts:
+                continue
+            k = ckpt.qtensors[group[0]].shape[1]
+            scale = (torch.rand((), generator=g) * 4 + 1).reshape(1) / 127
+            pre = (torch.rand(k, generator=g) + 0.5).to(ckpt.weight_dtype)
+            for n in group:
+                qts[n] = ckpt.qtensors[n].replace(act=ActQuant("static", "int8", "tensor", scale=scale.clone()), pre_scale=pre.clone())
+        return replace(ckpt, qtensors=qts)
     if scheme == "w4a8":  # W4A8_AWQ: int4 + fp8 second level (shared by fused shards) + static fp8 inputs
         ckpt = make(arch_dir, "w4a16")
         fp8 = with_acts(ckpt, "fp8")
@@ -80,7 +94,7 @@ def make(arch_dir, scheme):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("scheme", ["fp8", "nvfp4", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["fp8", "nvfp4", "w4a16", "w4a8", "w8a8-int8"])
 def test_modelopt_roundtrip_bit_identical(tiny_models, tmp_path, arch, scheme):
     ckpt = make(tiny_models(arch), scheme)
     write_checkpoint(ckpt, "modelopt", tmp_path / "m")
@@ -91,7 +105,7 @@ def test_modelopt_roundtrip_bit_identical(tiny_models, tmp_path, arch, scheme):
         assert b.equal(qt), name
         assert torch.equal(b.dequantize(), qt.dequantize()), name
     hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
-    algo = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16": "W4A16_AWQ", "w4a8": "W4A8_AWQ"}[scheme]
+    algo = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16": "W4A16_AWQ", "w4a8": "W4A8_AWQ", "w8a8-int8": "W8A8_SQ_PER_CHANNEL"}[scheme]
     assert hf["producer"]["name"] == "modelopt" and hf["quantization"]["quant_algo"] == algo
     assert "lm_head" in hf["quantization"]["exclude_modules"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -129,8 +143,25 @@ def test_modelopt_mixed_precision(tiny_models, tmp_path):
         assert back.qtensors[name].equal(qt), name
 
 
+def test_modelopt_mixed_fp8_int8_sq(tiny_models, tmp_path):
+    """FP8 attention + INT8 SmoothQuant MLP: MIXED_PRECISION, config.json exactly as ModelOpt derives it."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    fp8 = make(tiny_models("llama"), "fp8")
+    int8 = make(tiny_models("llama"), "w8a8-int8")
+    mixed = replace(fp8, qtensors={n: (int8.qtensors[n] if ".mlp." in n else q) for n, q in fp8.qtensors.items()})
+    write_checkpoint(mixed, "modelopt", tmp_path / "m")
+    hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quantized_layers"]["model.layers.0.mlp.down_proj"] == {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert cfg == convert_hf_quant_config_format(hf)
+    back = read_checkpoint(tmp_path / "m")
+    assert all(back.qtensors[n].equal(qt) for n, qt in mixed.qtensors.items())
+
+
 @pytest.mark.parametrize("scheme,match", [
-    ("fp8-block", "per-tensor"), ("mxfp4", "NVFP4"), ("w8a8-int8", "8-bit"), ("fp8-dynamic", "per-tensor"),
+    ("fp8-block", "per-tensor"), ("mxfp4", "NVFP4"), ("w8a8-int8", "int8 weight-only"), ("fp8-dynamic", "per-tensor"),
+    ("w8a16", "per output channel"),
 ])
 def test_modelopt_refuses(tiny_models, tmp_path, scheme, match):
     ckpt = make_checkpoint(tiny_models("llama"), WeightSpec.of(get_scheme(scheme)))
@@ -207,7 +238,8 @@ def test_modelopt_malformed(tiny_models, tmp_path, cli):
 
 # ---- against nvidia-modelopt itself -------------------------------------------------------------
 
-MO_CFGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
+MO_CFGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG",
+           "w8a8-int8": "INT8_SMOOTHQUANT_CFG"}
 
 
 def _emulated_block_quant(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
@@ -239,6 +271,7 @@ def modelopt_exports(llama32, tmp_path_factory):
     import modelopt.torch.quantization as mtq
     import modelopt.torch.quantization.tensor_quant as tq
     from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
     from transformers import AutoModelForCausalLM
 
@@ -265,6 +298,10 @@ def modelopt_exports(llama32, tmp_path_factory):
             model = mtq.quantize(model, cfg, loop)
             with torch.no_grad():  # what export_hf_checkpoint does first: resmooth/fuse shared-input layers
                 requantize_resmooth_fused_llm_layers(model)
+            if scheme == "w8a8-int8":  # what ModelOpt's INT8 SmoothQuant left on each input quantizer
+                out["w8a8-int8 input quantizers"] = {
+                    n: {"axis": m.input_quantizer.axis, "dynamic": m.input_quantizer._dynamic, "amax": m.input_quantizer.amax.detach().clone()}
+                    for n, m in model.named_modules() if isinstance(getattr(m, "input_quantizer", None), TensorQuantizer) and m.input_quantizer.is_enabled}
             fq = copy.deepcopy(model)
             mtq.disable_quantizer(fq, "*bmm_quantizer")  # qtool's runtime does not emulate the FP8 KV cache
             with torch.no_grad():
@@ -301,6 +338,38 @@ def test_modelopt_export_read_convert_back(modelopt_exports, tmp_path, scheme):
     if scheme in ("w4a16", "w4a8"):  # pre_quant_scale and float32 amax/7 scales: GPTQ refuses instead of rounding
         with pytest.raises(QtoolError, match="cannot hold"):
             write_checkpoint(ckpt, "gptq", tmp_path / "g")
+    if scheme == "w8a8-int8":  # compressed-tensors W8A8 has no pre_quant_scale: refused, not dropped
+        with pytest.raises(QtoolError, match="cannot hold"):
+            write_checkpoint(ckpt, "compressed-tensors", tmp_path / "ct")
+
+
+def test_modelopt_int8_sq_is_static_per_tensor(modelopt_exports):
+    """ModelOpt 0.47's INT8 SmoothQuant: SmoothQuant collects per-channel input amax only to compute the
+    smoothing, then leaves ONE static amax per input quantizer (axis None, not dynamic), keeps the
+    smoothing as a separate pre_quant_scale on every linear (q/k/v and gate/up sharing one), and its
+    export writes int8 weights, weight_scale [N] = amax/127 per row, input_scale [] = amax/127.
+    qtool reads that as static per-tensor int8 activations after pre_scale."""
+    d = modelopt_exports["w8a8-int8"][0]
+    quantizers = modelopt_exports["w8a8-int8 input quantizers"]
+    assert len(quantizers) == 14
+    for name, q in quantizers.items():
+        assert q["axis"] is None and not q["dynamic"] and q["amax"].numel() == 1, name
+    hf = json.loads((d / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert "config_groups" not in json.loads((d / "config.json").read_text())["quantization_config"]
+    td = TensorDir(d)
+    ckpt = read_checkpoint(d)
+    for name, qt in ckpt.qtensors.items():
+        n, k = qt.shape
+        assert (td[f"{name}.weight"].dtype, td.shape(f"{name}.weight")) == (torch.int8, [n, k])
+        assert (td[f"{name}.weight_scale"].dtype, td.shape(f"{name}.weight_scale")) == (torch.float32, [n])
+        assert (td[f"{name}.input_scale"].dtype, td.shape(f"{name}.input_scale")) == (torch.float32, [])
+        assert td.shape(f"{name}.pre_quant_scale") == [k], name
+        assert (qt.act.kind, qt.act.dtype, qt.act.granularity) == ("static", "int8", "tensor")
+        assert torch.equal(qt.act.scale, (quantizers[name]["amax"].float() / 127).reshape(1)), name
+        assert qt.group_size == -1 and qt.scales.shape == (n, 1) and qt.pre_scale is not None
+    for group in fused_groups(ckpt.qtensors):
+        assert all(torch.equal(ckpt.qtensors[m].pre_scale, ckpt.qtensors[group[0]].pre_scale) for m in group), group
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
@@ -329,8 +398,9 @@ def test_modelopt_structure_matches_producer(modelopt_exports, llama32, tmp_path
 # neighbouring code and the dequant scale is one ulp apart; on this random 2-layer model that single
 # flipped weight code moves the logits by ~2% of the FP8 quantization effect (measured 0.019), hence 5%.
 # W4A8_AWQ's second level goes through the same fp8 rounding path (measured 7e-7 here, no tie hit), so
-# it gets the FP8 allowance.
-TOL = {"fp8": 0.05, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05}
+# it gets the FP8 allowance. INT8 SmoothQuant (static per-tensor int8 inputs after pre_quant_scale)
+# agrees to float32 rounding as well (measured ~1e-6 of the quantization effect), hence 1e-4.
+TOL = {"fp8": 0.05, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05, "w8a8-int8": 1e-4}
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
@@ -347,3 +417,82 @@ def test_modelopt_logits_match_fake_quant(modelopt_exports, scheme):
           f"mean |modelopt - unquantized| {qerr:.3g}")
     assert diff < TOL[scheme] * qerr
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+# ---- INT8 SmoothQuant through qtool's own workflows ---------------------------------------------
+
+def _same_dirs(a_dir, b_dir):
+    a, b = TensorDir(a_dir), TensorDir(b_dir)
+    assert set(a) == set(b)
+    for k in a:
+        assert same_tensor(a[k], b[k]), k
+    for f in ("hf_quant_config.json",):
+        assert json.loads((a_dir / f).read_text()) == json.loads((b_dir / f).read_text())
+
+
+def test_modelopt_int8_sq_backend_and_native_both_ways(tiny_models, tmp_path):
+    """`--backend modelopt --scheme w8a8-int8` writes the modelopt format directly; qtool -> modelopt ->
+    qtool -> modelopt is lossless and byte-stable. qtool's own SmoothQuant with static per-tensor int8
+    activations (w8a8-int8-static) goes there too (smoothing folded into the norms: no pre_quant_scale);
+    its dynamic per-token w8a8-int8 has no ModelOpt layout and is refused, naming why."""
+    import math
+
+    from quantize_cli import api
+
+    md = tiny_models("llama")
+    api.quantize(str(md), "w8a8-int8", format="modelopt", out=tmp_path / "m", samples=4, seqlen=32, backend="modelopt")
+    ck = read_checkpoint(tmp_path / "m")
+    assert ck.format == "modelopt" and len(ck.qtensors) == 14
+    hf = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    for name, qt in ck.qtensors.items():
+        assert (qt.act.kind, qt.act.dtype, qt.bits, qt.group_size) == ("static", "int8", 8, -1) and qt.pre_scale is not None, name
+    api.export(tmp_path / "m", "qtool", tmp_path / "q")
+    q = read_checkpoint(tmp_path / "q")
+    assert all(q.qtensors[n].equal(qt) for n, qt in ck.qtensors.items())
+    api.export(tmp_path / "q", "modelopt", tmp_path / "m2")
+    _same_dirs(tmp_path / "m", tmp_path / "m2")
+    r = api.evaluate(tmp_path / "m", windows=2)
+    assert all(math.isfinite(r[k]) for k in ("perplexity", "kl_divergence", "top1_agreement"))
+    engines = {e["engine"]: e for e in api.inspect(tmp_path / "m")["engines"]}
+    assert engines["tensorrt-llm"]["loads"] and not engines["vllm"]["loads"] and not engines["sglang"]["loads"]
+    assert "W8A8_SQ_PER_CHANNEL" in engines["vllm"]["note"]
+
+    api.quantize(str(md), "w8a8-int8-static", method="smoothquant", format="qtool", out=tmp_path / "nq", samples=4, seqlen=32)
+    nq = read_checkpoint(tmp_path / "nq")
+    api.export(tmp_path / "nq", "modelopt", tmp_path / "nm")
+    nm_ = read_checkpoint(tmp_path / "nm")
+    assert nm_.format == "modelopt" and all(nm_.qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
+    assert not any(k.endswith(".pre_quant_scale") for k in TensorDir(tmp_path / "nm"))
+    trt = next(why for e, ok, why in FORMATS["modelopt"].engines(nm_) if e == "tensorrt-llm")
+    assert "14 int8 layers have no pre_quant_scale" in trt
+    api.export(tmp_path / "nm", "qtool", tmp_path / "nq2")
+    assert all(read_checkpoint(tmp_path / "nq2").qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
+    dyn = replace(nq, qtensors={n: qt.replace(act=ActQuant("dynamic", "int8", "token")) for n, qt in nq.qtensors.items()})
+    with pytest.raises(QtoolError, match="dynamic per-token activations"):
+        write_checkpoint(dyn, "modelopt", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("tensor,bad,match", [
+    ("weight_scale", lambda t: t.bfloat16(), "dtype torch.bfloat16"),
+    ("weight_scale", lambda t: t.reshape(-1, 1), r"shape \[128, 1\], expected \[128\]"),
+    ("weight_scale", lambda t: t * 0, "not positive"),
+    ("input_scale", lambda t: t.half(), "dtype torch.float16"),
+    ("input_scale", lambda t: t.reshape(1).repeat(2), "expected a scalar"),
+    ("input_scale", lambda t: -t, "not positive"),
+    ("weight", lambda t: t.view(torch.uint8), "dtype torch.uint8"),
+    ("pre_quant_scale", lambda t: t[:-1], r"shape \[127\]"),
+])
+def test_modelopt_int8_sq_malformed(tiny_models, tmp_path, cli, tensor, bad, match):
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint(make(tiny_models("llama"), "w8a8-int8"), "modelopt", tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    sd = load_file(f)
+    key = f"model.layers.1.self_attn.o_proj.{tensor}"
+    sd[key] = bad(sd[key]).contiguous()
+    save_file(sd, f)
+    r = cli("inspect", tmp_path / "m")
+    assert r.code == 2 and key in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert __import__("re").search(match, r.err), r.err

@@ -220,6 +220,9 @@ class ModelOptBackend:
             notes.append("ModelOpt also quantizes activations dynamically in MX format; qtool's scheme carries the weights only")
         if scheme.name == "w4a8":
             notes.append("ModelOpt W4A8_AWQ activations are static per-tensor fp8 (input_scale), not dynamic")
+        if scheme.name == "w8a8-int8":
+            notes.append("ModelOpt INT8 SmoothQuant activations are static per-tensor int8 (one calibrated input_scale after "
+                         "pre_quant_scale), not the dynamic per-token int8 of qtool's native w8a8-int8")
         cfg = build_config(scheme, spec, opts)
         return BackendResult(qts, tensors, notes, {"library": f"modelopt {_version()}", "config": opts["config"] or CONFIGS[scheme.name],
                                                    "algorithm": str(cfg.get("algorithm")), "seconds": round(time.time() - t0, 2)})
