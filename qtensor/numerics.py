@@ -143,16 +143,24 @@ def block_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 # ---- E2M1 (FP4) with E4M3 block scales (NVFP4) or E8M0 scales (MX) -------------------------------
 
 
+def e2m1_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|x| rounded to the nearest E2M1 magnitude {0, .5, 1, 1.5, 2, 3, 4, 6} (saturating), ties to the even
+    code: on each binade the grid is uniform (steps .5, 1, 2), so torch.round (half to even) on the
+    scaled value lands on the even code at every midpoint, 1.75 -> 2 and 3.5 -> 4 included."""
+    a = x.float().abs().clamp(max=E2M1_MAX)
+    return torch.where(a < 2, torch.round(a * 2) * 0.5, torch.where(a < 4, torch.round(a), torch.round(a * 0.5) * 2))
+
+
+def e2m1_fake(x: torch.Tensor) -> torch.Tensor:
+    """x rounded onto the signed E2M1 grid (= e2m1_values(e2m1_round(x)), without the codes)."""
+    return torch.copysign(e2m1_magnitude(x), x.float())
+
+
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest E2M1 value (ties to even code), returning 4-bit codes (uint8)."""
-    a = x.abs().clamp(max=E2M1_MAX)
-    mids = (_E2M1_POS[1:] + _E2M1_POS[:-1]) / 2  # decision boundaries
-    idx = torch.bucketize(a, mids.to(a.device), right=False)
-    # ties: bucketize(right=False) puts a value equal to a midpoint in the lower bucket; move to even code
-    tie = torch.isin(a, mids.to(a.device))
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)
-    sign = (x < 0) & (idx > 0)
-    return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
+    v = e2m1_magnitude(x)
+    idx = torch.where(v < 2, v * 2, torch.where(v < 4, v + 2, v * 0.5 + 4)).to(torch.uint8)
+    return idx + ((x < 0) & (idx > 0)).to(torch.uint8) * 8
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,8 @@ def fake_quant_act(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
         flat = xf.reshape(-1, k)
         gs_amax = act.scale.float() * nm.E2M1_MAX * nm.FP8_MAX if act.scale is not None else None
         bs, gs = nm.nvfp4_qparams(flat, 16, gs_amax)
-        codes = nm.nvfp4_quantize(flat, bs, gs, 16)
-        deq = nm.e2m1_values(codes).reshape(-1, k // 16, 16) * (bs.float() * gs)[..., None]
+        s = bs.float() * gs  # = nvfp4_quantize's codes looked up and rescaled, without materializing codes
+        deq = nm.e2m1_fake(flat.reshape(-1, k // 16, 16) / torch.where(s > 0, s, torch.ones_like(s))[..., None]) * s[..., None]
         return deq.reshape(x.shape).to(x.dtype)
     raise ValueError(f"unsupported activation type {act.dtype}")
 
