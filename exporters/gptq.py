@@ -223,5 +223,9 @@ class GPTQFormat(Format):
         else:
             out.append(("vllm", True, "gptq_marlin" if marlin else "gptq (non-Marlin kernel)"))
         out.append(("sglang", True, "gptq_marlin" if marlin else "gptq"))
-        out.append(("transformers", True, "through optimum + gptqmodel"))
+        mixed = len({(q.bits, q.group_size, q.sym) for q in qts}) > 1 or any(not ROUTER_RE.search(n) for n in skipped_linears(ckpt))
+        if mixed:  # optimum's GPTQQuantizer builds every block linear with the top-level bits
+            out.append(("transformers", False, "optimum's GPTQ loader ignores `dynamic` (per-module bits, skipped linears): load it with GPTQModel.load"))
+        else:
+            out.append(("transformers", True, "through optimum + gptqmodel"))
         return out

@@ -237,6 +237,9 @@ def inspect(path: str = typer.Argument(...), as_json: bool = typer.Option(False,
         err.print(f"size: {s['quantized'] / 1e6:.1f} MB quantized + {s['unquantized'] / 1e6:.1f} MB unquantized; files {s['files'] / 1e6:.1f} MB")
         for sch, c in r["schemes"].items():
             err.print(f"  {c:4d} x {sch}", markup=False)
+        if r.get("unquantized_linears"):
+            u = r["unquantized_linears"]
+            err.print(f"  {len(u):4d} x full precision (decoder linears): {', '.join(u[:6])}{' ...' if len(u) > 6 else ''}", markup=False)
         for e in r["engines"]:
             err.print(f"  {e['engine']}: {'loads' if e['loads'] else 'does NOT load'} ({e['note']})", markup=False)
         for c in r.get("convert_to", []):
