@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from exporters.base import VISION_RE
 from qtensor import ActQuant, QTensor
 from qtensor import numerics as nm
 from qtensor.errors import QtoolError
@@ -37,7 +38,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = getattr(cfg, "num_hidden_layers", None)
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n) and not VISION_RE.search(name):
             if any(isinstance(m, nn.Linear) for m in mod[0].modules()):
                 if best is None or len(name) < len(best[0]):
                     best = (name, mod)
@@ -153,6 +154,14 @@ class LayerContext:
     groups: list[list[str]]  # linear names in execution order, grouped by shared input
     scheme: Scheme
     spec: WeightSpec
+    resolve: object = None  # full module name -> (Scheme, WeightSpec) | None (mixed precision, --rules)
+
+    def spec_of(self, name: str) -> WeightSpec | None:
+        """The weight spec of one linear of this layer; None: it stays in full precision."""
+        if self.resolve is None:
+            return self.spec
+        c = self.resolve(f"{self.name}.{name}")
+        return None if c is None else c[1]
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
@@ -202,6 +211,7 @@ def quantize_layers(
     start_layer: int = 0,
     resume_hidden: list[torch.Tensor] | None = None,
     placement: list[tuple[str, int]] | None = None,
+    resolve=None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -211,9 +221,14 @@ def quantize_layers(
     start_layer / resume_hidden: continue a run whose first layers are done.
     placement: [(device, budget bytes)] the process owns, the first being `device`; a layer that does
     not fit the first is split over them (calibrate/placement.py).
+    resolve(full module name) -> (Scheme, WeightSpec) or None (kept in full precision): per-module
+    schemes (calibrate/rules.py); its `schemes` attribute lists every scheme it hands out.
     """
     prefix, layers = find_decoder_layers(model)
-    needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None
+    if resolve is None:
+        resolve = lambda name: (scheme, spec)  # noqa: E731
+    static = any(s.act_kind == "static" for s in getattr(resolve, "schemes", [scheme]))
+    needs_data = bool(method.stats) or static or method.prepare is not None
     if stream is not None:
         out_emb = model.get_output_embeddings()
         skip = [n for n, m in model.named_modules() if m is out_emb]
@@ -242,34 +257,40 @@ def quantize_layers(
                 raise QtoolError(f"method {method.name} does not support a layer split over devices ({lname}); give it more memory per device")
             if distributed.active():
                 raise QtoolError(f"method {method.name} does not support multi-process calibration yet (run it in one process)")
-            ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec)
+            ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec, resolve)
             rep.notes.extend(f"{lname}: {n}" for n in method.prepare(ctx, **method.options))
         layer_q: dict[str, QTensor] = {}
         for group in groups:
+            chosen = {n: resolve(f"{lname}.{n}") for n in group}
+            group = [n for n in group if chosen[n] is not None]  # the others stay in full precision
+            if not group:
+                continue
             stats = {n: {} for n in group}
-            if method.stats or scheme.act_kind == "static":  # AWQ/SmoothQuant alone need no per-group pass
+            if method.stats or any(chosen[n][0].act_kind == "static" for n in group):  # AWQ/SmoothQuant alone need no per-group pass
                 _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats)
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():
                     raise QtoolError(f"non-finite values in the weight of {lname}.{name}")
-                k = mods[name].in_features
-                if spec.group_size > 0 and k % spec.group_size:
-                    raise QtoolError(f"{lname}.{name}: in_features {k} is not a multiple of group size {spec.group_size} (choose another --group-size)")
+                k, gs = mods[name].in_features, chosen[name][1].group_size
+                if gs > 0 and k % gs:
+                    raise QtoolError(f"{lname}.{name}: in_features {k} is not a multiple of group size {gs} (choose another --group-size)")
             joint = None
             shared_h = len(group) > 1 and all(stats[n].get("hessian") is stats[group[0]].get("hessian") for n in group)
-            if method.group_fn is not None and shared_h and stats[group[0]].get("n", 0) > 0:
+            one_spec = len({chosen[n][1] for n in group}) == 1
+            if method.group_fn is not None and shared_h and one_spec and stats[group[0]].get("n", 0) > 0:
                 try:  # one pass over the concatenated rows (q/k/v, gate/up share the Hessian)
-                    joint = dict(zip(group, method.group_fn([mods[n].weight.data for n in group], spec, stats[group[0]], **method.options)))
+                    joint = dict(zip(group, method.group_fn([mods[n].weight.data for n in group], chosen[group[0]][1], stats[group[0]], **method.options)))
                 except FloatingPointError as e:
                     raise QtoolError(f"{lname}.{group[0]}: {e}") from None
             for name in group:
+                lin_scheme, lin_spec = chosen[name]
                 lin = mods[name]
                 st = stats[name]
                 full = f"{lname}.{name}"
                 if method.stats and st.get("n", 0) == 0:
                     rep.notes.append(f"{full}: no calibration tokens reached it; weight-only statistics")
                 try:
-                    qt, note = joint[name] if joint is not None else method.quantize(lin.weight.data, spec, st)
+                    qt, note = joint[name] if joint is not None else method.quantize(lin.weight.data, lin_spec, st)
                 except FloatingPointError as e:
                     raise QtoolError(f"{full}: {e}") from None
                 if note:
@@ -280,7 +301,7 @@ def quantize_layers(
                 err = float((w - lin.weight.data.float()).norm() / lin.weight.data.float().norm().clamp(min=1e-12))
                 if err > 0.5:
                     rep.notes.append(f"{full}: relative weight error {err:.2f} (quantization error exploded)")
-                qt.act = _act_quant(scheme, st.get("amax"))
+                qt.act = _act_quant(lin_scheme, st.get("amax"))
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)

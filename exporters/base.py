@@ -111,6 +111,28 @@ def get_format(name: str) -> Format:
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
+# module names that stay in full precision in every checkpoint qtool writes (calibrate/rules.py's default
+# skips; the engines build these without a quantization method)
+ROUTER_RE = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")  # MoE routers (`mlp.gate`, not `gate_proj`)
+VISION_RE = re.compile(r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vision_embed_tokens|multi_modal_projector|"
+                       r"mm_projector|multimodal_projector|audio_tower|audio_model)(\.|$)")
+
+
+def skipped_linears(ckpt: "Checkpoint") -> list[str]:
+    """Decoder-layer linears (2-D float `.weight` under a numbered block, norms and embeddings aside) that
+    the checkpoint leaves in full precision: MoE routers and what --rules skipped."""
+    out = []
+    for k in ckpt.tensors:
+        if not k.endswith(".weight") or "norm" in k or "embed" in k or not re.search(r"\.(layers|h|blocks|block)\.\d+\.", k):
+            continue
+        mod = k[: -len(".weight")]
+        if mod in ckpt.qtensors or VISION_RE.search(mod):
+            continue
+        t = ckpt.tensors[k]
+        if t.dim() == 2 and t.is_floating_point():
+            out.append(mod)
+    return sorted(out)
+
 
 def _no_constant(name):
     raise ValueError(f"non-standard JSON constant {name}")

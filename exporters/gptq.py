@@ -15,7 +15,7 @@ from qtensor import QTensor, __version__
 from qtensor import packing as pk
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, check_tensor, module_names_with, passthrough, register
+from .base import ROUTER_RE, Checkpoint, Format, check_tensor, module_names_with, passthrough, register, skipped_linears
 from .io import TensorDir
 
 BITS = (2, 3, 4, 8)
@@ -161,7 +161,9 @@ class GPTQFormat(Format):
         # one pass over the modules (they may be decoded lazily from disk)
         keys = {name: (qt.bits, qt.group_size, qt.sym, qt.act_order) for name, qt in ckpt.qtensors.items()}
         base = Counter(k[:3] for k in keys.values()).most_common(1)[0][0]
-        dynamic = {f"+:^{re.escape(name)}$": {"bits": k[0], "group_size": k[1], "sym": k[2]} for name, k in keys.items() if k[:3] != base}
+        # decoder linears left in full precision: '-:' (GPTQModel, vLLM and SGLang then build a plain Linear)
+        dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped_linears(ckpt) if not ROUTER_RE.search(name)}
+        dynamic.update({f"+:^{re.escape(name)}$": {"bits": k[0], "group_size": k[1], "sym": k[2]} for name, k in keys.items() if k[:3] != base})
         cfg = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
@@ -221,5 +223,9 @@ class GPTQFormat(Format):
         else:
             out.append(("vllm", True, "gptq_marlin" if marlin else "gptq (non-Marlin kernel)"))
         out.append(("sglang", True, "gptq_marlin" if marlin else "gptq"))
-        out.append(("transformers", True, "through optimum + gptqmodel"))
+        mixed = len({(q.bits, q.group_size, q.sym) for q in qts}) > 1 or any(not ROUTER_RE.search(n) for n in skipped_linears(ckpt))
+        if mixed:  # optimum's GPTQQuantizer builds every block linear with the top-level bits
+            out.append(("transformers", False, "optimum's GPTQ loader ignores `dynamic` (per-module bits, skipped linears): load it with GPTQModel.load"))
+        else:
+            out.append(("transformers", True, "through optimum + gptqmodel"))
         return out

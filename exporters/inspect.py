@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qtensor.errors import QtoolError
 
-from .base import FORMATS, read_checkpoint, read_config
+from .base import FORMATS, read_checkpoint, read_config, skipped_linears
 from .io import TensorDir
 
 KINDS = ("attention", "mlp", "experts", "embeddings", "other")
@@ -150,6 +150,7 @@ def summarize(path: Path) -> dict:
         "warnings": _warnings(ckpt, fmt, engines, layers),
         "convert_to": _alternatives(ckpt, ckpt.format),
         "layers": layers,
+        "unquantized_linears": skipped_linears(ckpt),  # decoder linears kept in full precision (routers, --rules skips)
         "source": ckpt.meta.get("source"),
         "eval": ckpt.meta.get("eval"),
     }

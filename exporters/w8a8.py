@@ -16,7 +16,7 @@ import torch
 from qtensor import ActQuant, QTensor
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, check_tensor, passthrough, register, require
+from .base import ROUTER_RE, Checkpoint, Format, check_tensor, passthrough, register, require
 from .fp8_block import unquantized_linears
 from .io import TensorDir
 
@@ -46,7 +46,7 @@ class _W8A8(Format):
 
     def quant_config(self, ckpt):
         # MoE routers are built without a quant config in SGLang (ReplicatedLinear(quant_config=None))
-        skipped = [n for n in unquantized_linears(ckpt) if not n.endswith((".mlp.gate", ".router", "shared_expert_gate"))]
+        skipped = [n for n in unquantized_linears(ckpt) if not ROUTER_RE.search(n)]
         if skipped:
             raise QtoolError(f"format {self.name} cannot hold this checkpoint: {skipped[0]} is unquantized (SGLang quantizes every decoder linear)")
         return {"quant_method": self.method}

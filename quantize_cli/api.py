@@ -99,16 +99,18 @@ def quantize(
     compute_dtype: str = "auto",
     max_gpu_memory: float | None = None,
     devices: list[str] | None = None,
+    rules: str | Path | None = None,
 ) -> dict:
     """max_gpu_memory: GiB each GPU may take for one decoder layer (default: 90% of its free memory); a
     layer that does not fit one GPU is split over the GPUs the process owns. devices: the devices to
-    calibrate on instead of those of `device` (e.g. ["cpu", "cpu"] to exercise the split on a CPU)."""
+    calibrate on instead of those of `device` (e.g. ["cpu", "cpu"] to exercise the split on a CPU).
+    rules: a YAML/JSON rules file of per-module schemes (calibrate/rules.py; native backend)."""
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
         return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume,
-                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices))
+                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules))
     check_combination(scheme, method, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
@@ -126,13 +128,18 @@ def quantize(
     if (max_gpu_memory is not None or devices) and backend != "native":
         raise QtoolError(f"--max-gpu-memory applies to the native pipeline, not --backend {backend}")
     spec = WeightSpec.of(sch, group_size, sym)
+    from calibrate.rules import Resolver, load_rules
+
+    if rules is not None and backend != "native":
+        raise QtoolError(f"--rules works with the native backend only (not --backend {backend})")
+    resolver = Resolver(sch, spec, load_rules(rules) if rules is not None else [])
     prepare_out(Path(out), force)
     mdir = cmodels.resolve_model(model, progress=progress)
     config, td = check_model_files(mdir)
     check_free_space(Path(out), estimate_quantized_size(td, spec, get_format(format)))
     tok = cmodels.load_tokenizer(mdir)
     meth = get_method(method, **(options or {})) if backend == "native" else None
-    n_samples = samples if (meth is None or meth.stats or meth.prepare or sch.act_kind == "static") else 1
+    n_samples = samples if (meth is None or meth.stats or meth.prepare or any(s.act_kind == "static" for s in resolver.schemes)) else 1
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
     src_dtype = _model_dtype(config)
@@ -163,6 +170,8 @@ def quantize(
         "device": device,
         "compute_dtype": str(cmodels.compute_dtype(compute_dtype, _model_dtype(config), device, meth is not None and meth.prepare is not None)).replace("torch.", ""),
     }
+    if resolver.rules:
+        meta["rules"] = resolver.describe()
     work = None
     if backend != "native":
         from calibrate.backends import get_backend
@@ -178,7 +187,7 @@ def quantize(
                        "options": meth.options, "qtool": __version__}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process's work directory holds its share of the samples
             fingerprint["world_size"] = int(os.environ["WORLD_SIZE"])
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype)
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype, resolver, get_format(format))
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -260,7 +269,7 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto"):
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto", resolver=None, fmt=None):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -289,6 +298,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
             placement = list(zip(devs, device_budgets(devs, max_gpu_memory)))
     sm = StreamedModel(mdir, cmodels.compute_dtype(compute_dtype, src_dtype, device, meth.prepare is not None), device)
     prefix, layers = find_decoder_layers(sm.model)
+    plan_notes = _plan(sm.model, prefix, layers, resolver, meth, fmt) if resolver is not None else []
     # rank 0 keeps the work directory and writes the checkpoint; other ranks keep theirs apart
     work = WorkDir(Path(out) if distributed.rank() == 0 else Path(out).with_name(f"{Path(out).name}.rank{distributed.rank()}"), fingerprint, resume)
     start = work.done
@@ -306,12 +316,30 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement)
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]
     tensors = ChainMap(layer_tensors, Subset(sm.td, outside))
-    return qts, tensors, work.notes(), work
+    return qts, tensors, plan_notes + work.notes(), work
+
+
+def _plan(model, prefix, layers, resolver, meth, fmt) -> list[str]:
+    """Check the per-module schemes of every decoder linear before any work; the notes that say
+    which modules stay in full precision and what each rule matched."""
+    from torch import nn
+
+    from calibrate.rules import default_skip
+
+    linears = {f"{prefix}.{n}": m.in_features for n, m in layers.named_modules() if isinstance(m, nn.Linear)}
+    routers = [f"{prefix}.{n}" for n, m in layers.named_modules() if not isinstance(m, nn.Linear) and default_skip(f"{prefix}.{n}") == "MoE router"]
+    notes = resolver.plan(linears, meth, fmt)
+    if routers:
+        notes.insert(0, f"full precision (default skip: MoE router): {len(routers)} router(s): {', '.join(routers[:4])}{' ...' if len(routers) > 4 else ''}")
+    outside = sorted({default_skip(n) for n, _ in model.named_modules() if n and not n.startswith(prefix + ".") and n != prefix} - {None})
+    if outside:
+        notes.insert(0, f"full precision outside the decoder layers: {', '.join(outside)}")
+    return notes
 
 
 def _update_meta(path: Path, fields: dict) -> None:

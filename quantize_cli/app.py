@@ -149,6 +149,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt weights (torch.load weights_only=True) when MODEL has no safetensors"),
+    rules: Optional[str] = typer.Option(None, "--rules", help="YAML/JSON file of per-module schemes: [{match: REGEX, scheme: S | skip: true}, ...]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Calibrate MODEL and write a quantized checkpoint."""
@@ -190,7 +191,7 @@ def quantize(
     device = device or "cpu"
     res = _run(
         lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle,
-                               compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices),
+                               compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules),
         as_json,
     )
     if res.get("rank"):  # data-parallel: rank 0 reports
@@ -281,6 +282,9 @@ def inspect(path: str = typer.Argument(...), as_json: bool = typer.Option(False,
         err.print(f"size: {s['quantized'] / 1e6:.1f} MB quantized + {s['unquantized'] / 1e6:.1f} MB unquantized; files {s['files'] / 1e6:.1f} MB")
         for sch, c in r["schemes"].items():
             err.print(f"  {c:4d} x {sch}", markup=False)
+        if r.get("unquantized_linears"):
+            u = r["unquantized_linears"]
+            err.print(f"  {len(u):4d} x full precision (decoder linears): {', '.join(u[:6])}{' ...' if len(u) > 6 else ''}", markup=False)
         for e in r["engines"]:
             err.print(f"  {e['engine']}: {'loads' if e['loads'] else 'does NOT load'} ({e['note']})", markup=False)
         for c in r.get("convert_to", []):

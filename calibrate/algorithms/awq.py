@@ -94,6 +94,7 @@ def search_scales(ctx, pair: sm.Pair, x_mean: torch.Tensor, calls: list[tuple], 
                   duo_scaling: bool = False) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its block error, the error at alpha = 0, i.e. plain round-to-nearest)."""
     lins = [ctx.module(n) for n in pair.group]
+    specs = [ctx.spec_of(n) if hasattr(ctx, "spec_of") else spec for n in pair.group]  # mixed precision: None = kept in full precision
     orig = [lin.weight.data.clone() for lin in lins]
     w_mean = None
     if duo_scaling:
@@ -110,8 +111,9 @@ def search_scales(ctx, pair: sm.Pair, x_mean: torch.Tensor, calls: list[tuple], 
             if w_mean is not None:
                 s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
             s = _normalise(s)
-            for lin, w in zip(lins, orig):
-                lin.weight.data.copy_((quantize_weight(w.float() * s, spec).dequantize() / s).to(w.dtype))
+            for lin, w, sp in zip(lins, orig, specs):
+                if sp is not None:
+                    lin.weight.data.copy_((quantize_weight(w.float() * s, sp).dequantize() / s).to(w.dtype))
             err, cnt = 0.0, 0
             for mod, a, kw, ref in calls:
                 out = sm._out_tensor(mod(*a, **kw))
@@ -197,8 +199,10 @@ def prepare(ctx, n_grid: int = 20, search_tokens: int = 4096, duo_scaling: bool 
             if H is None:
                 continue
             for n in g:
-                lin = ctx.module(n)
-                c = clip_search(lin.weight.data, H, spec, clip_grid, max_shrink)
+                lin, sp = ctx.module(n), ctx.spec_of(n) if hasattr(ctx, "spec_of") else spec
+                if sp is None or sp.group_size != spec.group_size:  # full precision, or H blocks of another width
+                    continue
+                c = clip_search(lin.weight.data, H, sp, clip_grid, max_shrink)
                 shrunk += int((c < 1).sum())
                 total += c.numel()
                 _CLIPS[lin.weight.data_ptr()] = (lin.weight.data, c)
