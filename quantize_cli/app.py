@@ -100,7 +100,7 @@ def _emit(result: dict, as_json: bool, human) -> None:
 def _key_value(o: str, backend: str) -> tuple[str, str]:
     k, sep, v = o.partition("=")
     if backend == "native" or not sep or not k.strip():
-        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel" if backend == "native" else "expected KEY=VALUE"), markup=False)
+        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel|msmodelslim" if backend == "native" else "expected KEY=VALUE"), markup=False)
         raise typer.Exit(2)
     return k.strip(), v.strip()
 
@@ -122,7 +122,7 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
     mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
-    backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
+    backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel, msmodelslim"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="dtype of the calibration forwards: auto (bf16 on GPUs, and on CPUs with bf16 units for bf16 models), float32, bfloat16"),
