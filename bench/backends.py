@@ -40,6 +40,7 @@ ROWS = {
     "autoround-w4a16-iters0": ("autoround", "rtn", "w4a16", "auto-round", "gptq", ["--option", "iters=0"]),
     "autoround-w4a16-iters20": ("autoround", "rtn", "w4a16", "auto-round", "gptq", ["--option", "iters=20"]),
     "gptqmodel-w4a16": ("gptqmodel", "rtn", "w4a16", "gptq", "qtool", []),
+    "msmodelslim-w8a8-static": ("msmodelslim", "rtn", "w8a8-int8-static", "msmodelslim", "qtool", []),
 }
 
 

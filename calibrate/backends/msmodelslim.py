@@ -24,10 +24,11 @@ needs is_dynamic int4 activations that msModelSlim's CPU path does not implement
 
 `--device cuda` is refused: msModelSlim targets CPU and Ascend NPUs, and qtool runs it on CPU only.
 Options (`--option KEY=VALUE`, passed to QuantConfig/Calibrator): act_method (1 min-max, 2 histogram,
-3 auto-mixed), pr, w_method (MinMax, GPTQ, HQQ), mm_tensor, disable_names (comma-separated module
-names kept float), disable_last_linear, disable_level (L0 = no automatic rollback, Ln = roll back
-the n linears with the widest activation range), anti_method (msModelSlim's anti-outlier smoothing
-before calibration, e.g. m1/m2; empty = off).
+3 auto-mixed), pr, w_method (26.1 takes only MinMax for W8A8), disable_names (comma-separated module names kept
+float), disable_last_linear, disable_level (L0 = no automatic rollback, Ln = roll back the n linears
+with the widest activation range). Not passed: mm_tensor=True (per-tensor weights: msModelSlim then
+writes a [1] deq_scale that the W8A8 layout here does not hold) and msModelSlim's AntiOutlier (its
+m1..m6 smoothing wraps the norms and adds norm biases, which HF decoders and qtool's runtime lack).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def quant_config(scheme, opts: dict):
     names = [n.strip() for n in opts["disable_names"].split(",") if n.strip()]
     try:
         cfg = QuantConfig(w_bit=8, a_bit=8, dev_type="cpu", act_method=opts["act_method"], pr=opts["pr"], w_method=opts["w_method"],
-                          w_sym=True, mm_tensor=opts["mm_tensor"], disable_names=names, disable_last_linear=opts["disable_last_linear"],
+                          w_sym=True, mm_tensor=False, disable_names=names, disable_last_linear=opts["disable_last_linear"],
                           is_dynamic=scheme.name == "w8a8-int8")
     except Exception as e:  # noqa: BLE001 - msModelSlim's own validation, named
         raise _error("to build its QuantConfig", e) from None
@@ -91,16 +92,6 @@ def quant_config(scheme, opts: dict):
     if str(getattr(cfg.model_quant_type, "value", cfg.model_quant_type)) != want:
         raise QtoolError(f"msmodelslim QuantConfig gives {cfg.model_quant_type} for scheme {scheme.name} (expected {want})")
     return cfg
-
-
-def anti_outlier(model, calib: list, method: str) -> None:
-    """msModelSlim's anti-outlier smoothing (AntiOutlier(..., AntiOutlierConfig(anti_method)).process())."""
-    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
-
-    try:
-        AntiOutlier(model, calib_data=calib, cfg=AntiOutlierConfig(w_bit=8, a_bit=8, anti_method=method, dev_type="cpu", w_sym=True)).process()
-    except Exception as e:  # noqa: BLE001
-        raise _error(f"to run anti-outlier {method} on this {model.config.model_type} model", e) from None
 
 
 def run_msmodelslim(model_dir: Path, scheme, samples: torch.Tensor, opts: dict, out: Path) -> list[str]:
@@ -115,8 +106,6 @@ def run_msmodelslim(model_dir: Path, scheme, samples: torch.Tensor, opts: dict, 
         # tied head (Gemma): msModelSlim's safetensors save refuses shared tensors; give the head its own copy
         out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
     calib = [[row[None].clone()] for row in samples]
-    if opts["anti_method"]:
-        anti_outlier(model, calib, opts["anti_method"])
     try:
         cal = Calibrator(model, cfg, calib_data=calib, disable_level=opts["disable_level"])
         cal.run()
@@ -142,8 +131,7 @@ def decode_saved(path: Path, config: dict):
 class MsModelSlimBackend:
     name = "msmodelslim"
     schemes = tuple(QUANT_TYPE)
-    OPTIONS = {"act_method": 1, "pr": 1.0, "w_method": "MinMax", "mm_tensor": False, "disable_names": "", "disable_last_linear": True,
-               "disable_level": "L0", "anti_method": ""}
+    OPTIONS = {"act_method": 1, "pr": 1.0, "w_method": "MinMax", "disable_names": "", "disable_last_linear": True, "disable_level": "L0"}
 
     def quantize(self, model_dir, scheme, spec, samples, options, device, progress):
         if device != "cpu":
@@ -171,8 +159,7 @@ class MsModelSlimBackend:
                 and torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
             del tensors["lm_head.weight"]  # msModelSlim saves the tied head as its own copy
         kept = [n for n in rolled if n not in qts]
-        notes = [f"msmodelslim {_version()} {QUANT_TYPE[scheme.name]} (act_method={opts['act_method']}, w_method={opts['w_method']}"
-                 + (f", anti_method={opts['anti_method']}" if opts["anti_method"] else "") + ")",
+        notes = [f"msmodelslim {_version()} {QUANT_TYPE[scheme.name]} (act_method={opts['act_method']}, w_method={opts['w_method']})",
                  "msModelSlim kept in float: " + (", ".join(kept) if kept else "none")]
         return BackendResult(qts, tensors, notes, {"library": f"msmodelslim {_version()}", "quant_type": QUANT_TYPE[scheme.name], **opts,
                                                    "rolled_back": kept, "seconds": round(time.time() - t0, 2)})
