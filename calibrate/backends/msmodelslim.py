@@ -47,6 +47,7 @@ from . import BackendResult, register
 from .common import first_line, model_dtype, other_tensors, quiet_stdout, take_options, work_dir
 
 QUANT_TYPE = {"w8a8-int8-static": "W8A8", "w8a8-int8": "W8A8_DYNAMIC"}
+TRIM_HEAP = True  # see _trim_after_each_forward
 
 
 def _version() -> str:
@@ -94,6 +95,21 @@ def quant_config(scheme, opts: dict):
     return cfg
 
 
+def _trim_after_each_forward(model) -> None:
+    """Hand freed heap back to the OS after every calibration forward (glibc malloc_trim). msModelSlim's
+    calibration holds no tensors from one sample to the next, yet without this the process RSS grows by
+    about the size of one sample's linear inputs per sample (64 x 512 on Gemma-3-270M: 15 GiB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+    model.register_forward_hook(lambda *_: trim(0))
+
+
 def run_msmodelslim(model_dir: Path, scheme, samples: torch.Tensor, opts: dict, out: Path) -> list[str]:
     """Quantize with msModelSlim on CPU and save its safe_tensor output under `out`; returns the rolled-back layer names."""
     Calibrator, _ = _import()
@@ -106,6 +122,8 @@ def run_msmodelslim(model_dir: Path, scheme, samples: torch.Tensor, opts: dict, 
         # tied head (Gemma): msModelSlim's safetensors save refuses shared tensors; give the head its own copy
         out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
     calib = [[row[None].clone()] for row in samples]
+    if TRIM_HEAP:
+        _trim_after_each_forward(model)
     try:
         cal = Calibrator(model, cfg, calib_data=calib, disable_level=opts["disable_level"])
         cal.run()
