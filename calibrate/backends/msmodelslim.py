@@ -33,7 +33,6 @@ m1..m6 smoothing wraps the norms and adds norm biases, which HF decoders and qto
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
