@@ -141,15 +141,17 @@ def test_backend_to_formats_and_eval(sources, tiny_models, tmp_path, arch):
     _eval_ok(tmp_path / "q")
 
 
-def test_decoder_reads_python_api_naming(sources, tmp_path):
+def test_decoder_reads_python_api_naming(sources, tmp_path, monkeypatch):
     """Calibrator.save(save_type=["safe_tensor"]) writes quant_model_weight_w8a8.safetensors and
     quant_model_description_w8a8.json (no version/group_size); qtool reads it as msmodelslim, the same
     as under the CLI's name quant_model_description.json; two descriptions are refused."""
     src = sources["float32"]
     opts = take_options("msmodelslim", {}, bms.MsModelSlimBackend.OPTIONS)
     d = tmp_path / "ms"
+    monkeypatch.chdir(tmp_path)
     with bms.quiet_stdout():
         bms.run_msmodelslim(src, get_scheme("w8a8-int8-static"), _qtool_samples(src), opts, d)
+    assert [p.name for p in tmp_path.iterdir()] == ["ms"]  # msModelSlim's features.npy stays out of the working directory
     assert sorted(p.name for p in d.iterdir()) == ["quant_model_description_w8a8.json", "quant_model_weight_w8a8.safetensors"]
     shutil.copy(src / "config.json", d / "config.json")
     a = read_checkpoint(d)

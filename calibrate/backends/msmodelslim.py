@@ -123,10 +123,12 @@ def run_msmodelslim(model_dir: Path, scheme, samples: torch.Tensor, opts: dict, 
     calib = [[row[None].clone()] for row in samples]
     if TRIM_HEAP:
         _trim_after_each_forward(model)
+    out = Path(out).resolve()
     try:
-        cal = Calibrator(model, cfg, calib_data=calib, disable_level=opts["disable_level"])
-        cal.run()
-        cal.save(str(out), save_type=["safe_tensor"])
+        with work_dir("qtool-msmodelslim-cwd-"):  # msModelSlim writes features.npy into the working directory
+            cal = Calibrator(model, cfg, calib_data=calib, disable_level=opts["disable_level"])
+            cal.run()
+            cal.save(str(out), save_type=["safe_tensor"])
     except QtoolError:
         raise
     except Exception as e:  # noqa: BLE001 - the library's failure, named
