@@ -22,12 +22,17 @@ carries no quantization_config. Per linear ([N, K]):
 Weights may be asymmetric (weight_offset): msModelSlim's real weight is scale * (q - offset) with q
 signed; qtool's asymmetric uint codes u and zero z map to q = u - 2^(b-1), offset = z - 2^(b-1).
 The derived tensors (deq_scale, quant_bias, scale_bias) are checked against the rest on read.
+
+Read also: what msModelSlim's Python API (`Calibrator.save(save_type=["safe_tensor"])`) writes, one
+quant_model_weight_<type>.safetensors with quant_model_description_<type>.json (e.g. _w8a8), no
+index, no version/group_size keys, and weight_scale/weight_offset kept for W8A8.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -48,6 +53,18 @@ PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WF
 TYPES = ("W8A8", "W8A8_DYNAMIC", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
 DOWN = ("down_proj", "o_proj", "w2")
 TP_NUM = 16  # the tensor-parallel split msModelSlim's W4A8 scale_bias assumes
+DESC_VARIANT = re.compile(r"quant_model_description_[a-z0-9_]+\.json")  # msModelSlim's Python-API save name
+
+
+def description_file(path: Path) -> Path | None:
+    """quant_model_description.json, else the one quant_model_description_<type>.json; None if neither."""
+    path = Path(path)
+    if (path / DESC).is_file():
+        return path / DESC
+    found = sorted(f for f in path.glob("quant_model_description_*.json") if DESC_VARIANT.fullmatch(f.name) and f.is_file()) if path.is_dir() else []
+    if len(found) > 1:
+        raise QtoolError(f"{path}: several msModelSlim descriptions ({', '.join(f.name for f in found)}); keep one")
+    return found[0] if found else None
 
 
 def type_of(qt: QTensor) -> tuple[str | None, str | None]:
@@ -220,10 +237,10 @@ class MsModelSlimFormat(Format):
         (out / DESC).write_text(json.dumps(desc, indent=2) + "\n")
 
     def detect(self, path, config):
-        return (Path(path) / DESC).is_file()
+        return description_file(path) is not None
 
     def decode(self, path: Path, config: dict) -> Checkpoint:
-        f = Path(path) / DESC
+        f = description_file(path) or Path(path) / DESC
         try:
             desc = json.loads(f.read_text())
         except (ValueError, UnicodeDecodeError):
@@ -233,10 +250,10 @@ class MsModelSlimFormat(Format):
         td = TensorDir(path)
         for k in td:
             if k not in desc:
-                raise QtoolError(f"tensor {k} is not listed in {DESC}")
+                raise QtoolError(f"tensor {k} is not listed in {f.name}")
         gsz = desc.get("group_size", 0)
         if not isinstance(gsz, int) or gsz < 0:
-            raise QtoolError(f"{DESC}: group_size {gsz!r} is not a non-negative integer")
+            raise QtoolError(f"{f.name}: group_size {gsz!r} is not a non-negative integer")
         dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
         qts, claimed = {}, set()
         for key, t in desc.items():
@@ -251,7 +268,7 @@ class MsModelSlimFormat(Format):
                     raise QtoolError(f"tensor {u} is described as {desc.get(u)!r}, its layer as {t}")
             claimed |= used
         if not qts:
-            raise QtoolError(f"{path}: {DESC} lists no quantized layer")
+            raise QtoolError(f"{path}: {f.name} lists no quantized layer")
         return Checkpoint(config, qts, Subset(td, [k for k in td if k not in claimed]), path)
 
     def _decode_layer(self, td, name: str, t: str, gsz: int, dtype) -> tuple[QTensor, set[str]]:

@@ -27,7 +27,7 @@ from qtensor import SCHEMES, __version__, get_scheme
 from qtensor.errors import GateFailed, QtoolError
 from qtensor.schemes import WeightSpec
 
-BACKENDS = ("native", "modelopt", "autoround", "gptqmodel")
+BACKENDS = ("native", "modelopt", "autoround", "gptqmodel", "msmodelslim")
 
 
 def combinations() -> list[tuple[str, str, str]]:
@@ -59,7 +59,7 @@ def check_combination(scheme: str, method: str, fmt: str, backend: str = "native
 
         b = get_backend(backend)
         if scheme not in b.schemes:
-            raise _combo_error(f"backend {backend} with scheme {scheme}")
+            raise QtoolError(f"backend {backend} with scheme {scheme} is not built yet (backend {backend} supports: {', '.join(b.schemes)})")
         if scheme not in getattr(FORMATS[fmt], "schemes", ()):
             raise _combo_error(f"scheme {scheme} in format {fmt}")
         return

@@ -116,7 +116,7 @@ def _emit(result: dict, as_json: bool, human) -> None:
 def _key_value(o: str, backend: str) -> tuple[str, str]:
     k, sep, v = o.partition("=")
     if backend == "native" or not sep or not k.strip():
-        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel" if backend == "native" else "expected KEY=VALUE"), markup=False)
+        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel|msmodelslim" if backend == "native" else "expected KEY=VALUE"), markup=False)
         raise typer.Exit(2)
     return k.strip(), v.strip()
 
@@ -138,7 +138,7 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
     mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
-    backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel"),
+    backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel, msmodelslim"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cpu; cuda with --gpus)"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="calibrate on K GPUs of this host: data-parallel processes, a layer too large for one GPU split over several"),

@@ -1,4 +1,4 @@
-"""Library backends (ModelOpt, AutoRound, GPTQModel): one module each plus one registry line.
+"""Library backends (ModelOpt, AutoRound, GPTQModel, msModelSlim): one module each plus one registry line.
 
 A backend runs a library's own algorithm on qtool's calibration data and brings the result into the
 shared representation, so any format that holds the scheme can write it:
@@ -45,3 +45,4 @@ def get_backend(name: str):
 from . import modelopt  # noqa: E402,F401  (each module registers itself)
 from . import autoround  # noqa: E402,F401
 from . import gptqmodel  # noqa: E402,F401
+from . import msmodelslim  # noqa: E402,F401
