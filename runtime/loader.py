@@ -23,6 +23,47 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+COMPACT_MIN = 1 << 20  # elements: unquantized embeddings / heads at least this large stay in their 16-bit storage
+
+
+def _compact(mod: nn.Module, leaf: str, t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Keep a large 16-bit embedding or unquantized linear weight in its stored dtype when computing in a
+    wider one: the model is never held as a full-precision copy (Gemma-3-270M's tied 262k x 640 embedding
+    is 2/3 of its w4a16 checkpoint). _widen() makes the module compute in `dtype` all the same."""
+    return (leaf == "weight" and isinstance(mod, (nn.Embedding, nn.Linear)) and not isinstance(mod, QuantLinear)
+            and t.dtype in (torch.bfloat16, torch.float16) and dtype.itemsize > t.itemsize and t.numel() >= COMPACT_MIN)
+
+
+def _embedding_forward(self, ids):
+    out = nn.functional.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+    out = out.to(self._qtool_dtype)  # exact: 16-bit values widened
+    scale = getattr(self, "embed_scale", None)  # Gemma's scaled word embedding
+    return out * scale.to(out.dtype) if scale is not None else out
+
+
+def _linear_forward(self, x, rows: int = 16384):
+    """x @ W^T with W widened a block of output rows at a time (no full wide copy)."""
+    w = self.weight
+    out = torch.cat([nn.functional.linear(x, w[i : i + rows].to(x.dtype)) for i in range(0, w.shape[0], rows)], dim=-1)
+    return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+
+def _widen(model: nn.Module, dtype: torch.dtype) -> None:
+    import types
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) or not isinstance(m, (nn.Embedding, nn.Linear)) or m.weight.dtype == dtype or m.weight.device.type == "meta":
+            continue
+        if isinstance(m, nn.Embedding):
+            if type(m) is not nn.Embedding and not hasattr(m, "embed_scale"):
+                m.weight = nn.Parameter(m.weight.data.to(dtype), requires_grad=False)  # unknown subclass: widen it
+                continue
+            m._qtool_dtype = dtype
+            m.forward = types.MethodType(_embedding_forward, m)
+        else:
+            m.forward = types.MethodType(_linear_forward, m)
+
+
 def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     model = build_skeleton(ckpt.config)
     modules = dict(model.named_modules())
@@ -51,10 +92,10 @@ def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, 
         target = params.get(key, buffers.get(key))
         if list(t.shape) != list(target.shape):
             raise QtoolError(f"tensor {key} has shape {list(t.shape)}, the model expects {list(target.shape)}")
-        if t.is_floating_point():
-            t = t.to(dtype)
         parent, _, leaf = key.rpartition(".")
         mod = model.get_submodule(parent) if parent else model
+        if t.is_floating_point() and not _compact(mod, leaf, t, dtype):
+            t = t.to(dtype)
         if key in params:
             setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
         else:
@@ -64,6 +105,7 @@ def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, 
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise QtoolError(f"checkpoint is missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    _widen(model, dtype)
     return model.to(device).eval()
 
 
