@@ -3,6 +3,7 @@ linearly with the number of layers.
 
     python bench/scale.py                      # 1.5B (32 layers) and 3B (64 layers) Llama-shaped models
     python bench/scale.py --hidden 1024 --layers 8 16   # a quicker pair
+    python bench/scale.py --gemma                       # Gemma-3-270M beside the same model 2x deeper
 
 Each model is random-weight bf16, sharded safetensors (one shard per 4 layers), written once. Each
 `qtool quantize --method gptq` runs in its own process; the child reports its own peak RSS.
@@ -71,6 +72,40 @@ def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int = 3200
     return total
 
 
+def write_deeper(src: Path, d: Path, times: int = 2) -> int:
+    """Gemma-3-270M (or any single-file model) with its decoder layers repeated `times` over: the same
+    shapes, vocabulary and activations, `times` x the layers (layer i + k*L = layer i)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    n = text["num_hidden_layers"]
+    if (d / "config.json").exists():
+        return n * times
+    d.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.is_file() and f.name != "config.json" and not f.name.endswith(".index.json"):
+            (d / f.name).write_bytes(f.read_bytes())
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out, weight_map = {}, {}
+    for k, v in tensors.items():
+        parts = k.split(".")
+        if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
+            i = parts.index("layers") + 1
+            for t in range(times):
+                out[".".join(parts[:i] + [str(int(parts[i]) + t * n)] + parts[i + 1:])] = v
+        else:
+            out[k] = v
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    text["num_hidden_layers"] = n * times
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"] * times
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return n * times
+
+
 def child(model: str, out: str, samples: int, seqlen: int) -> None:
     import resource
 
@@ -91,10 +126,14 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--gemma", action="store_true", help="Gemma-3-270M and the same model 2x deeper (64 x 512 samples unless --samples)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"))
     a = ap.parse_args()
     if a.child:
         child(a.child[0], a.child[1], a.samples, a.seqlen)
+        return
+    if a.gemma:
+        gemma(a)
         return
     inter = a.inter or a.hidden * 11 // 4
     rows = []
@@ -118,6 +157,34 @@ def main():
     if len(rows) >= 2:
         (n0, *_, s0, l0), (n1, *_, s1, l1) = rows[0], rows[-1]
         print(f"peak RSS ratio {rows[-1][3] / rows[0][3]:.2f} for {n1 / n0:.1f}x the layers; total time ratio {s1 / s0:.2f}")
+
+
+def run_child(model: str, out: str, samples: int, seqlen: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", model, out, "--samples", str(samples), "--seqlen", str(seqlen)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode != 0:
+        print(r.stderr[-3000:])
+        raise SystemExit(1)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def gemma(a) -> None:
+    from calibrate import models as cmodels
+
+    samples = a.samples if a.samples != 16 else 64
+    src = cmodels.resolve_model("gemma-3-270m")
+    deep = Path(a.dir) / "gemma-3-270m-x2"
+    n2 = write_deeper(src, deep, 2)
+    rows = []
+    for name, model in (("gemma-3-270m (18 layers)", "gemma-3-270m"), (f"same, layers repeated ({n2} layers)", str(deep))):
+        res = run_child(model, str(Path(a.dir) / (Path(model).name + "-gptq")), samples, a.seqlen)
+        rows.append((name, res["peak_rss_gib"], res["seconds"]))
+    print(f"\nGPTQ w4a16 g128, {samples} x {a.seqlen} calibration tokens, this machine")
+    print("| model | peak RSS (GiB) | quantize s |")
+    print("|---|---|---|")
+    for name, rss, secs in rows:
+        print(f"| {name} | {rss:.2f} | {secs:.0f} |")
+    print(f"peak RSS ratio {rows[1][1] / rows[0][1]:.2f} for 2x the layers (must stay well below 2)")
 
 
 if __name__ == "__main__":
