@@ -221,7 +221,7 @@ def _wo_gemm_kernel(
 @triton.jit
 def _wo_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, gs_ptr, out_ptr,
-    N, K, stride_xm, stride_om,
+    N, K, stride_xm, stride_om, stride_ok,
     BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
 ):
@@ -280,8 +280,8 @@ def _wo_gemv_kernel(
     optrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(optrs, y, mask=mask_n)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce (no memset, no atomics)
+        tl.store(optrs + pid_k * stride_ok, y, mask=mask_n)
 
 
 @triton.jit
@@ -303,7 +303,7 @@ def _uslot(src, SH: tl.constexpr, x_ptr, perm_ptr, kk, mu, blk, sx, BITS: tl.con
 @triton.jit
 def _wo_gemv_uniform_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
-    N, K, stride_xm, stride_om,
+    N, K, stride_xm, stride_om, stride_ok,
     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
 ):
@@ -351,8 +351,8 @@ def _wo_gemv_uniform_kernel(
     optrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(optrs, y, mask=mask_n)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce (no memset, no atomics)
+        tl.store(optrs + pid_k * stride_ok, y, mask=mask_n)
 
 
 @triton.jit
@@ -378,11 +378,22 @@ def _wo_dequant_kernel(
         tl.store(out_ptr + offs_n[None, :] * K + kk[:, None], w.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
+@triton.jit
+def _splitk_reduce(part_ptr, out_ptr, total, SK: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(SK):
+        acc += tl.load(part_ptr + i * total + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- launchers -----------------------------------------------------------------------------------
 
 GEMV_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w in [
     (32, 2, 4, 4), (64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 2, 4), (64, 4, 4, 4), (128, 2, 2, 4), (128, 4, 2, 4),
     (128, 4, 4, 8), (128, 8, 2, 4), (256, 4, 2, 8), (256, 8, 1, 8),
+    (32, 1, 8, 4), (32, 2, 8, 4), (32, 4, 4, 4), (64, 1, 8, 4), (64, 2, 8, 8), (16, 1, 8, 2), (32, 1, 16, 4),
 ]]
 SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
     (32, 1, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4), (128, 8, 8),
@@ -396,27 +407,27 @@ DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
 def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
     m = x2.shape[0]
     sk = cfg["SPLIT_K"]
-    if sk == 1:
-        out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
-    else:
-        out = torch.zeros((m, st.n), dtype=torch.float32, device=x2.device)
+    out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (m, triton.cdiv(st.n, cfg["BN"]), sk)
+    zeros = st.zeros if st.zeros is not None else st.qw
+    perm = st.perm if st.perm is not None else st.gblk
     if st.uniform:
         _wo_gemv_uniform_kernel[grid](
-            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
-            st.perm if st.perm is not None else st.gblk, out, st.n, st.k, x2.stride(0), out.stride(0),
+            x2, st.qw, st.scales, zeros, st.gblk, perm, dst, st.n, st.k, x2.stride(0), st.n, m * st.n,
             BITS=st.bits, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
             BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
         )
-        return out if sk == 1 else out.to(x2.dtype)
-    _wo_gemv_kernel[grid](
-        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
-        st.perm if st.perm is not None else st.gblk, st.global_scale, out,
-        st.n, st.k, x2.stride(0), out.stride(0),
-        BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
-        BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
-    )
-    return out if sk == 1 else out.to(x2.dtype)
+    else:
+        _wo_gemv_kernel[grid](
+            x2, st.qw, st.scales, zeros, st.gblk, perm, st.global_scale, dst, st.n, st.k, x2.stride(0), st.n, m * st.n,
+            BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
+            BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
+        )
+    if sk > 1:
+        total = m * st.n
+        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
+    return out
 
 
 def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool, use_perm: bool = True) -> torch.Tensor:
