@@ -109,6 +109,18 @@ def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, 
     return model.to(device).eval()
 
 
+def release_free_heap() -> None:
+    """Give the heap freed by loading (tensors read, unpacked and dropped) back to the OS (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Checkpoint]:
     ckpt = read_checkpoint(Path(path))
-    return model_from_checkpoint(ckpt, dtype, device), ckpt
+    model = model_from_checkpoint(ckpt, dtype, device)
+    release_free_heap()
+    return model, ckpt
