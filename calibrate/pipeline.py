@@ -139,6 +139,7 @@ class LayerReport:
     name: str
     seconds: float
     notes: list = field(default_factory=list)
+    kv: dict = field(default_factory=dict)  # --kv-cache: attention module -> (k_scale, v_scale) float32
 
 
 @dataclass
@@ -201,6 +202,7 @@ def quantize_layers(
     stream=None,
     start_layer: int = 0,
     resume_hidden: list[torch.Tensor] | None = None,
+    kv_cache: str | None = None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -208,9 +210,16 @@ def quantize_layers(
     on_layer(li, qtensors_of_layer, other_tensors_of_layer, hidden_after, report): called after
     each layer (the work directory persists it); the returned dict then stays empty.
     start_layer / resume_hidden: continue a run whose first layers are done.
+    kv_cache: "fp8_e4m3" also calibrates KV-cache scales (calibrate/kvcache.py) on each quantized
+    layer's output pass; they land in LayerReport.kv.
     """
     prefix, layers = find_decoder_layers(model)
-    needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None
+    needs_data = bool(method.stats) or scheme.act_kind == "static" or method.prepare is not None or bool(kv_cache)
+    kv_base = None
+    if kv_cache:
+        from . import kvcache
+
+        kv_base = kvcache.wrap_attention(model)
     if stream is not None:
         out_emb = model.get_output_embeddings()
         skip = [n for n, m in model.named_modules() if m is out_emb]
@@ -278,11 +287,13 @@ def quantize_layers(
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)
-        if li + 1 < len(layers):
-            with torch.no_grad():
+        if li + 1 < len(layers) or kv_cache:
+            with torch.no_grad(), (kvcache.Recorder() if kv_cache else _nullcontext()) as rec:
                 hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise QtoolError(f"non-finite activations after layer {li} ({lname})")
+            if kv_cache:
+                rep.kv = _kv_scales(rec.named(layer, lname))
         rep.seconds = time.time() - t0
         reports.append(rep)
         if on_layer is not None:
@@ -295,7 +306,24 @@ def quantize_layers(
             stream.release(lname)
         if progress:
             progress.update(task, advance=1)
+    if kv_base is not None:
+        kvcache.unwrap_attention(model, kv_base)
     return result, reports
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _kv_scales(amax: dict) -> dict:
+    """Recorded K/V amax of one layer -> {attention module: (k_scale, v_scale)}, max over ranks."""
+    from . import distributed, kvcache
+
+    stats = {f"{n}|{i}": {"amax": a[i]} for n, a in amax.items() for i in (0, 1)}
+    distributed.reduce_stats(stats)
+    return {n: kvcache.scales_from_amax(stats[f"{n}|0"]["amax"], stats[f"{n}|1"]["amax"]) for n in amax}
 
 
 def _to_cpu(qt: QTensor) -> QTensor:

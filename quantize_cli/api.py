@@ -96,13 +96,15 @@ def quantize(
     progress=None,
     resume: bool = False,
     allow_pickle: bool = False,
+    kv_cache: str | None = None,
 ) -> dict:
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
-        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume))
+        return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume, False, kv_cache))
     check_combination(scheme, method, format, backend)
+    kv_cache = _check_kv_cache(kv_cache, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
         if sch.weight_dtype != "int" or sch.act_kind != "none" or bits not in (2, 3, 4, 8):
@@ -121,7 +123,7 @@ def quantize(
     check_free_space(Path(out), estimate_quantized_size(td, spec, get_format(format)))
     tok = cmodels.load_tokenizer(mdir)
     meth = get_method(method, **(options or {})) if backend == "native" else None
-    n_samples = samples if (meth is None or meth.stats or meth.prepare or sch.act_kind == "static") else 1
+    n_samples = samples if (meth is None or meth.stats or meth.prepare or sch.act_kind == "static" or kv_cache) else 1
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
     src_dtype = _model_dtype(config)
@@ -151,6 +153,8 @@ def quantize(
         "calibration": calibration,
         "device": device,
     }
+    if kv_cache:
+        meta["kv_cache"] = {"dtype": kv_cache}
     work = None
     if backend != "native":
         from calibrate.backends import get_backend
@@ -164,7 +168,7 @@ def quantize(
         source_files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in safetensors]
         fingerprint = {**{k: v for k, v in meta.items() if k not in ("source", "source_sha256")}, "source_files": source_files,
                        "options": meth.options, "qtool": __version__}
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint)
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, kv_cache)
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -182,6 +186,8 @@ def quantize(
     phases["hash_wait"] = time.time() - t1
     t1 = time.time()
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
+    if kv_cache:
+        ckpt.kv_scales, ckpt.kv_cache_dtype = work.kv_scales(), kv_cache
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     if work is not None:
         work.remove()
@@ -246,7 +252,20 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint):
+def _check_kv_cache(kv_cache: str | None, fmt: str, backend: str) -> str | None:
+    """--kv-cache: the dtype name, refused up front where the format or backend cannot carry it."""
+    from calibrate.kvcache import check_kv_dtype
+
+    kv = check_kv_dtype(kv_cache)
+    if kv is None:
+        return None
+    if backend != "native":
+        raise QtoolError(f"--kv-cache is calibrated by the native backend only (not --backend {backend})")
+    get_format(fmt).check_kv_cache(kv)
+    return kv
+
+
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, kv_cache=None):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -282,11 +301,11 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
         for qt in layer_q.values():
             qt.orig_dtype = src_dtype
         others = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in others.items()}
-        work.save_layer(li, layer_q, others, hidden_after, rep.notes)
+        work.save_layer(li, layer_q, others, hidden_after, rep.notes, rep.kv)
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden)
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, kv_cache=kv_cache)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]

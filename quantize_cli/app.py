@@ -129,6 +129,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its work directory (.OUT.qtool-work)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt weights (torch.load weights_only=True) when MODEL has no safetensors"),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="fp8: also calibrate FP8 KV-cache scales (compressed-tensors, modelopt, qtool)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Calibrate MODEL and write a quantized checkpoint."""
@@ -144,7 +145,7 @@ def quantize(
     if allow_pickle:
         err.print(f"warning: --allow-pickle: pickle weights in {one_line(model)} are read with torch.load(weights_only=True)", markup=False, highlight=False, soft_wrap=True)
     res = _run(
-        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle),
+        lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle, kv_cache),
         as_json,
     )
 
