@@ -287,12 +287,16 @@ def quantize_layers(
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)
-        if li + 1 < len(layers) or kv_cache:
-            with torch.no_grad(), (kvcache.Recorder() if kv_cache else _nullcontext()) as rec:
+        # --kv-cache: K/V as the engine computes them; with quantized activations in a pass of their own
+        acts = bool(kv_cache) and any(qt.act.kind != "none" for qt in layer_q.values())
+        if kv_cache and acts:
+            rep.kv = _kv_scales(_kv_pass(layer, lname, layer_q, hidden, args, kwargs))
+        if li + 1 < len(layers) or (kv_cache and not acts):
+            with torch.no_grad(), (kvcache.Recorder() if kv_cache and not acts else _nullcontext()) as rec:
                 hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise QtoolError(f"non-finite activations after layer {li} ({lname})")
-            if kv_cache:
+            if kv_cache and not acts:
                 rep.kv = _kv_scales(rec.named(layer, lname))
         rep.seconds = time.time() - t0
         reports.append(rep)
@@ -315,6 +319,32 @@ def _nullcontext():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _kv_pass(layer, lname: str, layer_q: dict, hidden, args, kwargs) -> dict:
+    """K/V amax of a quantized layer whose linears also quantize their inputs (runtime.qlinear's
+    fake_quant_act, as the engine's kernels do), recorded without changing the hidden states passed on."""
+    from runtime.qlinear import fake_quant_act
+
+    from . import kvcache
+
+    hooks = []
+    for full, qt in layer_q.items():
+        if qt.act.kind == "none":
+            continue
+        mod = layer.get_submodule(full[len(lname) + 1 :])
+        a = qt.act
+        mv = lambda t, d=mod.weight.device: None if t is None else t.to(d)  # noqa: E731
+        act = type(a)(a.kind, a.dtype, a.granularity, mv(a.scale), mv(a.offset), a.group_size)
+        hooks.append(mod.register_forward_pre_hook(lambda m, inp, act=act: (fake_quant_act(inp[0], act), *inp[1:])))
+    try:
+        with torch.no_grad(), kvcache.Recorder() as rec:
+            for h in hidden:
+                layer(h, *args, **kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return rec.named(layer, lname)
 
 
 def _kv_scales(amax: dict) -> dict:

@@ -312,3 +312,46 @@ def test_eval_kv_fp8_close_but_different(llama, tmp_path):
     assert abs(b["perplexity"] / a["perplexity"] - 1) < 0.05 and b["top1_agreement"] > 0.7
     meta = json.loads((tmp_path / "kv" / "qtool.json").read_text())
     assert meta["kv_cache"]["dtype"] == "fp8_e4m3" and "eval" in meta
+
+
+def _keys_amax(ckpt_dir, model_dir, arch):
+    """Per layer amax |K| recomputed in float64 from the dequantized checkpoint: keys after k_norm and RoPE."""
+    model, ckpt = _dense_model(ckpt_dir)
+    n = model.config.num_hidden_layers
+    tok = cmodels.load_tokenizer(model_dir)
+    ids = cdata.calibration_samples(tok, None, 2, SEQLEN, 0, "text")
+    cfg = model.config
+    kvh, hd = cfg.num_key_value_heads, cfg.head_dim
+    amax = [0.0] * n
+    with torch.no_grad():
+        for row in ids:
+            out = model(input_ids=row[None], output_hidden_states=True, use_cache=False)
+            pos = torch.arange(row.numel())[None]
+            for i, layer in enumerate(model.model.layers):
+                h = layer.input_layernorm(out.hidden_states[i])
+                k = layer.self_attn.k_norm(layer.self_attn.k_proj(h).view(1, -1, kvh, hd)).transpose(1, 2)
+                lt = cfg.layer_types[i] if arch == "gemma3" else None
+                cos, sin = model.model.rotary_emb(h, pos, lt) if lt else model.model.rotary_emb(h, pos)
+                amax[i] = max(amax[i], float(_rope(k, cos.double(), sin.double()).abs().max()))
+    return ckpt, amax
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
+def test_other_architectures(tiny_models, tmp_path, arch):
+    """Gemma 3 (k_norm before RoPE, sliding layers) and Qwen3-MoE (k_norm): one scale pair per attention
+    module, equal to the float64 recomputation of keys after k_norm and RoPE; the runtime loads and runs."""
+    d = tiny_models(arch)
+    api.quantize(str(d), "w8a16", "rtn", "qtool", tmp_path / "w", samples=2, seqlen=SEQLEN, kv_cache="fp8")
+    ckpt, amax = _keys_amax(tmp_path / "w", d, arch)
+    assert set(ckpt.kv_scales) == {f"model.layers.{i}.self_attn" for i in range(len(amax))}
+    for i, a in enumerate(amax):
+        assert float(ckpt.kv_scales[f"model.layers.{i}.self_attn"][0]) == pytest.approx(a / 448, rel=1e-5)
+    # static FP8 activations: k_proj sees its fp8-quantized input when K is recorded (layer 0 has the
+    # engine's exact input; later layers get the pipeline's hidden states, computed without activation
+    # quantization)
+    out = tmp_path / "m"
+    api.quantize(str(d), "fp8", "fp8", "modelopt", out, samples=2, seqlen=SEQLEN, kv_cache="fp8")
+    ckpt, amax = _keys_amax(out, d, arch)
+    assert float(ckpt.kv_scales["model.layers.0.self_attn"][0]) == pytest.approx(amax[0] / 448, rel=1e-5)
+    assert api.evaluate(out, windows=1, no_reference=True)["perplexity"] > 1
+    assert api.inspect(out)["kv_cache"]["attention_modules"] == len(amax)
