@@ -266,7 +266,7 @@ def modelopt_exports(llama32, tmp_path_factory):
             with torch.no_grad():  # what export_hf_checkpoint does first: resmooth/fuse shared-input layers
                 requantize_resmooth_fused_llm_layers(model)
             fq = copy.deepcopy(model)
-            mtq.disable_quantizer(fq, "*bmm_quantizer")  # qtool's runtime does not emulate the FP8 KV cache
+            # the FP8 KV-cache quantizers stay on: qtool's runtime applies the exported k_scale / v_scale too
             with torch.no_grad():
                 logits = fq(ids).logits.float()
             d = base / scheme
@@ -300,8 +300,8 @@ def test_modelopt_export_read_convert_back(modelopt_exports, tmp_path, scheme):
     assert json.loads((d / "hf_quant_config.json").read_text()) == json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())
     assert json.loads((d / "config.json").read_text())["quantization_config"] == json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     if scheme in ("w4a16", "w4a8"):  # pre_quant_scale and float32 amax/7 scales: GPTQ refuses instead of rounding
-        with pytest.raises(QtoolError, match="cannot hold"):
-            write_checkpoint(ckpt, "gptq", tmp_path / "g")
+        with pytest.raises(QtoolError, match="cannot hold"):  # (without its KV-cache scales, which GPTQ refuses first)
+            write_checkpoint(replace(ckpt, kv_scales={}, kv_cache_dtype=None), "gptq", tmp_path / "g")
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
@@ -325,10 +325,13 @@ def test_modelopt_structure_matches_producer(modelopt_exports, llama32, tmp_path
 # order. FP8 differs inside ModelOpt itself: its fake quant computes fp8(x * (448/amax)) * (1/(448/amax))
 # while its export stores fp8(w / (amax/448)) with scale amax/448, so an occasional tie rounds to the
 # neighbouring code and the dequant scale is one ulp apart; on this random 2-layer model that single
-# flipped weight code moves the logits by ~2% of the FP8 quantization effect (measured 0.019), hence 5%.
-# W4A8_AWQ's second level goes through the same fp8 rounding path (measured 7e-7 here, no tie hit), so
-# it gets the FP8 allowance.
-TOL = {"fp8": 0.05, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05}
+# flipped weight code moves the logits by ~2% of the FP8 quantization effect (measured 0.019 with the FP8
+# KV cache off on both sides). The exports carry FP8 KV-cache scales, which both ModelOpt's fake quant
+# and qtool's runtime apply; the flipped code's small change to K/V then moves some K/V elements across
+# fp8 codes too: measured 0.065 (the KV cache's own effect agrees: 0.03209 vs 0.03209), hence 10%.
+# NVFP4 / INT4_AWQ / W4A8 agree to float32 rounding with the KV cache on (measured <= 2.2e-7 absolute).
+# W4A8_AWQ's second level goes through the same fp8 rounding path (no tie hit here), so it gets 5%.
+TOL = {"fp8": 0.1, "nvfp4": 1e-4, "w4a16": 1e-4, "w4a8": 0.05}
 
 
 @pytest.mark.parametrize("scheme", list(MO_CFGS))
