@@ -438,6 +438,8 @@ class CompressedTensorsFormat(Format):
         notes = []
         if any(q.dtype == "int" and q.act.kind == "none" and q.scales.dtype != ckpt.weight_dtype for q in qts):
             notes.append(f"engines cast the {qts[0].scales.dtype} weight_scale to the model dtype {ckpt.weight_dtype} on load")
+        if ckpt.kv_scales:
+            notes.append("FP8 KV-cache scales load with --kv-cache-dtype fp8")
         why = "; ".join(notes) or "compressed-tensors"
         out.append(("vllm", True, why))
         out.append(("sglang", True, why))

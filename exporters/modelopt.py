@@ -401,6 +401,8 @@ class ModelOptFormat(Format):
             reason = "ModelOpt W4A16_AWQ / W4A8_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
             out.append(("vllm", False, reason))
             out.append(("sglang", False, reason))
+        if ckpt.kv_scales:
+            out = [(e, ok, f"{why}; FP8 KV-cache scales (kv_cache_quant_algo FP8)") for e, ok, why in out]
         out.append(("tensorrt-llm", True, "reads hf_quant_config.json"))
         out.append(("transformers", False, "transformers 5.24 cannot load ModelOpt exports (FP8 drops scales, int4/fp4 shapes fail)"))
         return out

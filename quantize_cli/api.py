@@ -188,6 +188,8 @@ def quantize(
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
     if kv_cache:
         ckpt.kv_scales, ckpt.kv_cache_dtype = work.kv_scales(), kv_cache
+        if not ckpt.kv_scales:
+            raise QtoolError("--kv-cache: no attention module of this model went through transformers' attention interface, so no KV-cache scales were calibrated")
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     if work is not None:
         work.remove()
