@@ -140,6 +140,7 @@ class LayerReport:
     name: str
     seconds: float
     notes: list = field(default_factory=list)
+    kv: dict = field(default_factory=dict)  # --kv-cache: attention module -> (k_scale, v_scale) float32
 
 
 @dataclass
@@ -212,6 +213,7 @@ def quantize_layers(
     resume_hidden: list[torch.Tensor] | None = None,
     placement: list[tuple[str, int]] | None = None,
     resolve=None,
+    kv_cache: str | None = None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -223,12 +225,19 @@ def quantize_layers(
     not fit the first is split over them (calibrate/placement.py).
     resolve(full module name) -> (Scheme, WeightSpec) or None (kept in full precision): per-module
     schemes (calibrate/rules.py); its `schemes` attribute lists every scheme it hands out.
+    kv_cache: "fp8_e4m3" also calibrates KV-cache scales (calibrate/kvcache.py) on each quantized
+    layer's output pass; they land in LayerReport.kv.
     """
     prefix, layers = find_decoder_layers(model)
     if resolve is None:
         resolve = lambda name: (scheme, spec)  # noqa: E731
     static = any(s.act_kind == "static" for s in getattr(resolve, "schemes", [scheme]))
-    needs_data = bool(method.stats) or static or method.prepare is not None
+    needs_data = bool(method.stats) or static or method.prepare is not None or bool(kv_cache)
+    kv_base = None
+    if kv_cache:
+        from . import kvcache
+
+        kv_base = kvcache.wrap_attention(model)
     if stream is not None:
         out_emb = model.get_output_embeddings()
         skip = [n for n, m in model.named_modules() if m is out_emb]
@@ -305,11 +314,17 @@ def quantize_layers(
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)
-        if li + 1 < len(layers):
-            with torch.no_grad():
+        # --kv-cache: K/V as the engine computes them; with quantized activations in a pass of their own
+        acts = bool(kv_cache) and any(qt.act.kind != "none" for qt in layer_q.values())
+        if kv_cache and acts:
+            rep.kv = _kv_scales(_kv_pass(layer, lname, layer_q, hidden, args, kwargs))
+        if li + 1 < len(layers) or (kv_cache and not acts):
+            with torch.no_grad(), (kvcache.Recorder() if kv_cache and not acts else _nullcontext()) as rec:
                 hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise QtoolError(f"non-finite activations after layer {li} ({lname})")
+            if kv_cache and not acts:
+                rep.kv = _kv_scales(rec.named(layer, lname))
         rep.seconds = time.time() - t0
         reports.append(rep)
         if on_layer is not None:
@@ -328,6 +343,8 @@ def quantize_layers(
             stream.release(lname)
         if progress:
             progress.update(task, advance=1)
+    if kv_base is not None:
+        kvcache.unwrap_attention(model, kv_base)
     return result, reports
 
 
@@ -354,6 +371,47 @@ def _place(layer, lname, placement, hidden, method, model, stream, rep) -> list 
     used = sorted(set(plan))
     rep.notes.append(f"{lname}: split over {len(used)} devices ({', '.join(f'{devices[d]}: {plan.count(d)} modules' for d in used)})")
     return hooked
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _kv_pass(layer, lname: str, layer_q: dict, hidden, args, kwargs) -> dict:
+    """K/V amax of a quantized layer whose linears also quantize their inputs (runtime.qlinear's
+    fake_quant_act, as the engine's kernels do), recorded without changing the hidden states passed on."""
+    from runtime.qlinear import fake_quant_act
+
+    from . import kvcache
+
+    hooks = []
+    for full, qt in layer_q.items():
+        if qt.act.kind == "none":
+            continue
+        mod = layer.get_submodule(full[len(lname) + 1 :])
+        a = qt.act
+        mv = lambda t, d=mod.weight.device: None if t is None else t.to(d)  # noqa: E731
+        act = type(a)(a.kind, a.dtype, a.granularity, mv(a.scale), mv(a.offset), a.group_size)
+        hooks.append(mod.register_forward_pre_hook(lambda m, inp, act=act: (fake_quant_act(inp[0], act), *inp[1:])))
+    try:
+        with torch.no_grad(), kvcache.Recorder() as rec:
+            for h in hidden:
+                layer(h, *args, **kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return rec.named(layer, lname)
+
+
+def _kv_scales(amax: dict) -> dict:
+    """Recorded K/V amax of one layer -> {attention module: (k_scale, v_scale)}, max over ranks."""
+    from . import distributed, kvcache
+
+    stats = {f"{n}|{i}": {"amax": a[i]} for n, a in amax.items() for i in (0, 1)}
+    distributed.reduce_stats(stats)
+    return {n: kvcache.scales_from_amax(stats[f"{n}|0"]["amax"], stats[f"{n}|1"]["amax"]) for n in amax}
 
 
 def _to_cpu(qt: QTensor) -> QTensor:

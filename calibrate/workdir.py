@@ -101,7 +101,8 @@ class WorkDir:
     def hidden_file(self, i: int) -> Path:
         return self.path / f"hidden-{i:05d}.safetensors"
 
-    def save_layer(self, i: int, qts: dict[str, QTensor], tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor] | None, notes: list[str]) -> None:
+    def save_layer(self, i: int, qts: dict[str, QTensor], tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor] | None, notes: list[str],
+                   kv: dict | None = None) -> None:
         out = {}
         meta = {}
         for name, qt in qts.items():
@@ -109,7 +110,8 @@ class WorkDir:
             meta[name] = module_meta(qt)
         for k, v in tensors.items():
             out[_PT + k] = v
-        _atomic_save(out, self.layer_file(i), {"modules": json.dumps(meta), "notes": json.dumps(notes)})
+        kv_meta = {n: [float(k), float(v)] for n, (k, v) in (kv or {}).items()}  # float32 values: exact as JSON doubles
+        _atomic_save(out, self.layer_file(i), {"modules": json.dumps(meta), "notes": json.dumps(notes), "kv": json.dumps(kv_meta)})
         from . import distributed
 
         old = self.hidden_at
@@ -136,6 +138,15 @@ class WorkDir:
         for i in range(self.done):
             with safe_open(str(self.layer_file(i)), "pt") as f:
                 out += json.loads((f.metadata() or {}).get("notes", "[]"))
+        return out
+
+    def kv_scales(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """KV-cache scales (k_scale, v_scale) per attention module of the finished layers (--kv-cache)."""
+        out = {}
+        for i in range(self.done):
+            with safe_open(str(self.layer_file(i)), "pt") as f:
+                for n, (k, v) in json.loads((f.metadata() or {}).get("kv", "{}")).items():
+                    out[n] = (torch.tensor(k, dtype=torch.float32), torch.tensor(v, dtype=torch.float32))
         return out
 
     def results(self, n_layers: int) -> tuple["LazyQTensors", "LazyTensors"]:

@@ -50,6 +50,10 @@ class Checkpoint:
     source_dir: Path | None = None  # tokenizer and generation config come from here
     meta: dict = field(default_factory=dict)  # qtool.json content
     format: str = ""  # the format it was decoded from
+    # FP8 KV cache: attention module name (e.g. "model.layers.0.self_attn") -> (k_scale, v_scale), float32
+    # 0-dim tensors, real = fp8 * scale; kv_cache_dtype "fp8_e4m3" when present, None without a KV scheme
+    kv_scales: dict = field(default_factory=dict)
+    kv_cache_dtype: str | None = None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -64,10 +68,20 @@ class Format:
     description = ""
     packed = True  # integer codes stored at their bit width (False: one byte per code, e.g. qtool)
     safetensors = True  # False: the format writes its own files (write_files) and checks them in decode
+    kv_cache = False  # True: the format carries FP8 KV-cache scales (Checkpoint.kv_scales)
+
+    def check_kv_cache(self, dtype: str) -> None:
+        if not self.kv_cache:
+            writers = ", ".join(f.name for f in FORMATS.values() if f.kv_cache)
+            raise QtoolError(f"format {self.name} has no {dtype} KV-cache scales (--kv-cache); formats that carry them: {writers}")
 
     def write_files(self, ckpt: "Checkpoint", out: Path) -> None:
         """Tensor files of a format that does not use safetensors shards (e.g. one .gguf)."""
         raise NotImplementedError
+
+    def encode_kv(self, ckpt: "Checkpoint") -> dict[str, torch.Tensor]:
+        """The KV-cache scale tensors (formats with kv_cache = True)."""
+        return {}
 
     def can_hold(self, name: str, qt: QTensor) -> str | None:
         """None if the format can store `qt` exactly, else the reason it cannot."""
@@ -274,6 +288,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     ckpt = FORMATS[fmt].decode(path, read_config(path))
     ckpt.format = fmt
     ckpt.source_dir = ckpt.source_dir or path
+    if ckpt.kv_scales or ckpt.kv_cache_dtype:
+        check_kv_scales(ckpt)
     if not ckpt.qtensors:
         raise QtoolError(f"{path}: {fmt} checkpoint with no quantized modules")
     if isinstance(ckpt.qtensors, dict):  # decoded already: check them all (a lazy mapping's decode checks each)
@@ -378,6 +394,9 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
         if reason:
             raise QtoolError(f"format {fmt.name} cannot hold {name}: {reason}")
 
+    if ckpt.kv_scales or ckpt.kv_cache_dtype:
+        fmt.check_kv_cache(ckpt.kv_cache_dtype or "fp8_e4m3")
+        check_kv_scales(ckpt)
     lazy = not isinstance(ckpt.qtensors, dict)  # decoded from disk on access: check while encoding (one pass)
     if not lazy:
         for name, qt in ckpt.qtensors.items():
@@ -395,6 +414,7 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
                     yield k, t
                 if progress:
                     progress.update(task, advance=1)
+            yield from (fmt.encode_kv(ckpt) if ckpt.kv_scales else {}).items()
             for k in ckpt.tensors:
                 t = ckpt.tensors[k]
                 if t.is_floating_point() and t.element_size() > 1 and t.dtype != dtype and t.dim() > 0:  # scalars are scales (kv, input): kept
@@ -424,12 +444,54 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
         meta = dict(ckpt.meta)
         meta.update({"qtool_version": __version__, "format": fmt.name})
         meta.pop("eval", None)  # metrics belong to the checkpoint they were measured on
+        meta.pop("kv_cache", None)
+        if ckpt.kv_scales:
+            meta["kv_cache"] = {"dtype": ckpt.kv_cache_dtype, "modules": len(ckpt.kv_scales)}
         (tmp / "qtool.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_kv_scales(ckpt: Checkpoint) -> None:
+    if ckpt.kv_cache_dtype != "fp8_e4m3":
+        raise QtoolError(f"KV-cache dtype {ckpt.kv_cache_dtype!r} is not supported (fp8_e4m3)")
+    if not ckpt.kv_scales:
+        raise QtoolError("an fp8 KV-cache scheme without any k_scale / v_scale")
+    for name, pair in ckpt.kv_scales.items():
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise QtoolError(f"KV-cache scales of {name} are not a (k_scale, v_scale) pair")
+        for which, t in zip(("k_scale", "v_scale"), pair):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 0:
+                raise QtoolError(f"{name} {which} is not a float32 scalar")
+
+
+def read_kv_scales(td: Mapping, k_suffix: str, v_suffix: str) -> tuple[dict, set[str]]:
+    """KV-cache scales stored as `<attention module><k_suffix>` / `<...><v_suffix>` (one value each, a float
+    type, finite and positive) -> ({module: (k_scale, v_scale) float32 0-dim}, tensor names used)."""
+    out, used = {}, set()
+    for key in sorted(td):
+        if not key.endswith(k_suffix):
+            continue
+        attn = key[: -len(k_suffix)]
+        vkey = attn + v_suffix
+        pair = []
+        for name in (key, vkey):
+            t = require(td, name)
+            if not t.is_floating_point() or t.element_size() < 2 or t.numel() != 1:
+                raise QtoolError(f"tensor {name} must be one float16/bfloat16/float32 value (a KV-cache scale)")
+            v = t.float().reshape(())
+            if not bool(torch.isfinite(v)) or not bool(v > 0):
+                raise QtoolError(f"tensor {name} is not a positive finite KV-cache scale")
+            pair.append(v)
+            used.add(name)
+        out[attn] = (pair[0], pair[1])
+    for key in td:
+        if key.endswith(v_suffix) and key not in used:
+            raise QtoolError(f"tensor {key} has no matching {key[: -len(v_suffix)] + k_suffix}")
+    return out, used
 
 
 def passthrough(td: TensorDir, claimed: set[str]) -> Mapping:

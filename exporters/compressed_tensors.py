@@ -11,7 +11,9 @@ Formats written, with compressed-tensors 0.20's own tensor and field names:
   [N, K/16], weight_global_scale float32 [1] = 1 / qtool's global scale (the reciprocal of
   ModelOpt's weight_scale_2); input_global_scale likewise.
 Scales keep their exact dtype. `ignore` lists the linears left unquantized (lm_head, routers);
-`kv_cache_scheme` is written when the checkpoint carries `*.k_scale` / `*.v_scale` tensors.
+FP8 KV cache (Checkpoint.kv_scales): `kv_cache_scheme` {num_bits 8, type float, strategy tensor, dynamic
+false} and `<attention module>.k_scale` / `.v_scale` [1] per layer (LLM Compressor's names; vLLM remaps
+them to `self_attn.attn.k_scale`). Written float32; LLM Compressor's model-dtype scales are read too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from qtensor import packing as pk
 from qtensor.errors import QtoolError
 
 from .awq import unquantized_linears
-from .base import Checkpoint, Format, check_tensor, passthrough, register, require
+from .base import Checkpoint, Format, check_tensor, passthrough, read_kv_scales, register, require
 from .io import TensorDir
 
 VERSION = "0.20.0"  # the compressed-tensors release whose layout this module follows
@@ -185,6 +187,26 @@ def _scheme_key(qt: QTensor) -> str:
 # ---- reading -----------------------------------------------------------------------------------
 
 
+def _read_kv(td, scheme) -> tuple[dict, str | None]:
+    if scheme is None:
+        stray = next((k for k in td if k.endswith((".k_scale", ".v_scale"))), None)
+        if stray is not None:
+            raise QtoolError(f"tensor {stray} is a KV-cache scale, but quantization_config has no kv_cache_scheme")
+        return {}, None
+    if not isinstance(scheme, dict):
+        raise QtoolError("compressed-tensors kv_cache_scheme is not an object")
+    want = {"type": "float", "num_bits": 8}
+    for key, val in want.items():
+        if scheme.get(key) != val:
+            raise QtoolError(f"compressed-tensors kv_cache_scheme {key} {scheme.get(key)!r}: only FP8 (float, 8 bits) KV caches are read")
+    if scheme.get("dynamic") not in (False, None) or (scheme.get("strategy") or "tensor") != "tensor" or scheme.get("symmetric", True) is not True:
+        raise QtoolError("compressed-tensors kv_cache_scheme: only static symmetric per-tensor FP8 scales are read")
+    kv, _ = read_kv_scales(td, ".k_scale", ".v_scale")
+    if not kv:
+        raise QtoolError("compressed-tensors kv_cache_scheme without any .k_scale / .v_scale tensors")
+    return kv, "fp8_e4m3"
+
+
 def _matches(name: str, target: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
@@ -327,8 +349,16 @@ class CompressedTensorsFormat(Format):
     description = "compressed-tensors (LLM Compressor): vLLM, SGLang, transformers"
     schemes = ("w4a16", "w8a16", "w8a8-int8", "w8a8-int8-static", "fp8", "fp8-dynamic", "fp8-block", "nvfp4")
 
+    kv_cache = True
+
     def can_hold(self, name, qt):
         return ct_reason(qt)
+
+    def encode_kv(self, ckpt):
+        out = {}
+        for attn, (k, v) in ckpt.kv_scales.items():
+            out[f"{attn}.k_scale"], out[f"{attn}.v_scale"] = k.reshape(1), v.reshape(1)
+        return out
 
     def encode(self, name, qt):
         return encode_ct_tensors(name, qt)
@@ -353,7 +383,7 @@ class CompressedTensorsFormat(Format):
                 "format": compression_format(qt) if len(formats) > 1 else None,
             }
         kv = None
-        if any(k.endswith((".k_scale", ".v_scale")) for k in ckpt.tensors):
+        if ckpt.kv_scales:
             kv = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False}
         return {
             "quant_method": "compressed-tensors",
@@ -398,7 +428,9 @@ class CompressedTensorsFormat(Format):
             claimed |= c
         if not qts:
             raise QtoolError(f"{path}: compressed-tensors config but no quantized weights")
-        return Checkpoint(config, qts, passthrough(td, claimed), path)
+        kv, kv_dtype = _read_kv(td, qc.get("kv_cache_scheme"))
+        claimed |= {k for k in td if k.endswith((".k_scale", ".v_scale"))}
+        return Checkpoint(config, qts, passthrough(td, claimed), path, kv_scales=kv, kv_cache_dtype=kv_dtype)
 
     def engines(self, ckpt):
         qts = list(ckpt.qtensors.values())
@@ -406,6 +438,8 @@ class CompressedTensorsFormat(Format):
         notes = []
         if any(q.dtype == "int" and q.act.kind == "none" and q.scales.dtype != ckpt.weight_dtype for q in qts):
             notes.append(f"engines cast the {qts[0].scales.dtype} weight_scale to the model dtype {ckpt.weight_dtype} on load")
+        if ckpt.kv_scales:
+            notes.append("FP8 KV-cache scales load with --kv-cache-dtype fp8")
         why = "; ".join(notes) or "compressed-tensors"
         out.append(("vllm", True, why))
         out.append(("sglang", True, why))

@@ -29,7 +29,8 @@ compressed-tensors-like config_groups for FP8/NVFP4, "ignore", "producer"). Per 
              convert_hf_quant_config_format has none for it). Verified against export_hf_checkpoint.
              (ModelOpt's fake quant clamps activations to [-127, 127], qtool's runtime and TensorRT-LLM
              to [-128, 127]: only inputs beyond the calibrated amax can differ.)
-  KV cache   <attn>.k_proj.k_scale / v_proj.v_scale float32 [] pass through (kv_cache_quant_algo FP8)
+  KV cache   <attn>.k_proj.k_scale / <attn>.v_proj.v_scale float32 [] = amax/448 (kv_cache_quant_algo FP8;
+             Checkpoint.kv_scales; vLLM/SGLang remap them to <attn>.attn.k_scale)
 
 Mixed algorithms are written as ModelOpt does: quant_algo MIXED_PRECISION with quantized_layers.
 Engine rule enforced on write: fused q/k/v and gate/up shards share `input_scale`, `weight_scale_2`
@@ -50,7 +51,7 @@ from qtensor import ActQuant, QTensor
 from qtensor import packing as pk
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, check_tensor, passthrough, register, require
+from .base import Checkpoint, Format, check_tensor, passthrough, read_kv_scales, register, require
 from .fused import check_shared
 from .io import TensorDir
 
@@ -161,7 +162,22 @@ def group_config(cfg: dict) -> dict:
 
 
 def _kv_scales(ckpt: Checkpoint) -> bool:
-    return any(k.endswith((".k_scale", ".v_scale")) for k in ckpt.tensors)
+    return bool(ckpt.kv_scales)
+
+
+def _read_kv(td, algo) -> tuple[dict, str | None]:
+    suffixes = (".k_proj.k_scale", ".v_proj.v_scale")
+    if algo is None:
+        stray = next((k for k in td if k.endswith(suffixes)), None)
+        if stray is not None:
+            raise QtoolError(f"tensor {stray} is a KV-cache scale, but kv_cache_quant_algo is null")
+        return {}, None
+    if algo != "FP8":
+        raise QtoolError(f"ModelOpt kv_cache_quant_algo {algo!r} is not supported by this qtool (FP8)")
+    kv, _ = read_kv_scales(td, *suffixes)
+    if not kv:
+        raise QtoolError("kv_cache_quant_algo FP8 without any .k_proj.k_scale / .v_proj.v_scale tensors")
+    return kv, "fp8_e4m3"
 
 
 def _excluded(ckpt: Checkpoint) -> list[str]:
@@ -256,7 +272,9 @@ def read_hf_quant_config(path: Path, config: dict) -> dict:
     if not isinstance(qc, dict) or "quant_algo" not in qc:
         raise QtoolError(f"{path}: modelopt checkpoint without hf_quant_config.json or quant_algo in config.json")
     _check_groups(qc, {"quant_algo": qc["quant_algo"]})
-    return {"quant_algo": qc["quant_algo"], "exclude_modules": qc.get("ignore", []), "quantized_layers": qc.get("quantized_layers"),
+    kv = qc.get("kv_cache_scheme")  # ModelOpt writes FP8 as {"num_bits": 8, "type": "float", ...}, others as the algo name
+    kv_algo = None if kv is None else ("FP8" if isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8 else str(kv))
+    return {"quant_algo": qc["quant_algo"], "kv_cache_quant_algo": kv_algo, "exclude_modules": qc.get("ignore", []), "quantized_layers": qc.get("quantized_layers"),
             "group_size": next((g.get("weights", {}).get("group_size") for g in (qc.get("config_groups") or {}).values()), None)}
 
 
@@ -344,9 +362,16 @@ class ModelOptFormat(Format):
     name = "modelopt"
     description = "NVIDIA ModelOpt HF export (FP8, NVFP4, INT4_AWQ, W4A8_AWQ, INT8 SmoothQuant): TensorRT-LLM, vLLM, SGLang"
     schemes = ("fp8", "nvfp4", "w4a16", "w4a8", "w8a8-int8", "w8a8-int8-static")
+    kv_cache = True
 
     def can_hold(self, name, qt):
         return algo_of(qt)[1]
+
+    def encode_kv(self, ckpt):
+        out = {}
+        for attn, (k, v) in ckpt.kv_scales.items():
+            out[f"{attn}.k_proj.k_scale"], out[f"{attn}.v_proj.v_scale"] = k.reshape(()), v.reshape(())
+        return out
 
     def encode(self, name, qt):
         algo, reason = algo_of(qt)
@@ -422,7 +447,9 @@ class ModelOptFormat(Format):
                     raise QtoolError(f"checkpoint is missing tensor {name}.weight_scale")
         if not qts:
             raise QtoolError(f"{path}: modelopt config but no .weight_scale tensors")
-        return Checkpoint(config, qts, passthrough(td, claimed), path)
+        kv, kv_dtype = _read_kv(td, q.get("kv_cache_quant_algo"))
+        claimed |= {k for k in td if k.endswith((".k_proj.k_scale", ".v_proj.v_scale"))}
+        return Checkpoint(config, qts, passthrough(td, claimed), path, kv_scales=kv, kv_cache_dtype=kv_dtype)
 
     def engines(self, ckpt):
         algos = {algo_of(q)[0] for q in ckpt.qtensors.values()}
@@ -441,6 +468,8 @@ class ModelOptFormat(Format):
             reason = "ModelOpt W4A16_AWQ / W4A8_AWQ: not in the checked vLLM/SGLang modelopt loaders (FP8/NVFP4 only)"
             out.append(("vllm", False, reason))
             out.append(("sglang", False, reason))
+        if ckpt.kv_scales:
+            out = [(e, ok, f"{why}; FP8 KV-cache scales (kv_cache_quant_algo FP8)") for e, ok, why in out]
         if "W8A8_SQ_PER_CHANNEL" in algos:
             nopre = sum(q.pre_scale is None for q in ckpt.qtensors.values() if algo_of(q)[0] == "W8A8_SQ_PER_CHANNEL")
             note = (f"; {nopre} int8 layers have no pre_quant_scale (smoothing folded into the norm), "

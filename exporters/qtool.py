@@ -2,7 +2,8 @@
 
 Tensors `<module>.qt.codes|scales|zeros|g_idx|global_scale|input_scale|input_offset|pre_scale`; the
 per-module fields that are not tensors live in config.json quantization_config.modules. The same
-per-module encoding serves the quantize work directory (resume).
+per-module encoding serves the quantize work directory (resume). FP8 KV cache: `<attention module>.k_scale`
+/ `.v_scale` float32 [] with quantization_config.kv_cache = {"dtype": "fp8_e4m3"}.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from qtensor import ActQuant, QTensor, __version__
 from qtensor.errors import QtoolError
 
-from .base import Checkpoint, Format, check_qtensor, passthrough, register
+from .base import Checkpoint, Format, check_qtensor, passthrough, read_kv_scales, register
 from .io import TensorDir
 
 _TENSORS = ("codes", "scales", "zeros", "g_idx", "global_scale", "input_scale", "input_offset", "pre_scale")
@@ -57,15 +58,26 @@ class QtoolFormat(Format):
     packed = False  # codes are kept unpacked, one byte each
     schemes = ("w4a16", "w8a16", "w8a8-int8", "w8a8-int8-static", "w4a4", "w4a8", "fp8", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4", "mxfp8")
 
+    kv_cache = True
+
     def can_hold(self, name, qt):
         return None
+
+    def encode_kv(self, ckpt):
+        out = {}
+        for attn, (k, v) in ckpt.kv_scales.items():
+            out[f"{attn}.k_scale"], out[f"{attn}.v_scale"] = k.reshape(()), v.reshape(())
+        return out
 
     def encode(self, name, qt):
         return encode_module(name, qt)
 
     def quant_config(self, ckpt):
         mods = {name: module_meta(qt) for name, qt in ckpt.qtensors.items()}
-        return {"quant_method": "qtool", "version": __version__, "scheme": ckpt.meta.get("scheme"), "modules": mods}
+        qc = {"quant_method": "qtool", "version": __version__, "scheme": ckpt.meta.get("scheme"), "modules": mods}
+        if ckpt.kv_scales:
+            qc["kv_cache"] = {"dtype": ckpt.kv_cache_dtype}
+        return qc
 
     def detect(self, path, config):
         qc = config.get("quantization_config") or {}
@@ -80,7 +92,16 @@ class QtoolFormat(Format):
         for name, m in mods.items():
             qts[name] = decode_module(td, name, m)
             claimed |= module_tensor_names(td, name)
-        return Checkpoint(config, qts, passthrough(td, claimed), path)
+        kv, kv_dtype = {}, None
+        spec = config["quantization_config"].get("kv_cache")
+        if spec is not None:
+            if not isinstance(spec, dict) or spec.get("dtype") != "fp8_e4m3":
+                raise QtoolError(f"qtool quantization_config.kv_cache {spec!r} is not {{\"dtype\": \"fp8_e4m3\"}}"[:200])
+            kv, used = read_kv_scales(td, ".k_scale", ".v_scale")
+            if not kv:
+                raise QtoolError("qtool quantization_config.kv_cache without any .k_scale / .v_scale tensors")
+            kv_dtype, claimed = "fp8_e4m3", claimed | used
+        return Checkpoint(config, qts, passthrough(td, claimed), path, kv_scales=kv, kv_cache_dtype=kv_dtype)
 
     def engines(self, ckpt):
         return [("vllm", False, "qtool's own form: convert with qtool export"), ("sglang", False, "qtool's own form: convert with qtool export")]

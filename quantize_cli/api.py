@@ -100,6 +100,7 @@ def quantize(
     max_gpu_memory: float | None = None,
     devices: list[str] | None = None,
     rules: str | Path | None = None,
+    kv_cache: str | None = None,
 ) -> dict:
     """max_gpu_memory: GiB each GPU may take for one decoder layer (default: 90% of its free memory); a
     layer that does not fit one GPU is split over the GPUs the process owns. devices: the devices to
@@ -110,8 +111,9 @@ def quantize(
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
         return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume,
-                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules))
+                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules, kv_cache=kv_cache))
     check_combination(scheme, method, format, backend)
+    kv_cache = _check_kv_cache(kv_cache, format, backend)
     sch = get_scheme(scheme)
     if bits is not None:
         if sch.weight_dtype != "int" or sch.act_kind != "none" or bits not in (2, 3, 4, 8):
@@ -139,7 +141,7 @@ def quantize(
     check_free_space(Path(out), estimate_quantized_size(td, spec, get_format(format)))
     tok = cmodels.load_tokenizer(mdir)
     meth = get_method(method, **(options or {})) if backend == "native" else None
-    n_samples = samples if (meth is None or meth.stats or meth.prepare or any(s.act_kind == "static" for s in resolver.schemes)) else 1
+    n_samples = samples if (meth is None or meth.stats or meth.prepare or any(s.act_kind == "static" for s in resolver.schemes) or kv_cache) else 1
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
     src_dtype = _model_dtype(config)
@@ -172,6 +174,8 @@ def quantize(
     }
     if resolver.rules:
         meta["rules"] = resolver.describe()
+    if kv_cache:
+        meta["kv_cache"] = {"dtype": kv_cache}
     work = None
     if backend != "native":
         from calibrate.backends import get_backend
@@ -187,7 +191,7 @@ def quantize(
                        "options": meth.options, "qtool": __version__}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process's work directory holds its share of the samples
             fingerprint["world_size"] = int(os.environ["WORLD_SIZE"])
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype, resolver, get_format(format))
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype, resolver, get_format(format), kv_cache)
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -205,6 +209,10 @@ def quantize(
     phases["hash_wait"] = time.time() - t1
     t1 = time.time()
     ckpt = Checkpoint(config, qts, tensors, mdir, meta)
+    if kv_cache:
+        ckpt.kv_scales, ckpt.kv_cache_dtype = work.kv_scales(), kv_cache
+        if not ckpt.kv_scales:
+            raise QtoolError("--kv-cache: no attention module of this model went through transformers' attention interface, so no KV-cache scales were calibrated")
     write_checkpoint(ckpt, format, Path(out), force=force, progress=progress)
     if work is not None:
         work.remove()
@@ -269,7 +277,20 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto", resolver=None, fmt=None):
+def _check_kv_cache(kv_cache: str | None, fmt: str, backend: str) -> str | None:
+    """--kv-cache: the dtype name, refused up front where the format or backend cannot carry it."""
+    from calibrate.kvcache import check_kv_dtype
+
+    kv = check_kv_dtype(kv_cache)
+    if kv is None:
+        return None
+    if backend != "native":
+        raise QtoolError(f"--kv-cache is calibrated by the native backend only (not --backend {backend})")
+    get_format(fmt).check_kv_cache(kv)
+    return kv
+
+
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto", resolver=None, fmt=None, kv_cache=None):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -312,11 +333,11 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
         for qt in layer_q.values():
             qt.orig_dtype = src_dtype
         others = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in others.items()}
-        work.save_layer(li, layer_q, others, hidden_after, rep.notes)
+        work.save_layer(li, layer_q, others, hidden_after, rep.notes, rep.kv)
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver)
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver, kv_cache=kv_cache)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]

@@ -106,6 +106,10 @@ def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, 
     if missing:
         raise QtoolError(f"checkpoint is missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     _widen(model, dtype)
+    if ckpt.kv_scales:  # FP8 KV cache: keys and values go through fp8 with the checkpoint's scales, as engines cache them
+        from calibrate.kvcache import attach
+
+        attach(model, ckpt.kv_scales)
     return model.to(device).eval()
 
 

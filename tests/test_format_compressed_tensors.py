@@ -100,15 +100,15 @@ def test_ct_tensor_layout(tiny_models, tmp_path):
 
 def test_ct_kv_cache_scheme(tiny_models, tmp_path):
     ckpt = ct_checkpoint(tiny_models("llama"), "fp8")
-    ckpt.tensors = dict(ckpt.tensors)
+    ckpt.kv_cache_dtype = "fp8_e4m3"
     for i in range(2):
-        ckpt.tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.02)
-        ckpt.tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.03)
+        ckpt.kv_scales[f"model.layers.{i}.self_attn"] = (torch.tensor(0.02), torch.tensor(0.03))
     write_checkpoint(ckpt, "compressed-tensors", tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
     assert cfg["kv_cache_scheme"]["num_bits"] == 8 and cfg["kv_cache_scheme"]["type"] == "float"
     back = read_checkpoint(tmp_path / "c")
-    assert float(back.tensors["model.layers.1.self_attn.v_scale"]) == pytest.approx(0.03)
+    assert float(back.kv_scales["model.layers.1.self_attn"][1]) == pytest.approx(0.03)
+    assert not any(k.endswith("_scale") and "self_attn." in k and k.count(".") == 4 for k in back.tensors)
 
 
 def test_ct_mixed_schemes(tiny_models, tmp_path):
