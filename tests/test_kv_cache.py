@@ -44,7 +44,8 @@ def llama(tiny_models):
 def kv_ckpt(llama, tmp_path_factory):
     """w8a16 RTN with calibrated FP8 KV-cache scales, written as qtool (lossless)."""
     out = tmp_path_factory.mktemp("kv") / "q"
-    api.quantize(str(llama), "w8a16", "rtn", "qtool", out, samples=SAMPLES, seqlen=SEQLEN, kv_cache="fp8")
+    api.quantize(str(llama), "w8a16", "rtn", "qtool", out, samples=SAMPLES, seqlen=SEQLEN, kv_cache="fp8",
+                 compute_dtype="float32")  # exact fp32 forwards: compared with a float64 recomputation below
     return out
 
 
@@ -341,7 +342,7 @@ def test_other_architectures(tiny_models, tmp_path, arch):
     """Gemma 3 (k_norm before RoPE, sliding layers) and Qwen3-MoE (k_norm): one scale pair per attention
     module, equal to the float64 recomputation of keys after k_norm and RoPE; the runtime loads and runs."""
     d = tiny_models(arch)
-    api.quantize(str(d), "w8a16", "rtn", "qtool", tmp_path / "w", samples=2, seqlen=SEQLEN, kv_cache="fp8")
+    api.quantize(str(d), "w8a16", "rtn", "qtool", tmp_path / "w", samples=2, seqlen=SEQLEN, kv_cache="fp8", compute_dtype="float32")
     ckpt, amax = _keys_amax(tmp_path / "w", d, arch)
     assert set(ckpt.kv_scales) == {f"model.layers.{i}.self_attn" for i in range(len(amax))}
     for i, a in enumerate(amax):
@@ -350,7 +351,7 @@ def test_other_architectures(tiny_models, tmp_path, arch):
     # engine's exact input; later layers get the pipeline's hidden states, computed without activation
     # quantization)
     out = tmp_path / "m"
-    api.quantize(str(d), "fp8", "fp8", "modelopt", out, samples=2, seqlen=SEQLEN, kv_cache="fp8")
+    api.quantize(str(d), "fp8", "fp8", "modelopt", out, samples=2, seqlen=SEQLEN, kv_cache="fp8", compute_dtype="float32")
     ckpt, amax = _keys_amax(out, d, arch)
     assert float(ckpt.kv_scales["model.layers.0.self_attn"][0]) == pytest.approx(amax[0] / 448, rel=1e-5)
     assert api.evaluate(out, windows=1, no_reference=True)["perplexity"] > 1
