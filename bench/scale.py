@@ -95,7 +95,7 @@ def write_deeper(src: Path, d: Path, times: int = 2) -> int:
         if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
             i = parts.index("layers") + 1
             for t in range(times):
-                out[".".join(parts[:i] + [str(int(parts[i]) + t * n)] + parts[i + 1:])] = v
+                out[".".join(parts[:i] + [str(int(parts[i]) + t * n)] + parts[i + 1:])] = v if t == 0 else v.clone()
         else:
             out[k] = v
     save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
