@@ -79,7 +79,7 @@ class Reservoir:
 
     def __init__(self, cap: int = RESERVOIR, seed: int = 0):
         self.cap = cap
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(0x5EED_0000 + seed)  # apart from torch's default seeds: keys must not track the data
         self.values = torch.empty(0)
         self.keys = torch.empty(0)
         self.count = 0  # values seen
