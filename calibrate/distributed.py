@@ -68,7 +68,11 @@ def shard(samples: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_stats(stats: dict) -> None:
-    """Combine one group's statistics over ranks: Hessian sums and token counts add, amax takes the max."""
+    """Combine one group's statistics over ranks: Hessian sums and token counts add, amax and max take the
+    max, min the min; msModelSlim's per-sample min/max sums and sample counts add (their mean is then
+    over every sample); percentile reservoirs merge (bottom-k of the union, calibrate/observers.py).
+    A linear no token of this rank reached has no amax here: -1 stands in, so every rank runs the same
+    collectives, and it stays absent when no rank saw a token."""
     if not active():
         return
     dist = _dist()
@@ -81,10 +85,24 @@ def reduce_stats(stats: dict) -> None:
         n = torch.tensor([float(st.get("n", 0))], dtype=torch.float64)
         dist.all_reduce(n)
         st["n"] = int(n.item())
-        if "amax" in st:
-            a = st["amax"].float().reshape(1).clone()
-            dist.all_reduce(a, op=dist.ReduceOp.MAX)
+        a = st["amax"].float().reshape(1).clone() if "amax" in st else torch.tensor([-1.0])
+        dist.all_reduce(a, op=dist.ReduceOp.MAX)
+        if float(a) >= 0:
             st["amax"] = a.reshape(())
+        for key, op in (("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
+            if key in st:
+                t = st[key].float().reshape(1).clone()
+                dist.all_reduce(t, op=op)
+                st[key] = t.reshape(())
+        if "samples" in st:
+            t = torch.tensor([float(st["min_sum"]), float(st["max_sum"]), float(st["samples"])], dtype=torch.float64)
+            dist.all_reduce(t)
+            st["min_sum"], st["max_sum"], st["samples"] = t[0].clone(), t[1].clone(), int(t[2].item())
+        if "reservoir" in st:
+            r = st["reservoir"]
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (r.values, r.keys, r.count))
+            r.merge(parts)
         if "act_abssum" in st:
             dist.all_reduce(st["act_abssum"])
 

@@ -186,11 +186,21 @@ class LayerContext:
         return {n: torch.cat(v) if v else torch.empty(0, self.module(n).in_features) for n, v in got.items()}
 
 
-def _act_quant(scheme: Scheme, amax: torch.Tensor | None) -> ActQuant:
+def _act_quant(scheme: Scheme, amax: torch.Tensor | None, stats: dict | None = None, act=None) -> ActQuant:
+    """act: a calibrate.observers.ActObserver (None or its default: absmax over every token, symmetric)."""
     if scheme.act_kind == "none":
         return ActQuant()
     if scheme.act_kind == "dynamic":
         return ActQuant("dynamic", scheme.act_dtype, scheme.act_granularity, group_size=16 if scheme.act_dtype == "e2m1" else 0)
+    if act is not None and not act.default:
+        from . import observers
+
+        rng = observers.act_range(stats or {}, act)
+        if scheme.act_dtype == "int8":
+            lo, hi = rng if rng is not None else (torch.tensor(-1.0), torch.tensor(1.0))  # no token reached it
+            scale, offset = nm.int_act_qparams(lo, hi, 8, sym=not act.asym)
+            return ActQuant("static", "int8", "tensor", scale=scale, offset=offset)
+        amax = None if rng is None else rng[1]
     # static per-tensor
     a = torch.tensor(1.0) if amax is None else amax.float().reshape(())
     qmax = nm.FP8_MAX if scheme.act_dtype == "fp8_e4m3" else 127.0
@@ -214,6 +224,7 @@ def quantize_layers(
     placement: list[tuple[str, int]] | None = None,
     resolve=None,
     kv_cache: str | None = None,
+    act=None,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -227,6 +238,7 @@ def quantize_layers(
     schemes (calibrate/rules.py); its `schemes` attribute lists every scheme it hands out.
     kv_cache: "fp8_e4m3" also calibrates KV-cache scales (calibrate/kvcache.py) on each quantized
     layer's output pass; they land in LayerReport.kv.
+    act: calibrate.observers.ActObserver for static activation ranges (--act-observer, --act-asym).
     """
     prefix, layers = find_decoder_layers(model)
     if resolve is None:
@@ -275,8 +287,9 @@ def quantize_layers(
             if not group:
                 continue
             stats = {n: {} for n in group}
+            observed = {n: act for n in group if act is not None and not act.default and chosen[n][0].act_kind == "static"}
             if method.stats or any(chosen[n][0].act_kind == "static" for n in group):  # AWQ/SmoothQuant alone need no per-group pass
-                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats)
+                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, observed)
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():
                     raise QtoolError(f"non-finite values in the weight of {lname}.{name}")
@@ -310,7 +323,7 @@ def quantize_layers(
                 err = float((w - lin.weight.data.float()).norm() / lin.weight.data.float().norm().clamp(min=1e-12))
                 if err > 0.5:
                     rep.notes.append(f"{full}: relative weight error {err:.2f} (quantization error exploded)")
-                qt.act = _act_quant(lin_scheme, st.get("amax"))
+                qt.act = _act_quant(lin_scheme, st.get("amax"), st, act)
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)
@@ -423,11 +436,13 @@ def _to_cpu(qt: QTensor) -> QTensor:
     return qt.replace(codes=qt.codes.cpu(), scales=qt.scales.cpu(), zeros=mv(qt.zeros), g_idx=mv(qt.g_idx), global_scale=mv(qt.global_scale), act=act, pre_scale=mv(qt.pre_scale))
 
 
-def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple):
+def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple, observed: dict | None = None):
     """Run the layer over the batches with hooks on one group; stop as soon as the group has run.
 
     The linears of a group read the same input, so one Hessian serves them all.
+    observed: {linear name: ActObserver} whose static activation ranges are measured (calibrate/observers.py).
     """
+    from . import distributed, observers
     from .algorithms.gptq import HessianAccumulator
 
     hooks = []
@@ -440,8 +455,11 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
         if "hessian" in needs:
             st["hessian"] = acc if acc is not None else HessianAccumulator(mod.in_features, mod.weight.device)
         owner = acc is None or mod is first
+        obs = (observed or {}).get(name)
+        if obs is not None:
+            observers.init_stats(st, obs, seed=distributed.rank())
 
-        def hook(m, inp, st=st, owner=owner):
+        def hook(m, inp, st=st, owner=owner, obs=obs):
             x2 = inp[0].detach().reshape(-1, inp[0].shape[-1])
             st["n"] += x2.shape[0]
             if "hessian" in st and owner:
@@ -450,6 +468,8 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
             st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a)
             if "act_absmean" in needs:
                 st["act_abssum"] = st.get("act_abssum", 0) + x2.abs().float().sum(0)
+            if obs is not None:
+                observers.observe(st, inp[0], obs)
 
         hooks.append(mod.register_forward_pre_hook(hook))
     last = list(linears.values())[-1]
@@ -468,6 +488,4 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
     finally:
         for hk in hooks:
             hk.remove()
-    from . import distributed
-
     distributed.reduce_stats(stats)  # data-parallel runs: every rank sees the statistics of all samples

@@ -146,7 +146,7 @@ def deq_from_file(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
 class MsModelSlimFormat(Format):
     name = "msmodelslim"
     description = "msModelSlim for Ascend NPUs (W8A8, W8A8_DYNAMIC, W4A4_DYNAMIC, W4A8_DYNAMIC): vllm-ascend, SGLang on NPU"
-    schemes = ("w8a8-int8", "w8a8-int8-static", "w4a4")
+    schemes = ("w8a8-int8", "w8a8-int8-static", "w4a4", "w4a8-int8")
     safetensors = False
 
     def can_hold(self, name, qt):

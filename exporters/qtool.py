@@ -56,7 +56,7 @@ class QtoolFormat(Format):
     name = "qtool"
     description = "qtool's lossless form (any scheme; convert later with qtool export)"
     packed = False  # codes are kept unpacked, one byte each
-    schemes = ("w4a16", "w8a16", "w8a8-int8", "w8a8-int8-static", "w4a4", "w4a8", "fp8", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4", "mxfp8")
+    schemes = ("w4a16", "w8a16", "w8a8-int8", "w8a8-int8-static", "w4a4", "w4a8", "w4a8-int8", "fp8", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4", "mxfp8")
 
     kv_cache = True
 

@@ -176,6 +176,25 @@ def int_scale_from_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def int_act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, sym: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static per-tensor int activation (scale [1], offset [1] or None) from a calibrated range [lo, hi].
+
+    sym:  scale = max(|lo|, |hi|) / (2^(b-1) - 1), no offset (qtool's absmax convention).
+    asym: msModelSlim's linear_quantization_params (signed codes): the range is widened to hold 0,
+          scale = max((hi - lo) / (2^b - 1), float32 eps), offset = round(-lo / scale) - 2^(b-1),
+          in float32; the layer computes x_q = clamp(round(x / scale) + offset, -2^(b-1), 2^(b-1) - 1).
+          An offset of exactly 0 is returned as None (as the msmodelslim reader gives it back).
+    """
+    lo, hi = lo.float().reshape(1), hi.float().reshape(1)
+    if sym:
+        a = torch.maximum(-lo, hi)
+        return (a / ((1 << (bits - 1)) - 1)).clamp(min=1e-12), None
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = torch.maximum((hi - lo) / ((1 << bits) - 1), torch.tensor(torch.finfo(torch.float32).eps))
+    offset = (-1 * lo / scale).round() - (1 << (bits - 1))
+    return scale, (None if float(offset) == 0 else offset)
+
+
 def nvfp4_scales_from_amax(w: torch.Tensor, amax: torch.Tensor, block: int = 16):
     """ModelOpt's NVFP4 weight scales from the calibrated per-tensor amax: global = amax/(6*448) (float32
     scalar), block = block_amax/(6*global) with 0 -> 1, clamped to [2^-9, 448], cast to e4m3."""

@@ -30,6 +30,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("w8a8-int8-static", "int", 8, -1, act_kind="static", act_dtype="int8", act_granularity="tensor", description="int8 weights, int8 static per-tensor activations"),
         Scheme("w4a4", "int", 4, -1, act_kind="dynamic", act_dtype="int4", description="int4 weights and dynamic int4 activations"),
         Scheme("w4a8", "int", 4, 128, act_kind="dynamic", act_dtype="fp8_e4m3", description="int4 grouped weights, fp8 activations"),
+        Scheme("w4a8-int8", "int", 4, -1, act_kind="dynamic", act_dtype="int8", description="int4 per-channel weights, int8 per-token dynamic activations (msModelSlim W4A8_DYNAMIC, MoE experts)"),
         Scheme("fp8", "fp8_e4m3", 8, 0, act_kind="static", act_dtype="fp8_e4m3", act_granularity="tensor", description="fp8 per-tensor weights, static per-tensor fp8 activations"),
         Scheme("fp8-dynamic", "fp8_e4m3", 8, -1, act_kind="dynamic", act_dtype="fp8_e4m3", description="fp8 per-channel weights, dynamic per-token fp8 activations"),
         Scheme("fp8-block", "fp8_e4m3", 8, 128, block=(128, 128), act_kind="dynamic", act_dtype="fp8_e4m3", act_granularity="group", description="fp8 128x128 block weights, dynamic per-token-group activations"),

@@ -101,17 +101,22 @@ def quantize(
     devices: list[str] | None = None,
     rules: str | Path | None = None,
     kv_cache: str | None = None,
+    act_observer: str | None = None,
+    act_asym: bool = False,
 ) -> dict:
     """max_gpu_memory: GiB each GPU may take for one decoder layer (default: 90% of its free memory); a
     layer that does not fit one GPU is split over the GPUs the process owns. devices: the devices to
     calibrate on instead of those of `device` (e.g. ["cpu", "cpu"] to exercise the split on a CPU).
-    rules: a YAML/JSON rules file of per-module schemes (calibrate/rules.py; native backend)."""
+    rules: a YAML/JSON rules file of per-module schemes (calibrate/rules.py; native backend).
+    act_observer / act_asym: how static activation ranges are measured (calibrate/observers.py:
+    minmax, mean-minmax, percentile:P) and whether static int8 activations get an input offset."""
     t0 = time.time()
     if not out:
         raise QtoolError("--out is required")
     if allow_pickle and pickle_files(Path(model)):
         return _from_pickle(model, Path(out), force, lambda src: quantize(src, scheme, method, format, out, calib, samples, seqlen, group_size, bits, sym, backend, device, seed, force, field, options, progress, resume,
-                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules, kv_cache=kv_cache))
+                                                                                 compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules, kv_cache=kv_cache,
+                                                                                 act_observer=act_observer, act_asym=act_asym))
     check_combination(scheme, method, format, backend)
     kv_cache = _check_kv_cache(kv_cache, format, backend)
     sch = get_scheme(scheme)
@@ -135,6 +140,7 @@ def quantize(
     if rules is not None and backend != "native":
         raise QtoolError(f"--rules works with the native backend only (not --backend {backend})")
     resolver = Resolver(sch, spec, load_rules(rules) if rules is not None else [])
+    act = _check_act(act_observer, act_asym, resolver, format, backend)
     prepare_out(Path(out), force)
     mdir = cmodels.resolve_model(model, progress=progress)
     config, td = check_model_files(mdir)
@@ -176,6 +182,8 @@ def quantize(
         meta["rules"] = resolver.describe()
     if kv_cache:
         meta["kv_cache"] = {"dtype": kv_cache}
+    if not act.default:
+        meta["activations"] = act.describe()
     work = None
     if backend != "native":
         from calibrate.backends import get_backend
@@ -191,7 +199,7 @@ def quantize(
                        "options": meth.options, "qtool": __version__}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process's work directory holds its share of the samples
             fingerprint["world_size"] = int(os.environ["WORLD_SIZE"])
-        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype, resolver, get_format(format), kv_cache)
+        qts, tensors, notes, work = _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory, devices, compute_dtype, resolver, get_format(format), kv_cache, act)
         meta["options"] = meth.options
     meta["notes"] = notes
     phases["calibrate"] = time.time() - t0
@@ -277,6 +285,34 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
+def _check_act(observer: str | None, asym: bool, resolver, fmt: str, backend: str):
+    """--act-observer / --act-asym -> calibrate.observers.ActObserver, refused up front (one line) where
+    nothing they set exists: no static-activation scheme, a non-int8 static scheme with --act-asym, a
+    format that cannot store an input offset, another backend."""
+    from calibrate import observers
+    from qtensor import ActQuant, QTensor
+
+    act = observers.parse(observer, asym)
+    if act.default and observer is None:
+        return act
+    flags = " ".join(f for f, on in (("--act-observer", observer is not None), ("--act-asym", asym)) if on)
+    if backend != "native":
+        raise QtoolError(f"{flags}: activation observers are the native pipeline's (not --backend {backend})")
+    static = [s for s in resolver.schemes if s.act_kind == "static"]
+    if not static:
+        names = ", ".join(sorted({s.name for s in resolver.schemes}))
+        raise QtoolError(f"{flags}: scheme {names} has no static activations to calibrate (use w8a8-int8-static or fp8)")
+    if asym:
+        other = next((s for s in static if s.act_dtype != "int8"), None)
+        if other is not None:
+            raise QtoolError(f"--act-asym: asymmetric activations are int8 only (msModelSlim W8A8), not the {other.act_dtype} activations of scheme {other.name}")
+        probe = QTensor("int", 8, torch.zeros(2, 32, dtype=torch.int8), torch.ones(2, 1), act=ActQuant("static", "int8", "tensor", torch.ones(1), torch.ones(1)))
+        why = get_format(fmt).can_hold("model.layers.0.mlp.down_proj", probe)
+        if why:
+            raise QtoolError(f"--act-asym: format {fmt} cannot store it ({why}); use --format msmodelslim or qtool")
+    return act
+
+
 def _check_kv_cache(kv_cache: str | None, fmt: str, backend: str) -> str | None:
     """--kv-cache: the dtype name, refused up front where the format or backend cannot carry it."""
     from calibrate.kvcache import check_kv_dtype
@@ -290,7 +326,7 @@ def _check_kv_cache(kv_cache: str | None, fmt: str, backend: str) -> str | None:
     return kv
 
 
-def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto", resolver=None, fmt=None, kv_cache=None):
+def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, src_dtype, fingerprint, max_gpu_memory=None, devices=None, compute_dtype="auto", resolver=None, fmt=None, kv_cache=None, act=None):
     """The native layer-wise pipeline, streamed from the safetensors, with per-layer results on disk."""
     from collections import ChainMap
 
@@ -337,7 +373,7 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver, kv_cache=kv_cache)
+        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver, kv_cache=kv_cache, act=act)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]

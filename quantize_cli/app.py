@@ -151,6 +151,8 @@ def quantize(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt weights (torch.load weights_only=True) when MODEL has no safetensors"),
     rules: Optional[str] = typer.Option(None, "--rules", help="YAML/JSON file of per-module schemes: [{match: REGEX, scheme: S | skip: true}, ...]"),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="fp8: also calibrate FP8 KV-cache scales (compressed-tensors, modelopt, qtool)"),
+    act_observer: Optional[str] = typer.Option(None, "--act-observer", help="static activation ranges: minmax (default), mean-minmax (msModelSlim: per-sample min/max averaged), percentile:P"),
+    act_asym: bool = typer.Option(False, "--act-asym", help="asymmetric static int8 activations (input_scale + input_offset, msModelSlim W8A8)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Calibrate MODEL and write a quantized checkpoint."""
@@ -192,7 +194,8 @@ def quantize(
     device = device or "cpu"
     res = _run(
         lambda p: api.quantize(model, scheme, method, format, out, calib, samples, seqlen, group_size, bits, False if asym else None, backend, device, seed, force, field, options, p, resume, allow_pickle,
-                               compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules, kv_cache=kv_cache),
+                               compute_dtype=compute_dtype, max_gpu_memory=max_gpu_memory, devices=devices, rules=rules, kv_cache=kv_cache,
+                               act_observer=act_observer, act_asym=act_asym),
         as_json,
     )
     if res.get("rank"):  # data-parallel: rank 0 reports
