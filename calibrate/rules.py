@@ -228,7 +228,8 @@ class Resolver:
                 raise QtoolError(f"{who}: format {fmt.name} cannot hold scheme {c.scheme.name} (it holds: {', '.join(getattr(fmt, 'schemes', ()))})")
             gs = c.spec.group_size
             if gs > 0 and k % gs:
-                raise QtoolError(f"{who}: in_features {k} is not a multiple of group size {gs}")
+                raise QtoolError(f"{who}: in_features {k} is not a multiple of group size {gs}"
+                                 + (" (choose another --group-size)" if r is None else " (change the rule's group_size)"))
         notes = []
         for why, names in skipped.items():
             notes.append(f"full precision ({why}): {len(names)} linear(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
