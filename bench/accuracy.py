@@ -57,6 +57,7 @@ NATIVE = {
     "gptq-w4a16": ("qtool", "gptq", "w4a16", "gptq", "qtool", []),
     "gptq-w4a16-mseclip": ("qtool", "gptq", "w4a16", "gptq", None, ["--mse-clip"]),
     "gptq-w4a16-asym": ("qtool", "gptq", "w4a16", "gptq", None, ["--asym"]),
+    "gptq-w4a16-group": ("qtool", "gptq", "w4a16", "gptq", None, ["--group-order"]),
     "awq-w4a16": ("qtool", "awq", "w4a16", "awq", None, []),
     "fp8-fp8": ("qtool", "fp8", "fp8", "compressed-tensors", None, []),
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
@@ -149,7 +150,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| bf16 reference | — | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
     for r in rows:
         who = r["who"]
-        method = r["method"] + (" (mse clip)" if r["name"].endswith("mseclip") else " (asym)" if r["name"].endswith("-asym") else "")
+        method = r["method"] + (" (mse clip)" if r["name"].endswith("mseclip") else " (asym)" if r["name"].endswith("-asym") else " (group order)" if r["name"].endswith("-group") else "")
         if "error" in r:
             lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
             continue

@@ -136,6 +136,7 @@ def quantize(
     bits: Optional[int] = typer.Option(None, "--bits", help="weight bits for weight-only int schemes (2, 3, 4, 8)"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric int weights (zero points)"),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal"),
+    group_order: bool = typer.Option(False, "--group-order", help="GPTQ: act order that keeps groups whole (groups by their largest Hessian diagonal, columns within each by theirs: GPTQModel's act_group_aware)"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
     mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
     backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel, msmodelslim"),
@@ -160,7 +161,7 @@ def quantize(
 
     options = {}
     if method == "gptq":
-        options = {"act_order": act_order, "damp": damp, "mse_clip": mse_clip}
+        options = {"act_order": "group" if group_order and act_order else act_order, "damp": damp, "mse_clip": mse_clip}
     elif method == "rtn" and mse_clip:
         options = {"mse_clip": True}
     if option:

@@ -311,3 +311,26 @@ def test_quantize_eval_tiny(cli, tiny_models, tmp_path, arch, scheme, method):
 def test_nvfp4_method_refuses_mx_schemes(cli, tiny_models, tmp_path):
     r = cli("quantize", tiny_models("llama"), "--scheme", "mxfp4", "--method", "nvfp4", "--format", "qtool", "--out", tmp_path / "q", "--samples", "2", "--seqlen", "32")
     assert r.code == 2 and "method mx" in r.err
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_gptq_group_aware_order(static_groups):
+    """act_order="group" (GPTQModel's act_group_aware): groups are processed whole, most important first,
+    so no g_idx is needed; its error is below round-to-nearest's, and with static groups the group
+    parameters are the plain ones of each original group."""
+    from calibrate.algorithms.gptq import gptq_quantize
+    from calibrate.algorithms.rtn import quantize_weight
+    from qtensor.schemes import WeightSpec
+
+    g = torch.Generator().manual_seed(3)
+    k, n, G = 256, 48, 64
+    x = torch.randn(2048, k, generator=g) * torch.linspace(0.1, 3, k)[torch.randperm(k, generator=g)]
+    w = torch.randn(n, k, generator=g)
+    H = 2 * x.t() @ x / x.shape[0]
+    spec = WeightSpec("int", 4, G, True, None, torch.float16)
+    r = gptq_quantize(w, H, spec, act_order="group", static_groups=static_groups)
+    assert r.qtensor.g_idx is None
+    err = lambda q: float(((q.dequantize() - w) @ x.t()).pow(2).sum())  # noqa: E731
+    assert err(r.qtensor) < 0.95 * err(quantize_weight(w, spec))
+    if static_groups:
+        assert torch.equal(r.qtensor.scales, quantize_weight(w, spec).scales)

@@ -83,7 +83,7 @@ def gptq_quantize(
     spec: WeightSpec,
     damp: float = 0.01,
     blocksize: int = 128,
-    act_order: bool = False,
+    act_order: bool | str = False,  # True: columns by descending Hessian diagonal; "group": group-aware order
     static_groups: bool = True,
     mse_clip: bool = False,
     use_triton: bool | None = None,
@@ -114,7 +114,17 @@ def gptq_quantize(
         for g in range(n_groups):
             set_group(g, W[:, g * G : (g + 1) * G])
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k, device=dev)
+    if act_order == "group" and spec.group_size > 0 and k % G == 0:
+        # group-aware order (GPTQModel's GAR): whole groups by their largest Hessian diagonal, columns
+        # within each group by theirs; every group stays contiguous, so its parameters stay static
+        diag = torch.diag(H).reshape(-1, G)
+        local = torch.argsort(diag, dim=1, descending=True, stable=True)
+        order = torch.argsort(diag.max(dim=1).values, descending=True, stable=True)
+        perm = (order[:, None] * G + local[order]).reshape(-1)
+    elif act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=dev)
     W = W[:, perm]
     H = H[perm][:, perm]
     # group of each permuted column: static/per-channel groups follow the original index
@@ -169,11 +179,12 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if orig_group is None:
+                gid = col // G if act_order != "group" else int(perm[col]) // G  # group-aware: groups stay whole
                 if col % G == 0:  # on-the-fly group parameters (from the updated weights)
                     cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
-                    set_group(col // G, cols)
-                s = scales[:, col // G].float()
-                z = 0.0 if zeros is None else zeros[:, col // G].float()
+                    set_group(gid, cols)
+                s = scales[:, gid].float()
+                z = 0.0 if zeros is None else zeros[:, gid].float()
             else:
                 s = S1[:, i]
                 z = 0.0 if Z1 is None else Z1[:, i]
@@ -191,7 +202,7 @@ def gptq_quantize(
     codes = Q[:, invperm]
     codes = codes.to(torch.int8) if spec.sym else codes.to(torch.uint8)
     g_idx = None
-    if act_order and not static_groups and spec.group_size > 0:
+    if act_order is True and not static_groups and spec.group_size > 0:
         g_idx = (torch.arange(k, device=dev) // G)[invperm].to(torch.int32)
     qt = QTensor("int", spec.bits, codes, scales, zeros, spec.group_size, g_idx=g_idx)
     return GPTQResult(qt, float(loss.sum()), used, note)
