@@ -161,7 +161,9 @@ def quantize(
 
     options = {}
     if method == "gptq":
-        options = {"act_order": "group" if group_order and act_order else act_order, "damp": damp, "mse_clip": mse_clip}
+        options = {"act_order": act_order, "damp": damp, "mse_clip": mse_clip}
+        if group_order and act_order:  # groups whole: their parameters come from the updated weights, as GPTQModel's
+            options.update(act_order="group", static_groups=False)
     elif method == "rtn" and mse_clip:
         options = {"mse_clip": True}
     if option:
