@@ -16,6 +16,19 @@ import logging  # noqa: E402
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+from calibrate.backends.common import pydantic_base_models, restore_pydantic  # noqa: E402
+
+_PYDANTIC = pydantic_base_models()
+
+
+@pytest.fixture(autouse=True)
+def _pydantic_unpatched():
+    """Tests that import msModelSlim directly (it replaces pydantic.BaseModel process-wide on import) must
+    not break the ModelOpt tests that run after them in this process."""
+    yield
+    restore_pydantic(_PYDANTIC)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{arch: directory} of tiny random models, built once per session."""

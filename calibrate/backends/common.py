@@ -13,6 +13,37 @@ import torch
 from qtensor.errors import QtoolError
 
 
+def pydantic_base_models() -> dict:
+    """{module name: its BaseModel} of the loaded pydantic modules (see keep_pydantic); pydantic itself is
+    imported first, so the snapshot holds the real class even if nothing had loaded pydantic yet."""
+    import pydantic  # noqa: F401
+    import pydantic.main  # noqa: F401
+
+    return {n: m.BaseModel for n, m in list(sys.modules.items()) if n.startswith("pydantic") and hasattr(m, "BaseModel")}
+
+
+def restore_pydantic(saved: dict) -> None:
+    """Put pydantic's BaseModel classes back where a library replaced them process-wide."""
+    import pydantic
+
+    default = saved.get("pydantic", pydantic.BaseModel)
+    for n, m in list(sys.modules.items()):
+        if n.startswith("pydantic") and hasattr(m, "BaseModel"):
+            m.BaseModel = saved.get(n, default)
+
+
+@contextlib.contextmanager
+def keep_pydantic():
+    """msModelSlim replaces pydantic.BaseModel process-wide when imported (msmodelslim/utils/patch/pydantic.py:
+    extra='forbid' and its own error type), which breaks every pydantic model defined afterwards, ModelOpt's
+    configs included. Import it inside this block: its classes keep the patch, the rest of the process not."""
+    saved = pydantic_base_models()
+    try:
+        yield
+    finally:
+        restore_pydantic(saved)
+
+
 def take_options(backend: str, options: dict, known: dict) -> dict:
     """`--option KEY=VALUE` strings (or typed values from the API) -> typed values; unknown keys are an error.
 

@@ -43,7 +43,7 @@ from calibrate import models as cmodels
 from qtensor.errors import QtoolError
 
 from . import BackendResult, register
-from .common import first_line, model_dtype, other_tensors, quiet_stdout, take_options, work_dir
+from .common import first_line, keep_pydantic, model_dtype, other_tensors, quiet_stdout, take_options, work_dir
 
 QUANT_TYPE = {"w8a8-int8-static": "W8A8", "w8a8-int8": "W8A8_DYNAMIC"}
 TRIM_HEAP = True  # see _trim_after_each_forward
@@ -60,7 +60,8 @@ def _version() -> str:
 
 def _import():
     try:
-        from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
+        with keep_pydantic():  # msModelSlim patches pydantic process-wide on import
+            from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
     except ImportError as e:
         raise QtoolError(f"the msmodelslim backend needs msmodelslim (pip install msmodelslim): {e}") from None
     return Calibrator, QuantConfig
