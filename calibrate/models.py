@@ -125,17 +125,17 @@ def load_config(model_dir: Path) -> dict:
 def defuse(model) -> bool:
     """Fused MoE experts (3-D gate_up_proj/down_proj tensors in transformers 5) -> per-expert nn.Linear
     modules named as on disk (experts.{e}.gate_proj ...), same forward math. Uses ModelCloud's Defuser."""
-    import logging
-
-    try:
-        from defuser import convert_model
-    except ImportError:  # pragma: no cover - defuser comes with gptqmodel
-        return False
-    logging.getLogger("defuser").setLevel(logging.ERROR)
     import contextlib
     import io
+    import logging
 
+    # defuser imports logbar, which prints a line on stdout at import under CI=1
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            from defuser import convert_model
+        except ImportError:  # pragma: no cover - defuser comes with gptqmodel
+            return False
+        logging.getLogger("defuser").setLevel(logging.ERROR)
         return bool(convert_model(model))
 
 

@@ -6,6 +6,7 @@ Bad input: one line `error: ...` and exit 2. A failed eval gate: exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -78,7 +79,9 @@ def _run(fn, as_json: bool):
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         rank0 = os.environ.get("RANK", "0") == "0"  # data-parallel processes: the bars of rank 0 only
-        with _progress(rank0 and (sys.stderr.isatty() or os.environ.get("QTOOL_PROGRESS") == "1")) as p:
+        # --json: stdout carries the one JSON object alone; what libraries print on the way goes to stderr
+        quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+        with quiet, _progress(rank0 and (sys.stderr.isatty() or os.environ.get("QTOOL_PROGRESS") == "1")) as p:
             return fn(p)
     except GateFailed as e:
         if as_json:
