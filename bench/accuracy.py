@@ -55,10 +55,13 @@ NATIVE = {
     "rtn-w4a16": ("qtool", "rtn", "w4a16", "gptq", None, []),
     "rtn-w4a16-mseclip": ("qtool", "rtn", "w4a16", "gptq", None, ["--mse-clip"]),
     "gptq-w4a16": ("qtool", "gptq", "w4a16", "gptq", "qtool", []),
-    "gptq-w4a16-mseclip": ("qtool", "gptq", "w4a16", "gptq", None, ["--mse-clip"]),
+    "gptq-w4a16-noclip": ("qtool", "gptq", "w4a16", "gptq", None, ["--no-mse-clip"]),
     "gptq-w4a16-asym": ("qtool", "gptq", "w4a16", "gptq", None, ["--asym"]),
     "gptq-w4a16-group": ("qtool", "gptq", "w4a16", "gptq", None, ["--group-order"]),
     "awq-w4a16": ("qtool", "awq", "w4a16", "awq", None, []),
+    "awq-w4a16-asym": ("qtool", "awq", "w4a16", "awq", None, ["--asym"]),
+    "awq-w4a16-asym-duo": ("qtool", "awq", "w4a16", "awq", None, ["--asym", "--option", "duo_scaling=true"]),
+    "awq-w4a16-duo": ("qtool", "awq", "w4a16", "awq", None, ["--option", "duo_scaling=true"]),
     "fp8-fp8": ("qtool", "fp8", "fp8", "compressed-tensors", None, []),
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", "compressed-tensors", None, []),
@@ -71,6 +74,7 @@ NATIVE = {
 # samples; its result is written in the library's native format, then exported to a second one
 PEERS = {
     "peer-gptqmodel-w4a16": ("GPTQModel GPTQ", "gptqmodel", "w4a16", "gptq", "qtool", ["--backend", "gptqmodel"]),
+    "peer-gptqmodel-w4a16-asym": ("GPTQModel GPTQ", "gptqmodel", "w4a16", "gptq", "qtool", ["--backend", "gptqmodel", "--asym"]),
     "peer-autoround-w4a16": ("AutoRound (default, iters=200)", "autoround", "w4a16", "auto-round", "gptq", ["--backend", "autoround"]),
     "peer-modelopt-fp8": ("ModelOpt FP8", "modelopt", "fp8", "modelopt", "qtool", ["--backend", "modelopt"]),
     "peer-modelopt-w8a8-int8": ("ModelOpt INT8 SmoothQuant", "modelopt", "w8a8-int8", "modelopt", "qtool", ["--backend", "modelopt"]),
@@ -86,7 +90,9 @@ ROWS = {**NATIVE, **PEERS, **EXTRA}
 VERSUS = [
     ("gptq-w4a16", "peer-gptqmodel-w4a16"),
     ("gptq-w4a16", "peer-autoround-w4a16"),
+    ("gptq-w4a16-asym", "peer-gptqmodel-w4a16-asym"),
     ("awq-w4a16", "peer-modelopt-w4a16"),
+    ("awq-w4a16-asym", "peer-modelopt-w4a16"),
     ("fp8-fp8", "peer-modelopt-fp8"),
     ("smoothquant-w8a8-int8", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
@@ -107,7 +113,8 @@ def run_row(name: str, work: Path, samples: int, windows: int) -> dict:
     native_method = method if who == "qtool" else "rtn"
     rc, res, err, rss = qtool("quantize", "gemma-3-270m", "--scheme", scheme, "--method", native_method, "--format", fmt,
                               "--out", out, "--samples", samples, *extra)
-    row = {"name": name, "who": who, "method": method, "scheme": scheme, "formats": [fmt], "peak_rss_gib": round(rss, 2),
+    flags = [a for a in extra if a not in ("--backend", method, "--option")]  # what sets the row apart: --asym, duo_scaling=true ...
+    row = {"name": name, "who": who, "method": method, "flags": flags, "scheme": scheme, "formats": [fmt], "peak_rss_gib": round(rss, 2),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     if rc != 0:
         row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
@@ -150,7 +157,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| bf16 reference | — | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
     for r in rows:
         who = r["who"]
-        method = r["method"] + (" (mse clip)" if r["name"].endswith("mseclip") else " (asym)" if r["name"].endswith("-asym") else " (group order)" if r["name"].endswith("-group") else "")
+        method = r["method"] + (f" ({' '.join(r['flags'])})" if r.get("flags") else "")
         if "error" in r:
             lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
             continue

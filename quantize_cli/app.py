@@ -116,10 +116,10 @@ def _emit(result: dict, as_json: bool, human) -> None:
         human(result)
 
 
-def _key_value(o: str, backend: str) -> tuple[str, str]:
+def _key_value(o: str) -> tuple[str, str]:
     k, sep, v = o.partition("=")
-    if backend == "native" or not sep or not k.strip():
-        err.print(f"error: --option {o}: " + ("backend options need --backend modelopt|autoround|gptqmodel|msmodelslim" if backend == "native" else "expected KEY=VALUE"), markup=False)
+    if not sep or not k.strip():
+        err.print(f"error: --option {o}: expected KEY=VALUE", markup=False)
         raise typer.Exit(2)
     return k.strip(), v.strip()
 
@@ -141,9 +141,9 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal"),
     group_order: bool = typer.Option(False, "--group-order", help="GPTQ: act order that keeps groups whole (groups by their largest Hessian diagonal, columns within each by theirs: GPTQModel's act_group_aware)"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping as a fraction of the mean Hessian diagonal"),
-    mse_clip: bool = typer.Option(False, "--mse-clip", help="MSE-optimal clipping search for int scales"),
+    mse_clip: Optional[bool] = typer.Option(None, "--mse-clip/--no-mse-clip", help="MSE-optimal clipping search for int scales (default: on for gptq, off for rtn)"),
     backend: str = typer.Option("native", "--backend", help="native, modelopt, autoround, gptqmodel, msmodelslim"),
-    option: Optional[list[str]] = typer.Option(None, "--option", help="backend knob KEY=VALUE, repeatable (e.g. --option iters=0)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="knob KEY=VALUE of the backend or of the native method, repeatable (e.g. --option iters=0, --option duo_scaling=true)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cpu; cuda with --gpus)"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="calibrate on K GPUs of this host: data-parallel processes, a layer too large for one GPU split over several"),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="dtype of the calibration forwards: auto (bf16 on GPUs, and on CPUs with bf16 units for bf16 models), float32, bfloat16"),
@@ -164,13 +164,14 @@ def quantize(
 
     options = {}
     if method == "gptq":
-        options = {"act_order": act_order, "damp": damp, "mse_clip": mse_clip}
+        options = {"act_order": act_order, "damp": damp, "mse_clip": True if mse_clip is None else mse_clip}
         if group_order and act_order:  # groups whole: their parameters come from the updated weights, as GPTQModel's
             options.update(act_order="group", static_groups=False)
     elif method == "rtn" and mse_clip:
         options = {"mse_clip": True}
-    if option:
-        options = dict(_key_value(o, backend) for o in option)
+    if option:  # a backend's knobs replace the native flags; a native method's are added to them
+        given = dict(_key_value(o) for o in option)
+        options = given if backend != "native" else {**options, **given}
     if allow_pickle:
         err.print(f"warning: --allow-pickle: pickle weights in {one_line(model)} are read with torch.load(weights_only=True)", markup=False, highlight=False, soft_wrap=True)
     devices = None

@@ -185,7 +185,9 @@ def test_backend_errors(cli, tiny_models, tmp_path):
     r = cli("quantize", md, "--scheme", "w4a16", "--format", "qtool", "--out", tmp_path / "o", "--backend", "autoround", "--option", "iters")
     assert r.code == 2 and "KEY=VALUE" in r.err
     r = cli("quantize", md, "--scheme", "w4a16", "--format", "qtool", "--out", tmp_path / "o", "--option", "iters=0")
-    assert r.code == 2 and "--backend" in r.err
+    assert r.code == 2 and "not an option of method rtn" in r.err and "--backend" in r.err
+    r = cli("quantize", md, "--scheme", "w4a16", "--method", "awq", "--format", "qtool", "--out", tmp_path / "o", "--option", "n_grid=many")
+    assert r.code == 2 and "n_grid=many: expected int" in r.err
     r = cli("quantize", md, "--scheme", "w8a16", "--format", "qtool", "--out", tmp_path / "o", "--backend", "modelopt")
     assert r.code == 2 and "backend modelopt with scheme w8a16" in r.err
     assert not (tmp_path / "o").exists()

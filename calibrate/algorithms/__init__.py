@@ -6,6 +6,7 @@ weight plus those statistics into a QTensor.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,8 +78,54 @@ METHODS: dict[str, Method] = {
 }
 
 
+TEXT_VALUES = {"act_order": ("group",)}  # option values besides the default's type
+
+
+def knobs(m: Method) -> dict:
+    """The options a method takes (keyword parameters of its quantize, group and prepare functions) and
+    their defaults."""
+    out: dict = {}
+    for f, skip in ((m.fn, 3), (m.group_fn, 3), (m.prepare, 1)):
+        if f is not None:
+            for p in list(inspect.signature(f).parameters.values())[skip:]:
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    out.setdefault(p.name, m.options.get(p.name, p.default))
+    return out
+
+
+def _value(v):
+    """A --option value given as text: true/false, an int, a float, or the text itself."""
+    if not isinstance(v, str):
+        return v
+    low = v.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(low)
+        except ValueError:
+            pass
+    return v.strip()
+
+
 def get_method(name: str, **options) -> Method:
     if name not in METHODS:
         raise QtoolError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
     m = METHODS[name]
+    known = knobs(m)
+    for k in options:
+        if k not in known:
+            raise QtoolError(f"--option {k}: not an option of method {name} (it takes: {', '.join(known) or 'none'}; "
+                             "a library's options need --backend)")
+    options = {k: _value(v) for k, v in options.items()}
+    for k, v in options.items():  # a value of the default's type (an int where a float is expected too)
+        d = known[k]
+        if v in TEXT_VALUES.get(k, ()):
+            continue
+        ok = (type(v) is bool) if isinstance(d, bool) else (isinstance(v, int) and not isinstance(v, bool)) if isinstance(d, int) else \
+            (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(d, float) else True
+        if not ok:
+            raise QtoolError(f"--option {k}={v}: expected {type(d).__name__}")
     return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare, m.group_fn)
