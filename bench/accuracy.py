@@ -149,19 +149,23 @@ def run_rows(names: list[str], samples: int, windows: int, work: Path) -> dict:
     return done
 
 
-def table(rows: list[dict]) -> str:
+def _label(r: dict) -> tuple[str, str]:
+    return r["who"], r["method"] + (f" ({' '.join(r['flags'])})" if r.get("flags") else "")
+
+
+def table(rows: list[dict], head: tuple[str, str] = ("who", "method"), label=_label) -> str:
+    """Markdown table of measured rows; `label(row)` gives the first two columns (named by `head`)."""
     ref = next((r["reference_perplexity"] for r in rows if r.get("reference_perplexity")), None)
-    lines = ["| who | method | scheme | formats written | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |",
+    lines = [f"| {head[0]} | {head[1]} | scheme | formats written | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if ref:
         lines.append(f"| bf16 reference | — | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
     for r in rows:
-        who = r["who"]
-        method = r["method"] + (f" ({' '.join(r['flags'])})" if r.get("flags") else "")
+        a, b = label(r)
         if "error" in r:
-            lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
+            lines.append(f"| {a} | {b} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
             continue
-        lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
+        lines.append(f"| {a} | {b} | {r['scheme']} | {', '.join(r['formats'])} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
                      f"{r['top1']:.3f} | {r['quantize_seconds']:.0f} | {r['peak_rss_gib']} |")
     return "\n".join(lines) + "\n"
 
