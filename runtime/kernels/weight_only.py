@@ -558,11 +558,38 @@ def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
 
 
+_PTX_OK: dict = {}
+
+
+def _ptx_ok(device: torch.device) -> bool:
+    """Once per device: the PTX decode compiles and gives the plain decode's result (else the plain one runs)."""
+    key = (device.type, device.index)
+    if key not in _PTX_OK:
+        _PTX_OK[key] = False
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
+            zeros = torch.randint(0, 16, (64, 2), generator=g, dtype=torch.uint8)
+            qt = QTensor("int", 4, codes.to(device), (torch.rand(64, 2, generator=g) + 0.5).half().to(device), zeros.to(device), 128)
+            st = prepare(qt)
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
+                cfg = dict(BN=32, SPLIT_K=1)
+                a, b = _launch_dot4(x, st, cfg, True), _launch_dot4(x, st, cfg, False)
+                if not torch.equal(a, b):
+                    return False
+            _PTX_OK[key] = True
+        except Exception:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
+            return False
+    return _PTX_OK[key]
+
+
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], 16
     interp = tuning.interpreting()
-    ptx = (not interp) if ptx is None else ptx
+    if ptx is None:
+        ptx = not interp and _ptx_ok(x2.device)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
