@@ -206,7 +206,7 @@ def test_gemv_uniform_block_path(bits, group, uniform):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dot4_tensor_core_path(group, sym, act_order, dtype):
     """int4 through tl.dot for M <= 16: codes decoded by the magic OR (128 + q in bf16, 1024 + q in fp16),
-    zero point and scale once per 128-channel block. The default path for such weights at M <= 16; M = 17
+    zero point and scale once per 128-channel block (opt-in until measured on a GPU: QTOOL_DOT4=1); M = 17
     spans two row tiles. (Under the interpreter the plain-Triton decode runs; the PTX decode is checked at
     full size on the GPU by bench/kernels.py.)"""
     n, k = 40, 512
