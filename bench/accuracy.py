@@ -62,6 +62,8 @@ NATIVE = {
     "awq-w4a16-asym": ("qtool", "awq", "w4a16", "awq", None, ["--asym"]),
     "awq-w4a16-asym-duo": ("qtool", "awq", "w4a16", "awq", None, ["--asym", "--option", "duo_scaling=true"]),
     "awq-w4a16-duo": ("qtool", "awq", "w4a16", "awq", None, ["--option", "duo_scaling=true"]),
+    "awq-gptq-w4a16": ("qtool", "awq-gptq", "w4a16", "gptq", None, []),
+    "awq-gptq-w4a16-asym": ("qtool", "awq-gptq", "w4a16", "gptq", None, ["--asym"]),
     "fp8-fp8": ("qtool", "fp8", "fp8", "compressed-tensors", None, []),
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", "compressed-tensors", None, []),
@@ -92,6 +94,7 @@ VERSUS = [
     ("gptq-w4a16", "peer-autoround-w4a16"),
     ("gptq-w4a16-asym", "peer-gptqmodel-w4a16-asym"),
     ("awq-w4a16", "peer-modelopt-w4a16"),
+    ("awq-gptq-w4a16", "peer-modelopt-w4a16"),
     ("awq-w4a16-asym", "peer-modelopt-w4a16"),
     ("fp8-fp8", "peer-modelopt-fp8"),
     ("smoothquant-w8a8-int8", "peer-modelopt-w8a8-int8"),
@@ -149,19 +152,23 @@ def run_rows(names: list[str], samples: int, windows: int, work: Path) -> dict:
     return done
 
 
-def table(rows: list[dict]) -> str:
+def _label(r: dict) -> tuple[str, str]:
+    return r["who"], r["method"] + (f" ({' '.join(r['flags'])})" if r.get("flags") else "")
+
+
+def table(rows: list[dict], head: tuple[str, str] = ("who", "method"), label=_label) -> str:
+    """Markdown table of measured rows; `label(row)` gives the first two columns (named by `head`)."""
     ref = next((r["reference_perplexity"] for r in rows if r.get("reference_perplexity")), None)
-    lines = ["| who | method | scheme | formats written | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |",
+    lines = [f"| {head[0]} | {head[1]} | scheme | formats written | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if ref:
         lines.append(f"| bf16 reference | — | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
     for r in rows:
-        who = r["who"]
-        method = r["method"] + (f" ({' '.join(r['flags'])})" if r.get("flags") else "")
+        a, b = label(r)
         if "error" in r:
-            lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
+            lines.append(f"| {a} | {b} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
             continue
-        lines.append(f"| {who} | {method} | {r['scheme']} | {', '.join(r['formats'])} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
+        lines.append(f"| {a} | {b} | {r['scheme']} | {', '.join(r['formats'])} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
                      f"{r['top1']:.3f} | {r['quantize_seconds']:.0f} | {r['peak_rss_gib']} |")
     return "\n".join(lines) + "\n"
 

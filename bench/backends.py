@@ -31,21 +31,9 @@ ROWS = [
 
 def table(done: dict) -> str:
     rows = [done[n] for n in ROWS if n in done]
-    ref = next((r["reference_perplexity"] for r in rows if r.get("reference_perplexity")), None)
-    lines = ["| backend | algorithm | scheme | formats written | perplexity | vs bf16 | KL | top-1 | quantize s | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    if ref:
-        lines.append(f"| bf16 reference | — | — | — | {ref:.3f} | — | 0 | 1 | — | — |")
-    for r in rows:
-        backend = "native" if r["who"] == "qtool" else r["method"]
-        algo = r["method"] if r["who"] == "qtool" else r["who"]
-        if "error" in r:
-            lines.append(f"| {backend} | {algo} | {r['scheme']} | {', '.join(r['formats'])} | failed: {r['error']} | | | | | {r['peak_rss_gib']} |")
-            continue
-        lines.append(f"| {backend} | {algo} | {r['scheme']} | {', '.join(r['formats'])} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.1f}% | "
-                     f"{r['kl']:.4f} | {r['top1']:.3f} | {r['quantize_seconds']:.0f} | {r['peak_rss_gib']} |")
+    label = lambda r: ("native", accuracy._label(r)[1]) if r["who"] == "qtool" else (r["method"], r["who"])  # noqa: E731
     missing = [n for n in ROWS if n not in done]
-    return "\n".join(lines) + "\n" + (f"\nNot run: {', '.join(missing)}.\n" if missing else "")
+    return accuracy.table(rows, ("backend", "algorithm"), label) + (f"\nNot run: {', '.join(missing)}.\n" if missing else "")
 
 
 def main() -> None:

@@ -272,6 +272,8 @@ def test_mx_exponent_search_not_worse_than_ocp(scheme):
     ("gemma3", "w4a16", "awq"),
     ("llama", "w4a16", "awq"),
     ("qwen3_moe", "w4a16", "awq"),
+    ("gemma3", "w4a16", "awq-gptq"),
+    ("llama", "w4a16", "awq-gptq"),
     ("gemma3", "w8a8-int8", "smoothquant"),
     ("llama", "w8a8-int8-static", "smoothquant"),
     ("gemma3", "fp8", "fp8"),
@@ -293,7 +295,7 @@ def test_quantize_eval_tiny(cli, tiny_models, tmp_path, arch, scheme, method):
     qmodel, ckpt = load_quantized(out)
     assert len(ckpt.qtensors) == res["modules"] > 0
     ref = load_model(src, torch.float32)
-    if method in ("awq", "smoothquant"):  # the folded norms are saved with the checkpoint
+    if method in ("awq", "awq-gptq", "smoothquant"):  # the folded norms are saved with the checkpoint
         assert any("<-" in n for n in res["notes"]), res["notes"]
         td = TensorDir(out)
         assert not torch.equal(td["model.layers.0.input_layernorm.weight"].float(), ref.model.layers[0].input_layernorm.weight.float())

@@ -118,3 +118,19 @@ def test_gptq_group_equals_per_linear():
     for w, (qt, _) in zip(ws, joint):
         single, _ = m.quantize(w, spec, {"hessian": acc, "n": 1024})
         assert qt.equal(single)
+
+
+def test_gptq_mse_clip_is_the_default(cli, tiny_models, tmp_path):
+    """GPTQ searches MSE-optimal group clipping unless --no-mse-clip: the recorded options say so and the
+    textbook run's scales are the plain absmax ones (the default's are no larger, some smaller)."""
+    src = tiny_models("llama")
+    runs = {}
+    for flag in ([], ["--no-mse-clip"]):
+        out = tmp_path / ("default" if not flag else "textbook")
+        r = cli("quantize", src, "--scheme", "w4a16", "--method", "gptq", "--format", "qtool", "--out", out, "--samples", "4", "--seqlen", "64", *flag)
+        assert r.code == 0, r.err
+        runs[bool(flag)] = (json.loads((out / "qtool.json").read_text())["options"], TensorDir(out))
+    assert runs[False][0]["mse_clip"] is True and runs[True][0]["mse_clip"] is False
+    name = "model.layers.0.self_attn.q_proj.qt.scales"
+    a, b = runs[False][1][name].float(), runs[True][1][name].float()
+    assert (a <= b * (1 + 1e-3)).all() and (a < b * 0.999).any()

@@ -62,26 +62,10 @@ def test_scales_equal_independent_amax(llama, kv_ckpt):
     """k_scale / v_scale = amax/448 of keys after RoPE and values after v_proj, recomputed by hand: a
     float64 forward of the dequantized model over the same calibration samples, with the keys built from
     the layer input (input_layernorm -> k_proj -> heads -> rotary) outside any attention code."""
-    model, ckpt = _dense_model(kv_ckpt)
     meta = json.loads((kv_ckpt / "qtool.json").read_text())
     assert meta["kv_cache"] == {"dtype": "fp8_e4m3", "modules": 2}
-    tok = cmodels.load_tokenizer(llama)
-    ids = cdata.calibration_samples(tok, None, SAMPLES, SEQLEN, 0, "text")
-    cfg = model.config
-    kvh, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    amax = {i: [0.0, 0.0] for i in range(cfg.num_hidden_layers)}
-    with torch.no_grad():
-        for row in ids:
-            out = model(input_ids=row[None], output_hidden_states=True, use_cache=False)
-            pos = torch.arange(row.numel())[None]
-            for i, layer in enumerate(model.model.layers):
-                h = layer.input_layernorm(out.hidden_states[i])
-                cos, sin = model.model.rotary_emb(h, pos)
-                k = layer.self_attn.k_proj(h).view(1, -1, kvh, hd).transpose(1, 2)
-                v = layer.self_attn.v_proj(h).view(1, -1, kvh, hd).transpose(1, 2)
-                k = _rope(k, cos.double(), sin.double())
-                amax[i][0] = max(amax[i][0], float(k.abs().max()))
-                amax[i][1] = max(amax[i][1], float(v.abs().max()))
+    ckpt, ka, va = _kv_amax(kv_ckpt, llama, "llama", SAMPLES)
+    amax = {i: (k, v) for i, (k, v) in enumerate(zip(ka, va))}
     assert set(ckpt.kv_scales) == {f"model.layers.{i}.self_attn" for i in amax}
     for i, (ak, av) in amax.items():
         ks, vs = ckpt.kv_scales[f"model.layers.{i}.self_attn"]
@@ -315,26 +299,33 @@ def test_eval_kv_fp8_close_but_different(llama, tmp_path):
     assert meta["kv_cache"]["dtype"] == "fp8_e4m3" and "eval" in meta
 
 
-def _keys_amax(ckpt_dir, model_dir, arch):
-    """Per layer amax |K| recomputed in float64 from the dequantized checkpoint: keys after k_norm and RoPE."""
+def _kv_amax(ckpt_dir, model_dir, arch, samples=2):
+    """Per layer amax |K| and |V| recomputed in float64 from the dequantized checkpoint over the calibration
+    samples, outside any attention code: keys from the layer input (input_layernorm -> k_proj -> heads ->
+    k_norm where the model has one -> RoPE), values after v_proj."""
     model, ckpt = _dense_model(ckpt_dir)
     n = model.config.num_hidden_layers
     tok = cmodels.load_tokenizer(model_dir)
-    ids = cdata.calibration_samples(tok, None, 2, SEQLEN, 0, "text")
+    ids = cdata.calibration_samples(tok, None, samples, SEQLEN, 0, "text")
     cfg = model.config
-    kvh, hd = cfg.num_key_value_heads, cfg.head_dim
-    amax = [0.0] * n
+    kvh = cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ka, va = [0.0] * n, [0.0] * n
     with torch.no_grad():
         for row in ids:
             out = model(input_ids=row[None], output_hidden_states=True, use_cache=False)
             pos = torch.arange(row.numel())[None]
             for i, layer in enumerate(model.model.layers):
                 h = layer.input_layernorm(out.hidden_states[i])
-                k = layer.self_attn.k_norm(layer.self_attn.k_proj(h).view(1, -1, kvh, hd)).transpose(1, 2)
+                k = layer.self_attn.k_proj(h).view(1, -1, kvh, hd)
+                if getattr(layer.self_attn, "k_norm", None) is not None:
+                    k = layer.self_attn.k_norm(k)
+                v = layer.self_attn.v_proj(h)
                 lt = cfg.layer_types[i] if arch == "gemma3" else None
                 cos, sin = model.model.rotary_emb(h, pos, lt) if lt else model.model.rotary_emb(h, pos)
-                amax[i] = max(amax[i], float(_rope(k, cos.double(), sin.double()).abs().max()))
-    return ckpt, amax
+                ka[i] = max(ka[i], float(_rope(k.transpose(1, 2), cos.double(), sin.double()).abs().max()))
+                va[i] = max(va[i], float(v.abs().max()))
+    return ckpt, ka, va
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
@@ -343,7 +334,7 @@ def test_other_architectures(tiny_models, tmp_path, arch):
     module, equal to the float64 recomputation of keys after k_norm and RoPE; the runtime loads and runs."""
     d = tiny_models(arch)
     api.quantize(str(d), "w8a16", "rtn", "qtool", tmp_path / "w", samples=2, seqlen=SEQLEN, kv_cache="fp8", compute_dtype="float32")
-    ckpt, amax = _keys_amax(tmp_path / "w", d, arch)
+    ckpt, amax, _ = _kv_amax(tmp_path / "w", d, arch)
     assert set(ckpt.kv_scales) == {f"model.layers.{i}.self_attn" for i in range(len(amax))}
     for i, a in enumerate(amax):
         assert float(ckpt.kv_scales[f"model.layers.{i}.self_attn"][0]) == pytest.approx(a / 448, rel=1e-5)
@@ -352,7 +343,7 @@ def test_other_architectures(tiny_models, tmp_path, arch):
     # quantization)
     out = tmp_path / "m"
     api.quantize(str(d), "fp8", "fp8", "modelopt", out, samples=2, seqlen=SEQLEN, kv_cache="fp8", compute_dtype="float32")
-    ckpt, amax = _keys_amax(out, d, arch)
+    ckpt, amax, _ = _kv_amax(out, d, arch)
     assert float(ckpt.kv_scales["model.layers.0.self_attn"][0]) == pytest.approx(amax[0] / 448, rel=1e-5)
     assert api.evaluate(out, windows=1, no_reference=True)["perplexity"] > 1
     assert api.inspect(out)["kv_cache"]["attention_modules"] == len(amax)

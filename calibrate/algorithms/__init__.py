@@ -62,6 +62,19 @@ def _gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=T
     return [(qt, r.note) for qt in split_rows(r.qtensor, [x.shape[0] for x in weights])]
 
 
+def _awq_gptq_prepare(ctx, n_grid=20, search_tokens=4096, duo_scaling=False, **_):
+    """AWQ's scale search and folding; GPTQ (with its clipping search) then rounds the scaled weights."""
+    return awq.prepare(ctx, n_grid=n_grid, search_tokens=search_tokens, duo_scaling=duo_scaling, clip=False)
+
+
+def _awq_gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+    return _gptq(weight, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
+
+
+def _awq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+    return _gptq_group(weights, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -69,6 +82,9 @@ METHODS: dict[str, Method] = {
         Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups", group_fn=_gptq_group),
         Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
                "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
+        Method("awq-gptq", ("hessian",), ("int",), _awq_gptq, {"mse_clip": True},
+               "AWQ scales folded into the preceding op, then GPTQ on the scaled weights (LLM Compressor's AWQ + GPTQ recipe)",
+               _awq_gptq_prepare, _awq_gptq_group),
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": 0.5, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),

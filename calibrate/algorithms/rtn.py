@@ -44,17 +44,33 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -
 
 
 def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio: float = 0.75) -> torch.Tensor:
-    """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only)."""
+    """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only).
+
+    The group ranges are taken once; each ratio's scales and zero points follow numerics.int_qparams
+    (same rounding to the scale dtype), and the error is computed in place on a [N, groups, G] view."""
     n, k = w.shape
     gsz = k if spec.group_size <= 0 else spec.group_size
-    wg = w.reshape(n, k // gsz, gsz)
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best = torch.ones(wg.shape[:2])
+    wg = w.float().reshape(n, k // gsz, gsz)
+    lo, hi = nm.int_range(spec.bits, spec.sym)
+    if spec.sym:
+        amax = wg.abs().amax(-1)
+    else:
+        mn0, mx0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+    best = torch.ones(wg.shape[:2], device=w.device)
+    q = torch.empty_like(wg)
     for i in range(grid + 1):
         r = 1.0 - (1.0 - min_ratio) * i / grid
-        scale, zero = nm.int_qparams(w, spec.bits, spec.group_size, spec.sym, spec.scale_dtype, r)
-        dq = nm.int_dequantize(nm.int_quantize(w, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
-        err = (dq - w).reshape_as(wg).pow(2).sum(-1)
+        scale = 2 * amax * r / (hi - lo) if spec.sym else (mx0 - mn0) * r / (hi - lo)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(spec.scale_dtype)
+        s = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32)).unsqueeze(-1)
+        torch.div(wg, s, out=q).round_()
+        if spec.sym:
+            q.clamp_(lo, hi)
+        else:
+            z = torch.round(-(mn0 * r) / s[..., 0]).clamp(lo, hi).unsqueeze(-1)
+            q.add_(z).clamp_(lo, hi).sub_(z)
+        err = q.mul_(s).sub_(wg).square_().sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)

@@ -16,6 +16,7 @@ kernel (split-K for small M), large M a dequantize kernel followed by cuBLAS.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -355,6 +356,126 @@ def _wo_gemv_uniform_kernel(
         tl.store(optrs + pid_k * stride_ok, y, mask=mask_n)
 
 
+# ---- int4 through tensor cores, M <= 16 ----------------------------------------------------------
+# A code becomes a 16-bit float by one OR with a magic exponent, exactly: bf16 0x4300 | q = 128 + q, fp16
+# 0x6400 | q = 1024 + q. Each 16-channel slot is one tl.dot of x [BM, 16] with (MAGIC + q) [16, BN], fp32
+# accumulation; zero point and group scale come once per 128-channel block (one group):
+#     y += s * (x . (MAGIC + q) - (MAGIC + z) * sum(x)).
+# On the GPU one PTX sequence (prmt + lop3) decodes the eight slots of two words at once, about one
+# instruction per code; under the interpreter (CI) the same values come from plain Triton ops.
+
+
+@triton.jit
+def _dec4_ptx(words, magic, DT: tl.constexpr):
+    """Eight [16, BN] tensors of DT: MAGIC + slot i of each word."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 lo, hi, t;
+        prmt.b32 lo, $8, $9, 0x5410;
+        prmt.b32 hi, $8, $9, 0x7632;
+        lop3.b32 $0, lo, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 4;
+        lop3.b32 $1, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 8;
+        lop3.b32 $2, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 12;
+        lop3.b32 $3, t, 0x000F000F, $10, 0xEA;
+        lop3.b32 $4, hi, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 4;
+        lop3.b32 $5, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 8;
+        lop3.b32 $6, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 12;
+        lop3.b32 $7, t, 0x000F000F, $10, 0xEA;
+        }""",
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
+        dtype=(DT, DT, DT, DT, DT, DT, DT, DT), is_pure=True, pack=2)
+
+
+@triton.jit
+def _dec4_slot(words, i: tl.constexpr, MAGIC16: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    v = (((words >> (i * 4)) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
+    if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _dot_slot(acc, xsum, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
+    kk = k0 + tl.arange(0, 16)
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk)
+    xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
+    if INTERP:
+        xs = xs.to(tl.float32)
+    acc = tl.dot(xs, v, acc)
+    xsum += tl.sum(xs.to(tl.float32), axis=1)
+    return acc, xsum
+
+
+@triton.jit
+def _wo_dot4_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok,
+    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
+    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, 16)
+    nblk = K // 128
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
+    xb = x_ptr
+    for b in range(b0, b1):
+        words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        if PTX:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _dec4_ptx(words, magic, DT)
+        else:
+            v0 = _dec4_slot(words, 0, MAGIC16, DT, INTERP)
+            v1 = _dec4_slot(words, 1, MAGIC16, DT, INTERP)
+            v2 = _dec4_slot(words, 2, MAGIC16, DT, INTERP)
+            v3 = _dec4_slot(words, 3, MAGIC16, DT, INTERP)
+            v4 = _dec4_slot(words, 4, MAGIC16, DT, INTERP)
+            v5 = _dec4_slot(words, 5, MAGIC16, DT, INTERP)
+            v6 = _dec4_slot(words, 6, MAGIC16, DT, INTERP)
+            v7 = _dec4_slot(words, 7, MAGIC16, DT, INTERP)
+        blk = tl.zeros((BM, BN), dtype=tl.float32)
+        xsum = tl.zeros((BM,), dtype=tl.float32)
+        k0 = b * 128
+        blk, xsum = _dot_slot(blk, xsum, v0, xb, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v1, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v2, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v3, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v4, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v5, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v6, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
+        blk, xsum = _dot_slot(blk, xsum, v7, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
+        g = tl.load(gblk_ptr + b * 8)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+        else:
+            z = tl.zeros_like(s) + (MAGIC + 8.0)
+        acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
+    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
+        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+
+
 @triton.jit
 def _wo_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
@@ -401,7 +522,13 @@ SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
 TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
 ]]
+DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=4, num_stages=3) for bn, sk in [
+    (64, 1), (64, 2), (64, 4), (64, 8), (128, 1), (128, 2), (128, 4), (128, 8), (32, 4), (32, 8),
+]]
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
+# the tensor-core int4 path is not yet measured on a GPU (bench/kernels.py rows "w4a16-g128[dot4]"):
+# until it is, M <= 16 keeps the measured GEMV / small-M kernels and dot4 runs when asked for by path
+DOT4_DEFAULT = os.environ.get("QTOOL_DOT4") == "1"
 
 
 def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
@@ -424,6 +551,58 @@ def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
             BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None,
             BN=cfg["BN"], SPLIT_K=sk, KU=cfg.get("KU", 2), num_warps=cfg.get("num_warps", 4),
         )
+    if sk > 1:
+        total = m * st.n
+        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
+    return out
+
+
+def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
+    """The tensor-core int4 path: 4-bit int weights whose 128-channel blocks each lie in one group."""
+    return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
+
+
+_PTX_OK: dict = {}
+
+
+def _ptx_ok(device: torch.device) -> bool:
+    """Once per device: the PTX decode compiles and gives the plain decode's result (else the plain one runs)."""
+    key = (device.type, device.index)
+    if key not in _PTX_OK:
+        _PTX_OK[key] = False
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
+            zeros = torch.randint(0, 16, (64, 2), generator=g, dtype=torch.uint8)
+            qt = QTensor("int", 4, codes.to(device), (torch.rand(64, 2, generator=g) + 0.5).half().to(device), zeros.to(device), 128)
+            st = prepare(qt)
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
+                cfg = dict(BN=32, SPLIT_K=1)
+                a, b = _launch_dot4(x, st, cfg, True), _launch_dot4(x, st, cfg, False)
+                if not torch.equal(a, b):
+                    return False
+            _PTX_OK[key] = True
+        except Exception:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
+            return False
+    return _PTX_OK[key]
+
+
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None) -> torch.Tensor:
+    m = x2.shape[0]
+    sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], 16
+    interp = tuning.interpreting()
+    if ptx is None:
+        ptx = not interp and _ptx_ok(x2.device)
+    out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
+    _wo_dot4_kernel[grid](
+        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
+        m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+        HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
+        BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
     if sk > 1:
         total = m * st.n
         _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
@@ -469,15 +648,22 @@ def _key(st: WeightOnlyState, path: str, m: int):
 
 
 def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> torch.Tensor:
-    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces gemv | small | tiled | dequant."""
+    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces dot4 | dot4-plain | gemv | small | tiled | dequant."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path is None:
-        path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path == "dequant":
+        if m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
+            path = "dot4"
+        else:
+            path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
+    if path in ("dot4", "dot4-plain"):
+        ptx = None if path == "dot4" else False
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx)  # noqa: E731
+        y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)))
+    elif path == "dequant":
         w = dequantize(st, x2.dtype)
         xp = x2 if st.perm is None else x2[:, st.perm.long()]
         y = torch.nn.functional.linear(xp, w)
