@@ -96,7 +96,6 @@ VERSUS = [
     ("awq-w4a16", "peer-modelopt-w4a16"),
     ("awq-gptq-w4a16", "peer-modelopt-w4a16"),
     ("awq-w4a16-asym", "peer-modelopt-w4a16"),
-    ("gptq-w4a16", "peer-gptqmodel-w4a16-asym"),
     ("fp8-fp8", "peer-modelopt-fp8"),
     ("smoothquant-w8a8-int8", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
