@@ -68,6 +68,8 @@ NATIVE = {
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8-static": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, []),
+    "smoothquant-w8a8-int8-static-a08": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.8"]),
+    "smoothquant-w8a8-int8-static-a10": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=1.0"]),
     "nvfp4-nvfp4": ("qtool", "nvfp4", "nvfp4", "compressed-tensors", None, []),
     "mx-mxfp4": ("qtool", "mx", "mxfp4", "qtool", None, []),
     "rtn-w4a4": ("qtool", "rtn", "w4a4", "qtool", None, []),
