@@ -68,6 +68,8 @@ NATIVE = {
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8-static": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, []),
+    "smoothquant-w8a8-int8-static-a08": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.8"]),
+    "smoothquant-w8a8-int8-static-a10": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=1.0"]),
     "nvfp4-nvfp4": ("qtool", "nvfp4", "nvfp4", "compressed-tensors", None, []),
     "mx-mxfp4": ("qtool", "mx", "mxfp4", "qtool", None, []),
     "rtn-w4a4": ("qtool", "rtn", "w4a4", "qtool", None, []),
@@ -105,7 +107,7 @@ VERSUS = [
     ("rtn-w4a16-mseclip", "rtn-w4a16"),
 ]
 # goals from issue 5 (perplexity increase over bf16, percent)
-GOALS = {"gptq-w4a16": 10, "awq-w4a16": 12, "fp8-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
+GOALS = {"gptq-w4a16": 10, "gptq-w4a16-asym": 10, "awq-w4a16": 12, "awq-w4a16-asym": 12, "awq-gptq-w4a16": 12, "fp8-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
 
 
 def run_row(name: str, work: Path, samples: int, windows: int) -> dict:
@@ -194,6 +196,7 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma-separated row names (--list shows them); default: the native rows (+ peers with --peers)")
     ap.add_argument("--peers", action="store_true", help="also run the peer libraries on the same samples")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only print (and write) the table of the rows measured so far")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--work", default=str(RESULTS / "accuracy-work"))
@@ -205,7 +208,7 @@ def main() -> None:
     bad = [n for n in names if n not in ROWS]
     if bad:
         sys.exit(f"unknown row(s) {', '.join(bad)}; --list shows them")
-    done = run_rows(names, a.samples, a.windows, Path(a.work))
+    done = run_rows([] if a.table else names, a.samples, a.windows, Path(a.work))
     rows = [done[n] for n in [*NATIVE, *PEERS] if n in done]
     md = table(rows) + verdicts(done)
     (RESULTS / "accuracy.md").write_text(md)

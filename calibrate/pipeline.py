@@ -191,7 +191,10 @@ def _act_quant(scheme: Scheme, amax: torch.Tensor | None, stats: dict | None = N
     if scheme.act_kind == "none":
         return ActQuant()
     if scheme.act_kind == "dynamic":
-        return ActQuant("dynamic", scheme.act_dtype, scheme.act_granularity, group_size=16 if scheme.act_dtype == "e2m1" else 0)
+        if scheme.act_dtype == "e2m1":  # NVFP4: per-16 block scales at run time under a calibrated global scale
+            gs = None if amax is None else nm.f32_reciprocal_snap((amax.float() / (nm.E2M1_MAX * nm.FP8_MAX)).clamp(min=1e-12)).reshape(1)
+            return ActQuant("dynamic", "e2m1", scheme.act_granularity, scale=gs, group_size=16)
+        return ActQuant("dynamic", scheme.act_dtype, scheme.act_granularity)
     if act is not None and not act.default:
         from . import observers
 
@@ -243,7 +246,7 @@ def quantize_layers(
     prefix, layers = find_decoder_layers(model)
     if resolve is None:
         resolve = lambda name: (scheme, spec)  # noqa: E731
-    static = any(s.act_kind == "static" for s in getattr(resolve, "schemes", [scheme]))
+    static = any(s.calibrated_acts for s in getattr(resolve, "schemes", [scheme]))
     needs_data = bool(method.stats) or static or method.prepare is not None or bool(kv_cache)
     kv_base = None
     if kv_cache:
@@ -288,7 +291,8 @@ def quantize_layers(
                 continue
             stats = {n: {} for n in group}
             observed = {n: act for n in group if act is not None and not act.default and chosen[n][0].act_kind == "static"}
-            if method.stats or any(chosen[n][0].act_kind == "static" for n in group):  # AWQ/SmoothQuant alone need no per-group pass
+            # AWQ/SmoothQuant alone need no per-group pass; static activations and NVFP4's global input scale need the amax
+            if method.stats or any(chosen[n][0].calibrated_acts for n in group):
                 _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, observed)
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():

@@ -20,6 +20,11 @@ class Scheme:
     act_granularity: str = "token"
     description: str = ""
 
+    @property
+    def calibrated_acts(self) -> bool:
+        """Activation ranges measured on the calibration samples: static scales, and NVFP4's global input scale."""
+        return self.act_kind == "static" or self.act_dtype == "e2m1"
+
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s

@@ -147,7 +147,7 @@ def quantize(
     check_free_space(Path(out), estimate_quantized_size(td, spec, get_format(format)))
     tok = cmodels.load_tokenizer(mdir)
     meth = get_method(method, **(options or {})) if backend == "native" else None
-    n_samples = samples if (meth is None or meth.stats or meth.prepare or any(s.act_kind == "static" for s in resolver.schemes) or kv_cache) else 1
+    n_samples = samples if (meth is None or meth.stats or meth.prepare or any(s.calibrated_acts for s in resolver.schemes) or kv_cache) else 1
     ids = cdata.calibration_samples(tok, calib, n_samples, seqlen, seed, field)
     torch.manual_seed(seed)
     src_dtype = _model_dtype(config)

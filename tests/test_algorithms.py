@@ -336,3 +336,32 @@ def test_gptq_group_aware_order(static_groups):
     assert err(r.qtensor) < 0.95 * err(quantize_weight(w, spec))
     if static_groups:
         assert torch.equal(r.qtensor.scales, quantize_weight(w, spec).scales)
+
+
+def test_nvfp4_native_calibrates_the_input_global_scale(cli, tiny_models, tmp_path):
+    """NVFP4 activations need a calibrated global scale (compressed-tensors input_global_scale, ModelOpt
+    input_scale): amax of the linear's input over the calibration samples / (6 * 448), float32-reciprocal
+    exact. Layer 0's q_proj input does not depend on quantization: recomputed here with a hook on the float model."""
+    from calibrate import data as cdata
+    from calibrate import models as cmodels
+    from exporters.io import TensorDir
+
+    src = tiny_models("llama")
+    for fmt in ("compressed-tensors", "modelopt"):
+        out = tmp_path / fmt
+        r = cli("quantize", src, "--scheme", "nvfp4", "--method", "nvfp4", "--format", fmt, "--out", out, "--samples", "4", "--seqlen", "64", "--compute-dtype", "float32")
+        assert r.code == 0, r.err
+    td = TensorDir(tmp_path / "compressed-tensors")
+    ig = td["model.layers.0.self_attn.q_proj.input_global_scale"].float()
+    assert torch.equal(ig, td["model.layers.0.self_attn.k_proj.input_global_scale"].float())
+    model = cmodels.load_model(src, torch.float32)
+    ids = cdata.calibration_samples(cmodels.load_tokenizer(src), None, 4, 64, 0, "text")
+    amax = []
+    h = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: amax.append(float(a[0].abs().max())))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    h.remove()
+    assert float(1 / ig) == pytest.approx(max(amax) / (6 * 448), rel=1e-5)
+    mo = TensorDir(tmp_path / "modelopt")
+    assert float(mo["model.layers.0.self_attn.q_proj.input_scale"]) == pytest.approx(max(amax) / (6 * 448), rel=1e-5)

@@ -88,7 +88,8 @@ METHODS: dict[str, Method] = {
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": 0.5, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
-        Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search"),
+        Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search",
+               group_fn=fpscale.quantize_nvfp4_group),
         Method("mx", (), ("e2m1", "mxfp8"), fpscale.quantize_mx, {"scale_search": True}, "MXFP4/MXFP8 with a per-block E8M0 exponent search"),
     ]
 }

@@ -26,11 +26,12 @@ def _block_err(w: torch.Tensor, qt: QTensor, block: int) -> torch.Tensor:
     return (qt.dequantize() - w).reshape(n, k // block, block).pow(2).sum(-1)
 
 
-def nvfp4_search(w: torch.Tensor, block: int = 16, ratios=NVFP4_RATIOS) -> QTensor:
-    """NVFP4 with each block's E4M3 scale chosen among absmax x ratio (global scale from the tensor amax)."""
+def nvfp4_search(w: torch.Tensor, block: int = 16, ratios=NVFP4_RATIOS, amax: torch.Tensor | None = None) -> QTensor:
+    """NVFP4 with each block's E4M3 scale chosen among absmax x ratio (global scale from `amax`: the
+    tensor's, or that of the fused group the tensor belongs to)."""
     w = w.float()
-    amax = w.abs().amax()
-    bs, gs = nm.nvfp4_qparams(w, block)
+    amax = w.abs().amax() if amax is None else amax.float()
+    bs, gs = nm.nvfp4_qparams(w, block, amax=amax)
     best = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, block), bs, None, block, global_scale=gs)
     best_err = _block_err(w, best, block)
     for r in ratios:
@@ -75,6 +76,23 @@ def quantize_nvfp4(weight, spec, stats, scale_search: bool = True, **_):
     if not scale_search:
         return quantize_weight(weight, spec), ""
     return nvfp4_search(weight, spec.group_size), ""
+
+
+def quantize_nvfp4_group(weights, spec, stats, scale_search: bool = True, **_):
+    """The linears of one shared-input group (q/k/v, gate/up), which engines fuse into one tensor with one
+    global scale: the global scale comes from the group's largest |w| (as ModelOpt's export and LLM
+    Compressor set it), block scales per linear."""
+    if spec.dtype != "e2m1" or spec.scale_dtype != torch.float8_e4m3fn:
+        raise QtoolError("method nvfp4 makes the nvfp4 scheme (use method mx for mxfp4/mxfp8)")
+    amax = torch.stack([w.float().abs().amax() for w in weights]).amax()
+    out = []
+    for w in weights:
+        if scale_search:
+            out.append((nvfp4_search(w, spec.group_size, amax=amax), ""))
+        else:
+            bs, gs = nm.nvfp4_qparams(w.float(), spec.group_size, amax=amax)
+            out.append((QTensor("e2m1", 4, nm.nvfp4_quantize(w.float(), bs, gs, spec.group_size), bs, None, spec.group_size, global_scale=gs), ""))
+    return out
 
 
 def quantize_mx(weight, spec, stats, scale_search: bool = True, **_):
