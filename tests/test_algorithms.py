@@ -365,3 +365,18 @@ def test_nvfp4_native_calibrates_the_input_global_scale(cli, tiny_models, tmp_pa
     assert float(1 / ig) == pytest.approx(max(amax) / (6 * 448), rel=1e-5)
     mo = TensorDir(tmp_path / "modelopt")
     assert float(mo["model.layers.0.self_attn.q_proj.input_scale"]) == pytest.approx(max(amax) / (6 * 448), rel=1e-5)
+
+
+def test_smoothquant_alpha_default_follows_the_activations(cli, tiny_models, tmp_path):
+    """Per-token activations migrate with alpha 0.5, static per-tensor ones with 1.0 (one scale for all
+    tokens needs flat channels); --option alpha overrides; a non-number is one error line."""
+    src = tiny_models("llama")
+    for scheme, extra, want in (("w8a8-int8", [], "alpha 0.5"), ("w8a8-int8-static", [], "alpha 1.0"),
+                                ("w8a8-int8-static", ["--option", "alpha=0.75"], "alpha 0.75")):
+        r = cli("quantize", src, "--scheme", scheme, "--method", "smoothquant", "--format", "qtool", "--out", tmp_path / "q",
+                "--samples", "2", "--seqlen", "32", "--force", "--json", *extra)
+        assert r.code == 0, r.err
+        assert any(f"smoothquant {want}:" in n for n in json.loads(r.out)["notes"]), json.loads(r.out)["notes"]
+    r = cli("quantize", src, "--scheme", "w8a8-int8", "--method", "smoothquant", "--format", "qtool", "--out", tmp_path / "x",
+            "--samples", "2", "--seqlen", "32", "--option", "alpha=strong")
+    assert r.code == 2 and "alpha must be a number" in r.err and not (tmp_path / "x").exists()

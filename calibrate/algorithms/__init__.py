@@ -85,7 +85,7 @@ METHODS: dict[str, Method] = {
         Method("awq-gptq", ("hessian",), ("int",), _awq_gptq, {"mse_clip": True},
                "AWQ scales folded into the preceding op, then GPTQ on the scaled weights (LLM Compressor's AWQ + GPTQ recipe)",
                _awq_gptq_prepare, _awq_gptq_group),
-        Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": 0.5, "fold_linear": True},
+        Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": None, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
         Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search",

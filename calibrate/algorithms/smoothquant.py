@@ -44,9 +44,16 @@ def smooth_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: floa
     return s.clamp(min=1e-5)
 
 
-def prepare(ctx, alpha: float = 0.5, fold_linear: bool = True, **_) -> list[str]:
+def prepare(ctx, alpha: float | None = None, fold_linear: bool = True, **_) -> list[str]:
+    """alpha: migration strength; default 0.5 for per-token activations and 1.0 for static per-tensor ones
+    (one scale for every token needs flat channels: measured on Gemma-3-270M w8a8-int8-static, alpha 0.5
+    gave +17.1% perplexity, 1.0 gave +4.7%)."""
     if ctx.scheme.act_kind == "none" or ctx.spec.dtype != "int":
         raise QtoolError(f"smoothquant is for schemes with int weights and quantized activations (w8a8-int8, w8a8-int8-static), not {ctx.scheme.name}")
+    if alpha is None:
+        alpha = 1.0 if ctx.scheme.act_kind == "static" else 0.5
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise QtoolError(f"smoothquant alpha must be a number in [0, 1], got {alpha!r}")
     if not 0.0 <= alpha <= 1.0:
         raise QtoolError(f"smoothquant alpha must lie in [0, 1], got {alpha}")
     notes, done = [], []
