@@ -223,11 +223,15 @@ def e2m1_round_half_down(x: torch.Tensor) -> torch.Tensor:
     return (idx + (x < 0).to(idx.dtype) * 8 * (idx > 0)).to(torch.uint8)
 
 
-def nvfp4_qparams(w: torch.Tensor, block: int = 16, amax: torch.Tensor | None = None):
-    """(block scales e4m3 [N, K/block], global scale float32 scalar) with real = e2m1*bs*gs."""
+def nvfp4_qparams(w: torch.Tensor, block: int = 16, amax: torch.Tensor | None = None, snap: bool = False):
+    """(block scales e4m3 [N, K/block], global scale float32 scalar) with real = e2m1*bs*gs. snap: the
+    global scale moved to the nearest float32 whose reciprocal round-trips (compressed-tensors stores
+    1/gs), before the block scales are derived from it."""
     n, k = w.shape
     amax = w.float().abs().amax() if amax is None else amax.float()
     gs = (amax / (E2M1_MAX * FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).reshape(())
+    if snap:
+        gs = f32_reciprocal_snap(gs)
     bamax = w.float().abs().reshape(n, k // block, block).amax(-1)
     bs = (bamax / E2M1_MAX / gs).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     return bs, gs

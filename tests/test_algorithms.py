@@ -380,3 +380,20 @@ def test_smoothquant_alpha_default_follows_the_activations(cli, tiny_models, tmp
     r = cli("quantize", src, "--scheme", "w8a8-int8", "--method", "smoothquant", "--format", "qtool", "--out", tmp_path / "x",
             "--samples", "2", "--seqlen", "32", "--option", "alpha=strong")
     assert r.code == 2 and "alpha must be a number" in r.err and not (tmp_path / "x").exists()
+
+
+def test_native_nvfp4_global_scales_round_trip_through_reciprocals():
+    """compressed-tensors stores 1/global scale: every native NVFP4 weight (search, fused group, RTN) picks a
+    float32 global scale whose reciprocal maps back exactly (about 16% of float32 values do not)."""
+    from calibrate.algorithms import fpscale
+    from calibrate.algorithms.rtn import quantize_weight
+    from qtensor.schemes import WeightSpec
+
+    spec = WeightSpec("e2m1", 4, 16, True, None, torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(3)
+    for i in range(40):
+        ws = [torch.randn(16, 64, generator=g) * float(torch.rand(1, generator=g) * 3 + 1e-3) for _ in range(2)]
+        qts = [fpscale.nvfp4_search(ws[0]), quantize_weight(ws[0], spec)] + [q for q, _ in fpscale.quantize_nvfp4_group(ws, spec, {})]
+        for qt in qts:
+            assert nm.f32_reciprocal(qt.global_scale) is not None, (i, float(qt.global_scale))
+        assert torch.equal(qts[2].global_scale, qts[3].global_scale)

@@ -31,13 +31,13 @@ def nvfp4_search(w: torch.Tensor, block: int = 16, ratios=NVFP4_RATIOS, amax: to
     tensor's, or that of the fused group the tensor belongs to)."""
     w = w.float()
     amax = w.abs().amax() if amax is None else amax.float()
-    bs, gs = nm.nvfp4_qparams(w, block, amax=amax)
+    bs, gs = nm.nvfp4_qparams(w, block, amax=amax, snap=True)
     best = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, block), bs, None, block, global_scale=gs)
     best_err = _block_err(w, best, block)
     for r in ratios:
         if r == 1.0:
             continue
-        cbs, _ = nm.nvfp4_qparams(w * r, block, amax=amax)  # the block scales of absmax * r, same global scale
+        cbs, _ = nm.nvfp4_qparams(w * r, block, amax=amax, snap=True)  # the block scales of absmax * r, same global scale
         cand = QTensor("e2m1", 4, nm.nvfp4_quantize(w, cbs, gs, block), cbs, None, block, global_scale=gs)
         err = _block_err(w, cand, block)
         better = err < best_err
@@ -90,7 +90,7 @@ def quantize_nvfp4_group(weights, spec, stats, scale_search: bool = True, **_):
         if scale_search:
             out.append((nvfp4_search(w, spec.group_size, amax=amax), ""))
         else:
-            bs, gs = nm.nvfp4_qparams(w.float(), spec.group_size, amax=amax)
+            bs, gs = nm.nvfp4_qparams(w.float(), spec.group_size, amax=amax, snap=True)
             out.append((QTensor("e2m1", 4, nm.nvfp4_quantize(w.float(), bs, gs, spec.group_size), bs, None, spec.group_size, global_scale=gs), ""))
     return out
 

@@ -29,7 +29,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -
             scale = nm.fp8_scale_from_amax(w.abs().amax(1, keepdim=True))
         return QTensor("fp8_e4m3", 8, nm.fp8_quantize(w, scale.reshape(-1, 1) if scale.numel() > 1 else scale), scale, None, spec.group_size)
     if spec.dtype == "e2m1" and spec.scale_dtype == torch.float8_e4m3fn:  # NVFP4
-        bs, gs = nm.nvfp4_qparams(w, spec.group_size)
+        bs, gs = nm.nvfp4_qparams(w, spec.group_size, snap=True)
         return QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, spec.group_size), bs, None, spec.group_size, global_scale=gs)
     if spec.dtype in ("e2m1", "mxfp8"):  # MX: e8m0 shared exponents per 32
         emax = 2 if spec.dtype == "e2m1" else 8
