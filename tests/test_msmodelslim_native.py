@@ -204,6 +204,8 @@ def test_asym_export_read_back_bit_identical(llama, tmp_path, method):
     derived tensors are those of its saver: deq_scale = input_scale * weight_scale, quant_bias =
     round(-input_offset * sum_k w); qtool export msmodelslim -> qtool is the identity too."""
     kw = dict(method=method, act_observer="percentile:99.9", act_asym=True, compute_dtype="float32")
+    if method == "smoothquant":  # alpha 0.5 leaves lopsided ranges (offsets) on most layers of this tiny model
+        kw["options"] = {"alpha": 0.5}
     _quantize(llama, tmp_path / "q", fmt="qtool", **kw)
     _quantize(llama, tmp_path / "m", **kw)
     q, m = read_checkpoint(tmp_path / "q"), read_checkpoint(tmp_path / "m")
