@@ -64,14 +64,15 @@ def int_qparams(
     integer zero point. `clip` shrinks the range (a scalar or [N, G] tensor, for clipping searches).
     """
     g = _group_view(w.float(), group_size)
-    lo, hi = int_range(bits, sym)
     if sym:
-        amax = g.abs().amax(-1) * clip
-        scale = 2 * amax / (hi - lo)
-    else:
-        mn = g.amin(-1).clamp(max=0) * clip
-        mx = g.amax(-1).clamp(min=0) * clip
-        scale = (mx - mn) / (hi - lo)
+        return int_qparams_from_range(bits, sym, scale_dtype, amax=g.abs().amax(-1) * clip)
+    return int_qparams_from_range(bits, sym, scale_dtype, mn=g.amin(-1).clamp(max=0) * clip, mx=g.amax(-1).clamp(min=0) * clip)
+
+
+def int_qparams_from_range(bits: int, sym: bool, scale_dtype: torch.dtype, amax=None, mn=None, mx=None):
+    """int_qparams from group ranges already taken: amax (symmetric) or mn <= 0 <= mx (asymmetric)."""
+    lo, hi = int_range(bits, sym)
+    scale = 2 * amax / (hi - lo) if sym else (mx - mn) / (hi - lo)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
     scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))  # underflow in fp16
     if sym:

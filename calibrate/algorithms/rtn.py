@@ -46,8 +46,8 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -
 def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio: float = 0.75) -> torch.Tensor:
     """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only).
 
-    The group ranges are taken once; each ratio's scales and zero points follow numerics.int_qparams
-    (same rounding to the scale dtype), and the error is computed in place on a [N, groups, G] view."""
+    The group ranges are taken once; each ratio's scales and zero points come from
+    numerics.int_qparams_from_range, and the error is computed in place on a [N, groups, G] view."""
     n, k = w.shape
     gsz = k if spec.group_size <= 0 else spec.group_size
     wg = w.float().reshape(n, k // gsz, gsz)
@@ -61,14 +61,16 @@ def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio
     q = torch.empty_like(wg)
     for i in range(grid + 1):
         r = 1.0 - (1.0 - min_ratio) * i / grid
-        scale = 2 * amax * r / (hi - lo) if spec.sym else (mx0 - mn0) * r / (hi - lo)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(spec.scale_dtype)
-        s = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32)).unsqueeze(-1)
+        if spec.sym:
+            scale, zero = nm.int_qparams_from_range(spec.bits, True, spec.scale_dtype, amax=amax * r)
+        else:
+            scale, zero = nm.int_qparams_from_range(spec.bits, False, spec.scale_dtype, mn=mn0 * r, mx=mx0 * r)
+        s = scale.float().unsqueeze(-1)
         torch.div(wg, s, out=q).round_()
         if spec.sym:
             q.clamp_(lo, hi)
         else:
-            z = torch.round(-(mn0 * r) / s[..., 0]).clamp(lo, hi).unsqueeze(-1)
+            z = zero.float().unsqueeze(-1)
             q.add_(z).clamp_(lo, hi).sub_(z)
         err = q.mul_(s).sub_(wg).square_().sum(-1)
         better = err < best_err
