@@ -65,8 +65,13 @@ def test_pairs_found_generically_and_folds_preserve_output(tiny_models, arch, of
     assert (gu.prev, gu.offset, gu.block) == (mlp_norm, offset, "mlp")
     down = pairs[("mlp.down_proj",)]
     assert (down.prev, down.kind) == ("mlp.up_proj", "linear")
-    o = pairs[("self_attn.o_proj",)]  # GQA: v has fewer channels than o reads
-    assert o.prev is None and o.reason
+    o = pairs[("self_attn.o_proj",)]  # GQA: v has fewer channels than o reads; each feeds one per query head of its group
+    assert (o.prev, o.kind) == ("self_attn.v_proj", "linear")
+    cfg = ctx.layer.self_attn.config
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = ctx.module("self_attn.o_proj").in_features // nh
+    h, d = torch.meshgrid(torch.arange(nh), torch.arange(hd), indexing="ij")
+    assert torch.equal(o.index, ((h // (nh // nkv)) * hd + d).reshape(-1))
 
     ref = ctx.run()
     norm_before = ctx.module("input_layernorm").weight.detach().clone()
@@ -215,7 +220,13 @@ def test_smoothquant_preserves_fp_output_and_flattens_activations(tiny_models, a
         # independent reference: s = amax_x^0.5 / amax_w^0.5; the input is divided by s (up to the bf16 rounding
         # of the folded norm weight: Gemma stores 1 + w as w, a few % where (1 + w) / s is small)
         wmax = torch.stack([w_before[m].abs().amax(0) for m in p.group]).amax(0)
-        s = (a0.clamp(min=1e-5) / wmax.clamp(min=1e-5)).sqrt()
+        if n == "self_attn.o_proj":  # GQA v -> o: one scale per value channel, the max over the query heads sharing it
+            cfg = ctx.layer.self_attn.config
+            nkv, rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+            shared = lambda v: v.reshape(nkv, rep, -1).amax(1, keepdim=True).expand(nkv, rep, v.numel() // (nkv * rep)).reshape(-1)  # noqa: E731
+            s = (shared(a0).clamp(min=1e-5) / shared(wmax).clamp(min=1e-5)).sqrt()
+        else:
+            s = (a0.clamp(min=1e-5) / wmax.clamp(min=1e-5)).sqrt()
         assert torch.allclose(x_after[n].abs().amax(0), a0 / s, rtol=3e-2, atol=1e-6)
         # outlier ratio: largest channel range over the median one
         ratio = lambda v: float(v.max() / v.median())  # noqa: E731

@@ -1,7 +1,7 @@
 """AWQ (Lin et al. 2023): activation-aware per-channel scales, searched on the block's real output.
 
 For each linear group and the op producing its input (smoothing.find_pairs: norm -> q/k/v,
-v -> o where shapes allow, norm -> gate/up, up -> down): s = mean|x|^alpha for alpha on a grid of
+v -> o (tied over the query heads sharing a KV head under GQA), norm -> gate/up, up -> down): s = mean|x|^alpha for alpha on a grid of
 n_grid values in [0, 1) (alpha = 0 is plain round-to-nearest), the group fake-quantized as
 Q(W diag(s)) / s, and the alpha whose block output (the innermost module holding the group: the
 attention for q/k/v, the MLP for gate/up, the linear itself for o and down) is closest to the
@@ -110,7 +110,7 @@ def search_scales(ctx, pair: sm.Pair, x_mean: torch.Tensor, calls: list[tuple], 
             s = x_mean.pow(alpha)
             if w_mean is not None:
                 s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
-            s = _normalise(s)
+            s = _normalise(sm.tie(pair, s))
             for lin, w, sp in zip(lins, orig, specs):
                 if sp is not None:
                     lin.weight.data.copy_((quantize_weight(w.float() * s, sp).dequantize() / s).to(w.dtype))

@@ -8,8 +8,12 @@ table of architectures:
 
 - a norm whose output *is* the group input (found with forward hooks); its weight may enter as
   out = n(x) * (c + w) with c = 0 (Llama) or c = 1 (Gemma's 1 + w): c is measured, not assumed;
-- otherwise an earlier linear of the layer with out_features == in_features of the group whose
-  output scaling is proved to reach the group input channel for channel (v -> o, up -> down).
+- otherwise an earlier linear of the layer whose output scaling is proved to reach the group input
+  channel for channel (up -> down, v -> o), or, when it has fewer outputs than the group has inputs,
+  each of its channels feeding several group channels (v -> o under grouped-query attention: one
+  KV head serves several query heads). The map (`Pair.index`, group channel -> producer channel)
+  is measured by a probe, and the group's scales are tied over the channels sharing a producer
+  channel (`tie`).
 
 Every candidate is probed (random channel factors must arrive unchanged at the group input) and
 every fold is verified on the layer's real output and undone if it changes it.
@@ -35,6 +39,21 @@ class Pair:
     offset: float = 0.0  # norm: out = n(x) * (offset + weight)
     block: str = ""  # module whose output scores a candidate scale ("" = the whole layer)
     reason: str = ""  # why the pair cannot be folded
+    index: torch.Tensor | None = None  # linear producer with fewer outputs: group input channel -> its output channel
+
+
+def tie(pair: Pair, v: torch.Tensor, how: str = "gmean") -> torch.Tensor:
+    """v (one value per group input channel) made equal over the channels that share a producer
+    channel (max, mean or geometric mean over them); v itself when every channel has its own."""
+    if pair.index is None:
+        return v
+    idx = pair.index.to(v.device)
+    n = int(idx.max()) + 1
+    src = v.float().clamp(min=1e-30).log() if how == "gmean" else v.float()
+    red = "amax" if how == "max" else "mean"
+    t = torch.zeros(n, dtype=torch.float32, device=v.device).scatter_reduce(0, idx, src, red, include_self=False)
+    t = t.exp() if how == "gmean" else t
+    return t[idx].to(v.dtype)
 
 
 def lowest_common_module(names: list[str]) -> str:
@@ -162,10 +181,13 @@ def fold(layer: nn.Module, pair: Pair, factor: torch.Tensor) -> torch.Tensor:
     mod = layer.get_submodule(pair.prev)
     factor = factor.float()
     if pair.kind == "linear":
+        if pair.index is not None:  # one factor per producer channel (the group's are tied over its repeats)
+            idx = pair.index.to(factor.device)
+            factor = torch.ones(mod.out_features, dtype=torch.float32, device=factor.device).scatter(0, idx, factor)
         mod.weight.data.mul_(factor.to(mod.weight.dtype)[:, None])
         if mod.bias is not None:
             mod.bias.data.mul_(factor.to(mod.bias.dtype))
-        return factor
+        return factor if pair.index is None else factor[idx]
     c = pair.offset
     w = mod.weight.data.float()
     base = w + c
@@ -212,7 +234,7 @@ def find_pairs(ctx) -> list[Pair]:
             if out.shape == gin.shape and (out.data_ptr() == gin.data_ptr() or torch.equal(out, gin)):
                 cands.append(("norm", name))
         earlier = sorted((rec[n][3], n) for n in linears if n in rec and rec[n][3] is not None and rec[n][3] < start and n not in group
-                         and mods[n].out_features == k)
+                         and 0 < mods[n].out_features <= k and k % mods[n].out_features == 0)
         cands += [("linear", n) for _, n in reversed(earlier)]
         for kind, name in cands:
             offset = 0.0
@@ -222,6 +244,12 @@ def find_pairs(ctx) -> list[Pair]:
                     continue
                 offset = c
             cand = Pair(list(group), name, kind, offset, pair.block)
+            if kind == "linear" and mods[name].out_features != k:
+                cand.index = _probe_index(layer, cand, x, ctx.args, ctx.kwargs, gin)
+                if cand.index is not None:
+                    pair = cand
+                    break
+                continue
             if _probe(layer, cand, x, ctx.args, ctx.kwargs, gin):
                 pair = cand
                 break
@@ -249,6 +277,35 @@ def _probe(layer, pair: Pair, x, args, kwargs, gin) -> bool:
 
 
 @torch.no_grad()
+def _probe_index(layer, pair: Pair, x, args, kwargs, gin) -> torch.Tensor | None:
+    """Scale the producer's output channel c by 1 + c / n and read which factor each group input
+    channel received: the map group channel -> producer channel, or None when the group input is
+    not the producer's channels repeated (each scaled exactly by one factor)."""
+    mod = layer.get_submodule(pair.prev)
+    n = mod.out_features
+    r = 1.0 + torch.arange(n, dtype=torch.float32) / n
+    saved = _params(mod)
+    try:
+        mod.weight.data.mul_(r.to(mod.weight.dtype)[:, None])
+        if mod.bias is not None:
+            mod.bias.data.mul_(r.to(mod.bias.dtype))
+        got = group_input(layer, pair.group[0], x, args, kwargs)
+    finally:
+        _restore(mod, saved)
+    if got.shape != gin.shape:
+        return None
+    g, o = gin.float().reshape(-1, gin.shape[-1]), got.float().reshape(-1, gin.shape[-1])
+    den = (g * g).sum(0)
+    if not bool((den > 0).all()):
+        return None
+    ratio = (o * g).sum(0) / den
+    idx = ((ratio - 1.0) * n).round().long().clamp(0, n - 1)  # the nearest of the evenly spaced factors
+    if (o - g * r[idx]).norm() > 1e-4 * (g * r[idx]).norm().clamp(min=1e-30):
+        return None
+    return idx
+
+
+@torch.no_grad()
 def apply(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None = None, tol: float = 1e-3) -> tuple[str, torch.Tensor | None]:
     """Divide the group input by s (folded into pair.prev), multiply the group's columns by it, and
     check the layer output on one sample is unchanged; undo and explain when it is not.
@@ -259,6 +316,7 @@ def apply(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None = None, t
     x = ctx.inputs[0][:1]
     before = ctx.run([x])[0] if check is None else check
     prev = layer.get_submodule(pair.prev)
+    s = tie(pair, s)
     saved = {n: _params(layer.get_submodule(n)) for n in pair.group}
     saved_prev = _params(prev)
     applied = fold(layer, pair, 1.0 / s.float())

@@ -37,8 +37,12 @@ def channel_amax(ctx, firsts: list[str]) -> dict[str, torch.Tensor | None]:
     return got
 
 
-def smooth_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+def smooth_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float, pair: sm.Pair | None = None) -> torch.Tensor:
+    """Per input channel s = max|X|^alpha / max|W|^(1 - alpha); with a pair whose producer feeds several
+    group channels per output (GQA v -> o) both maxima are taken over the channels sharing one."""
     w_amax = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0)
+    if pair is not None:
+        x_amax, w_amax = sm.tie(pair, x_amax.float(), "max"), sm.tie(pair, w_amax, "max")
     s = x_amax.float().clamp(min=1e-5).pow(alpha) / w_amax.clamp(min=1e-5).pow(1 - alpha)
     s = torch.where((x_amax > 0) & (w_amax > 0), s, torch.ones_like(s))
     return s.clamp(min=1e-5)
@@ -71,7 +75,7 @@ def prepare(ctx, alpha: float | None = None, fold_linear: bool = True, **_) -> l
         if a is None:
             notes.append(f"smoothquant: {label}: not smoothed (no calibration tokens)")
             continue
-        s = smooth_scales(a, [ctx.module(n).weight.data for n in p.group], alpha)
+        s = smooth_scales(a, [ctx.module(n).weight.data for n in p.group], alpha, p)
         msg, _ = sm.apply(ctx, p, s, check)
         if msg:
             notes.append("smoothquant: " + msg)
