@@ -271,7 +271,7 @@ def main():
                 from runtime.kernels import weight_only
 
                 st_copies = [c.state for c in preps["w4a16-g128"][0]]
-                for path in ("dot4", "dot4-plain"):
+                for path in ("dot4", "dot4-plain", "tc4"):
                     try:
                         yv = weight_only.matmul(xs, st_copies[0], path)
                         rv = xs.float() @ preps["w4a16-g128"][2].dequantize(torch.float32).t()
@@ -284,7 +284,7 @@ def main():
                                          us_eager=te * 1e6, ratio_eager=e_bf / te))
                         checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
                         print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16  err {rel:.1e}"
-                              f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off'})", flush=True)
+                              f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off: ' + weight_only._PTX_OK.get('why', '')})", flush=True)
                     except Exception as e:
                         print(f"  w4a16 {path} M={m}: failed {str(e)[:300]}", flush=True)
             if m >= 128 and "w4a16-g128" in preps:  # the fused tiled path beside dequant + cuBLAS

@@ -477,6 +477,60 @@ def _wo_dot4_kernel(
 
 
 @triton.jit
+def _wo_tc4_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok,
+    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, INTERP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """int4 through tensor cores, one tl.dot per 128-channel block: the [128, BN] code tile is read from
+    the packed words row by row (row k of the block is slot k // 16 of word row k % 16; the eight reads
+    of a word hit L1) and decoded by one shift, mask and OR with the magic exponent per code."""
+    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
+    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, 128)
+    row = offs_k % 16
+    shift = (offs_k // 16) * 4
+    nblk = K // 128
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for b in range(b0, b1):
+        words = tl.load(qw_ptr + (b * 16 + row)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        v = (((words >> shift[:, None]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
+        kk = b * 128 + offs_k
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk)
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
+        if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
+            v = v.to(tl.float32)
+            xs = xs.to(tl.float32)
+        blk = tl.dot(xs, v)
+        xsum = tl.sum(xs.to(tl.float32), axis=1)
+        g = tl.load(gblk_ptr + b * 8)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+        else:
+            z = tl.zeros_like(s) + (MAGIC + 8.0)
+        acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
+    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
+        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+
+
+@triton.jit
 def _wo_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
     BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
@@ -522,8 +576,10 @@ SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
 TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
 ]]
-DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=4, num_stages=3) for bn, sk in [
-    (64, 1), (64, 2), (64, 4), (64, 8), (128, 1), (128, 2), (128, 4), (128, 8), (32, 4), (32, 8),
+DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, w, st in [
+    (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3),
+    (128, 8, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3), (32, 2, 2, 4), (32, 4, 2, 4), (64, 4, 4, 5), (128, 4, 8, 4),
+    (256, 2, 8, 3), (256, 4, 8, 3), (64, 16, 4, 3), (32, 16, 2, 3),
 ]]
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
 # the tensor-core int4 path is not yet measured on a GPU (bench/kernels.py rows "w4a16-g128[dot4]"):
@@ -581,14 +637,16 @@ def _ptx_ok(device: torch.device) -> bool:
                 cfg = dict(BN=32, SPLIT_K=1)
                 a, b = _launch_dot4(x, st, cfg, True), _launch_dot4(x, st, cfg, False)
                 if not torch.equal(a, b):
+                    _PTX_OK["why"] = f"differs from the plain decode by {float((a.float() - b.float()).abs().max())}"
                     return False
             _PTX_OK[key] = True
-        except Exception:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
+        except Exception as e:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
+            _PTX_OK["why"] = f"{type(e).__name__}: {str(e)[:300]}"
             return False
     return _PTX_OK[key]
 
 
-def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None) -> torch.Tensor:
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], 16
     interp = tuning.interpreting()
@@ -597,7 +655,15 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None) ->
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
-    _wo_dot4_kernel[grid](
+    if tc:
+        _wo_tc4_kernel[grid](
+            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
+            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+            HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, INTERP=interp,
+            BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
+    else:
+      _wo_dot4_kernel[grid](
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
         m, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
@@ -659,9 +725,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("dot4", "dot4-plain"):
+    if path in ("dot4", "dot4-plain", "tc4"):
         ptx = None if path == "dot4" else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx)  # noqa: E731
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path == "tc4")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
