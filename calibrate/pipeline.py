@@ -32,6 +32,10 @@ class _Stop(Exception):
     pass
 
 
+REUSE = True  # replay module outputs a pass computed when the next pass would recompute them unchanged (calibrate/reuse.py)
+REUSE_BUDGET = 8  # ... keeping at most this many times the size of the layer's calibration inputs
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList holding the decoder layers (length == num_hidden_layers), found generically."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -284,7 +288,12 @@ def quantize_layers(
             ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec, resolve)
             rep.notes.extend(f"{lname}: {n}" for n in method.prepare(ctx, **method.options))
         layer_q: dict[str, QTensor] = {}
-        for group in groups:
+        cache = None
+        if REUSE and not hooked and hidden and (method.stats or static):
+            from .reuse import PassCache
+
+            cache = PassCache(layer, hidden[0][:1], args, kwargs, groups, REUSE_BUDGET * sum(h.numel() * h.element_size() for h in hidden))
+        for t, group in enumerate(groups):
             chosen = {n: resolve(f"{lname}.{n}") for n in group}
             group = [n for n in group if chosen[n] is not None]  # the others stay in full precision
             if not group:
@@ -293,7 +302,7 @@ def quantize_layers(
             observed = {n: act for n in group if act is not None and not act.default and chosen[n][0].act_kind == "static"}
             # AWQ/SmoothQuant alone need no per-group pass; static activations and NVFP4's global input scale need the amax
             if method.stats or any(chosen[n][0].calibrated_acts for n in group):
-                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, observed)
+                _collect(layer, hidden, kwargs, args, {n: mods[n] for n in group}, stats, method.stats, observed, cache, t)
             for name in group:
                 if not torch.isfinite(mods[name].weight).all():
                     raise QtoolError(f"non-finite values in the weight of {lname}.{name}")
@@ -336,8 +345,19 @@ def quantize_layers(
         if kv_cache and acts:
             rep.kv = _kv_scales(_kv_pass(layer, lname, layer_q, hidden, args, kwargs))
         if li + 1 < len(layers) or (kv_cache and not acts):
-            with torch.no_grad(), (kvcache.Recorder() if kv_cache and not acts else _nullcontext()) as rec:
-                hidden = [_layer_out(layer(h, *args, **kwargs)) for h in hidden]
+            if cache is not None and not (kv_cache and not acts):  # the K/V recorder must see attention run
+                cache.begin(None)
+            try:
+                with torch.no_grad(), (kvcache.Recorder() if kv_cache and not acts else _nullcontext()) as rec:
+                    outs = []
+                    for i, h in enumerate(hidden):
+                        if cache is not None:
+                            cache.batch = i
+                        outs.append(_layer_out(layer(h, *args, **kwargs)))
+                    hidden = outs
+            finally:
+                if cache is not None:
+                    cache.close()
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise QtoolError(f"non-finite activations after layer {li} ({lname})")
             if kv_cache and not acts:
@@ -440,11 +460,13 @@ def _to_cpu(qt: QTensor) -> QTensor:
     return qt.replace(codes=qt.codes.cpu(), scales=qt.scales.cpu(), zeros=mv(qt.zeros), g_idx=mv(qt.g_idx), global_scale=mv(qt.global_scale), act=act, pre_scale=mv(qt.pre_scale))
 
 
-def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple, observed: dict | None = None):
+def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: dict, needs: tuple, observed: dict | None = None,
+             cache=None, t: int = 0):
     """Run the layer over the batches with hooks on one group; stop as soon as the group has run.
 
     The linears of a group read the same input, so one Hessian serves them all.
     observed: {linear name: ActObserver} whose static activation ranges are measured (calibrate/observers.py).
+    cache: calibrate.reuse.PassCache (replays what the previous pass computed; records for the next), t the group's index.
     """
     from . import distributed, observers
     from .algorithms.gptq import HessianAccumulator
@@ -482,9 +504,13 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
         raise _Stop
 
     hooks.append(last.register_forward_pre_hook(stop))  # registered after the stats hooks: runs after them
+    if cache is not None:
+        cache.begin(t)
     try:
         with torch.no_grad():
-            for h in hidden:
+            for i, h in enumerate(hidden):
+                if cache is not None:
+                    cache.batch = i
                 try:
                     layer(h, *args, **kwargs)
                 except _Stop:
@@ -492,4 +518,6 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
     finally:
         for hk in hooks:
             hk.remove()
+        if cache is not None:
+            cache.end()
     distributed.reduce_stats(stats)  # data-parallel runs: every rank sees the statistics of all samples
