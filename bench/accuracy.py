@@ -66,6 +66,8 @@ NATIVE = {
     "awq-gptq-w4a16-asym": ("qtool", "awq-gptq", "w4a16", "gptq", None, ["--asym"]),
     "fp8-fp8": ("qtool", "fp8", "fp8", "compressed-tensors", None, []),
     "fp8-fp8-dynamic": ("qtool", "fp8", "fp8-dynamic", "compressed-tensors", None, []),
+    "gptq-fp8-dynamic": ("qtool", "gptq", "fp8-dynamic", "compressed-tensors", None, []),
+    "gptq-fp8": ("qtool", "gptq", "fp8", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8": ("qtool", "smoothquant", "w8a8-int8", "compressed-tensors", None, []),
     "smoothquant-w8a8-int8-static": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, []),
     "smoothquant-w8a8-int8-static-a05": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.5"]),
@@ -100,6 +102,7 @@ VERSUS = [
     ("awq-gptq-w4a16", "peer-modelopt-w4a16"),
     ("awq-w4a16-asym", "peer-modelopt-w4a16"),
     ("fp8-fp8", "peer-modelopt-fp8"),
+    ("gptq-fp8", "peer-modelopt-fp8"),
     ("smoothquant-w8a8-int8", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static-a10", "peer-modelopt-w8a8-int8"),
@@ -109,7 +112,7 @@ VERSUS = [
     ("rtn-w4a16-mseclip", "rtn-w4a16"),
 ]
 # goals from issue 5 (perplexity increase over bf16, percent)
-GOALS = {"gptq-w4a16": 10, "gptq-w4a16-asym": 10, "awq-w4a16": 12, "awq-w4a16-asym": 12, "awq-gptq-w4a16": 12, "fp8-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
+GOALS = {"gptq-w4a16": 10, "gptq-w4a16-asym": 10, "awq-w4a16": 12, "awq-w4a16-asym": 12, "awq-gptq-w4a16": 12, "fp8-fp8-dynamic": 1, "gptq-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
 
 
 def run_row(name: str, work: Path, samples: int, windows: int) -> dict:

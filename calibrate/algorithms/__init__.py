@@ -79,7 +79,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
-        Method("gptq", ("hessian",), ("int",), _gptq, description="GPTQ with act order and static groups", group_fn=_gptq_group),
+        Method("gptq", ("hessian",), ("int", "fp8_e4m3"), _gptq, description="GPTQ with act order and static groups (int; FP8 per tensor or channel)",
+               group_fn=_gptq_group),
         Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
                "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
         Method("awq-gptq", ("hessian",), ("int",), _awq_gptq, {"mse_clip": True},

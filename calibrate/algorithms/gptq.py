@@ -15,7 +15,7 @@ from qtensor import QTensor
 from qtensor import numerics as nm
 from qtensor.schemes import WeightSpec
 
-from .rtn import mse_clip_search
+from .rtn import mse_clip_search, quantize_weight
 
 
 class HessianAccumulator:
@@ -88,8 +88,9 @@ def gptq_quantize(
     mse_clip: bool = False,
     use_triton: bool | None = None,
 ) -> GPTQResult:
-    if spec.dtype != "int":
-        raise ValueError("GPTQ quantizes integer weights")
+    fp8 = spec.dtype == "fp8_e4m3"
+    if not (spec.dtype == "int" or (fp8 and spec.block is None and spec.group_size <= 0)):
+        raise ValueError("GPTQ quantizes integer weights and FP8 weights with per-tensor or per-channel scales")
     W = weight.detach().clone().float()
     n, k = W.shape
     H = H.detach().clone().float().to(W.device)
@@ -110,7 +111,10 @@ def gptq_quantize(
         if zeros is not None:
             zeros[:, g] = z[:, 0]
 
-    if spec.group_size <= 0 or static_groups:
+    if fp8:  # FP8: the scales of round-to-nearest (absmax / 448 per tensor or channel); GPTQ picks the codes
+        scales = quantize_weight(W, spec).scales
+        row_scale = scales.float().reshape(-1).expand(n).reshape(n, 1)
+    elif spec.group_size <= 0 or static_groups:
         for g in range(n_groups):
             set_group(g, W[:, g * G : (g + 1) * G])
 
@@ -149,13 +153,13 @@ def gptq_quantize(
     if note:
         note += f" (mean Hessian diagonal {float(mean_diag):.3g})"
 
-    Q = torch.zeros(n, k, dtype=torch.int16, device=dev)
+    Q = torch.zeros(n, k, dtype=torch.float32 if fp8 else torch.int16, device=dev)
     lo, hi = nm.int_range(spec.bits, spec.sym)
     loss = torch.zeros(n, device=dev)
     from . import gptq_triton
 
     if use_triton is None:
-        use_triton = dev.type == "cuda" and gptq_triton.available(dev)
+        use_triton = dev.type == "cuda" and not fp8 and gptq_triton.available(dev)
     if use_triton and orig_group is not None:
         S = scales.float()
         Z = None if zeros is None else zeros.float()
@@ -173,12 +177,14 @@ def gptq_quantize(
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if orig_group is not None:  # group parameters known up front: gather them once per block
+        if fp8:
+            S1, Z1 = row_scale.expand(n, i2 - i1), None
+        elif orig_group is not None:  # group parameters known up front: gather them once per block
             S1 = scales.float()[:, orig_group[i1:i2]]
             Z1 = None if zeros is None else zeros.float()[:, orig_group[i1:i2]]
         for i in range(i2 - i1):
             col = i1 + i
-            if orig_group is None:
+            if orig_group is None and not fp8:
                 gid = col // G if act_order != "group" else int(perm[col]) // G  # group-aware: groups stay whole
                 if col % G == 0:  # on-the-fly group parameters (from the updated weights)
                     cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
@@ -189,17 +195,25 @@ def gptq_quantize(
                 s = S1[:, i]
                 z = 0.0 if Z1 is None else Z1[:, i]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, lo, hi)
+            if fp8:
+                q = nm.fp8_quantize(w, s).float()
+                deq = q * s
+            else:
+                q = torch.clamp(torch.round(w / s) + z, lo, hi)
+                deq = (q - z) * s
             Q1[:, i] = q
-            err = (w - (q - z) * s) / Hinv1[i, i]
+            err = (w - deq) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        Q[:, i1:i2] = Q1.to(torch.int16)
+        Q[:, i1:i2] = Q1.to(Q.dtype)
         loss += (Err1**2).sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
     codes = Q[:, invperm]
+    if fp8:
+        qt = QTensor("fp8_e4m3", 8, codes.to(torch.float8_e4m3fn), scales, None, spec.group_size)
+        return GPTQResult(qt, float(loss.sum()), used, note)
     codes = codes.to(torch.int8) if spec.sym else codes.to(torch.uint8)
     g_idx = None
     if act_order is True and not static_groups and spec.group_size > 0:
@@ -213,7 +227,8 @@ def split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
-        out.append(qt.replace(codes=qt.codes[sl].contiguous(), scales=qt.scales[sl].contiguous(),
+        per_row = qt.scales.dim() > 1 or qt.scales.numel() > 1  # a per-tensor scale is shared by the parts
+        out.append(qt.replace(codes=qt.codes[sl].contiguous(), scales=qt.scales[sl].contiguous() if per_row else qt.scales.clone(),
                               zeros=None if qt.zeros is None else qt.zeros[sl].contiguous()))
         start += n
     return out
