@@ -222,7 +222,7 @@ class Resolver:
                 continue
             c = self.default if r is None else self._per_rule[r.index]
             who = f"{r.label}: {name}" if r else name
-            if method is not None and c.scheme.weight_dtype not in method.weight_dtypes:
+            if method is not None and not method.accepts(c.scheme):
                 raise QtoolError(f"{who}: method {method.name} cannot produce scheme {c.scheme.name} ({c.scheme.weight_dtype} weights)")
             if fmt is not None and c.scheme.name not in getattr(fmt, "schemes", ()):
                 raise QtoolError(f"{who}: format {fmt.name} cannot hold scheme {c.scheme.name} (it holds: {', '.join(getattr(fmt, 'schemes', ()))})")

@@ -35,7 +35,7 @@ def combinations() -> list[tuple[str, str, str]]:
     out = []
     for m in METHODS.values():
         for s in SCHEMES.values():
-            if s.weight_dtype not in m.weight_dtypes:
+            if not m.accepts(s):
                 continue
             for f in FORMATS.values():
                 if s.name in getattr(f, "schemes", ()):
@@ -64,7 +64,7 @@ def check_combination(scheme: str, method: str, fmt: str, backend: str = "native
             raise _combo_error(f"scheme {scheme} in format {fmt}")
         return
     m = get_method(method)
-    if sch.weight_dtype not in m.weight_dtypes:
+    if not m.accepts(sch):
         raise _combo_error(f"method {method} with scheme {scheme}")
     if scheme not in getattr(FORMATS[fmt], "schemes", ()):
         raise _combo_error(f"scheme {scheme} in format {fmt}")

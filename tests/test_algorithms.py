@@ -290,6 +290,8 @@ def test_mx_exponent_search_not_worse_than_ocp(scheme):
     ("gemma3", "fp8", "fp8"),
     ("llama", "fp8-dynamic", "fp8"),
     ("llama", "fp8-block", "fp8"),
+    ("gemma3", "fp8-dynamic", "gptq"),
+    ("llama", "fp8", "gptq"),
     ("llama", "nvfp4", "nvfp4"),
     ("llama", "mxfp4", "mx"),
 ])
@@ -448,3 +450,9 @@ def test_gptq_fp8_matches_the_textbook_loop_and_beats_rtn(scheme):
     herr = lambda q: float(torch.einsum("ni,ij,nj->", q.double() - W.double(), H.double(), q.double() - W.double()))  # noqa: E731
     assert herr(got) < 0.7 * herr(rtn.dequantize())
     assert herr(gptq_quantize(W, H, spec, act_order=True).qtensor.dequantize()) < 0.7 * herr(rtn.dequantize())
+
+
+def test_gptq_refuses_block_fp8_with_one_line(cli, tiny_models, tmp_path):
+    r = cli("quantize", tiny_models("llama"), "--scheme", "fp8-block", "--method", "gptq", "--format", "compressed-tensors", "--out", tmp_path / "q",
+            "--samples", "2", "--seqlen", "32")
+    assert r.code == 2 and "method gptq with scheme fp8-block is not built yet" in r.err and "Traceback" not in r.err

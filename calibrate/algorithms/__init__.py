@@ -35,6 +35,11 @@ class Method:
     # optional: quantize the linears of one shared-input group at once (weights, spec, shared stats,
     # **options) -> [(QTensor, note)] in the same order; GPTQ concatenates their rows
     group_fn: Callable | None = None
+    block_scales: bool = True  # can produce 2-D block-scaled weights (fp8-block)
+
+    def accepts(self, scheme) -> bool:
+        """Whether this method can produce the scheme's weights."""
+        return scheme.weight_dtype in self.weight_dtypes and (self.block_scales or scheme.block is None)
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, stats: dict) -> tuple[QTensor, str]:
         return self.fn(weight, spec, stats, **self.options)
@@ -80,7 +85,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
         Method("gptq", ("hessian",), ("int", "fp8_e4m3"), _gptq, description="GPTQ with act order and static groups (int; FP8 per tensor or channel)",
-               group_fn=_gptq_group),
+               group_fn=_gptq_group, block_scales=False),
         Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
                "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
         Method("awq-gptq", ("hessian",), ("int",), _awq_gptq, {"mse_clip": True},
@@ -146,4 +151,4 @@ def get_method(name: str, **options) -> Method:
             (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(d, float) else True
         if not ok:
             raise QtoolError(f"--option {k}={v}: expected {type(d).__name__}")
-    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare, m.group_fn)
+    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare, m.group_fn, m.block_scales)
