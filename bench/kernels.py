@@ -175,6 +175,33 @@ def tinygemm(n, k, group=128):
     return (wp, sz), lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, group, sz), wp.numel() * wp.element_size() + sz.numel() * 2
 
 
+def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check):
+    """Time weight_only.matmul through each forced path on the rotated copies; with check, also its error."""
+    from runtime.kernels import weight_only
+
+    copies, wbytes, qt, _ = prep
+    st_copies = [c.state for c in copies]
+    for path in paths:
+        try:
+            note = ""
+            if check:
+                yv = weight_only.matmul(xs, st_copies[0], path)
+                rv = xs.float() @ qt.dequantize(torch.float32).t()
+                rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
+                checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
+                note = f"  err {rel:.1e}"
+                if path == "dot4":
+                    note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
+            pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
+            te = time_calls(pf)
+            t = time_graph(pf)
+            rows.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
+                             peak_share=(wbytes + io) / t / peak, us_eager=te * 1e6, ratio_eager=e_bf / te))
+            print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16{note}", flush=True)
+        except Exception as e:
+            print(f"  w4a16 {path} M={m}: failed {str(e)[:300]}", flush=True)
+
+
 def nbytes_of(prep) -> int:
     return prep.state.nbytes()
 
@@ -267,41 +294,9 @@ def main():
             for r in [r for r in rows if r["shape"] == sname and r["m"] == m]:
                 print(f"  {r['kernel']:<22} {sname:<8} M={m:<5} {r['us']:9.1f} us  x{r['ratio']:5.2f} bf16  "
                       f"{r['gbs']:7.0f} GB/s  {100 * r['peak_share']:5.1f}% peak | eager {r['us_eager']:8.1f} us x{r['ratio_eager']:5.2f}", flush=True)
-            if m <= 16 and "w4a16-g128" in preps:  # the tensor-core int4 path (PTX and plain decode) beside the default
-                from runtime.kernels import weight_only
-
-                st_copies = [c.state for c in preps["w4a16-g128"][0]]
-                for path in ("dot4", "dot4-plain", "tc4"):
-                    try:
-                        yv = weight_only.matmul(xs, st_copies[0], path)
-                        rv = xs.float() @ preps["w4a16-g128"][2].dequantize(torch.float32).t()
-                        rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
-                        pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
-                        te = time_calls(pf)
-                        t = time_graph(pf)
-                        rows.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t,
-                                         gbs=(preps["w4a16-g128"][1] + io) / t / 1e9, peak_share=(preps["w4a16-g128"][1] + io) / t / peak,
-                                         us_eager=te * 1e6, ratio_eager=e_bf / te))
-                        checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
-                        print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16  err {rel:.1e}"
-                              f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off: ' + weight_only._PTX_OK.get('why', '')})", flush=True)
-                    except Exception as e:
-                        print(f"  w4a16 {path} M={m}: failed {str(e)[:300]}", flush=True)
-            if m >= 128 and "w4a16-g128" in preps:  # the fused tiled path beside dequant + cuBLAS
-                from runtime.kernels import weight_only
-
-                st_copies = [c.state for c in preps["w4a16-g128"][0]]
-                for path in ("tiled", "dequant"):
-                    try:
-                        pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
-                        te = time_calls(pf)
-                        t = time_graph(pf)
-                        rows.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t,
-                                         gbs=(preps["w4a16-g128"][1] + io) / t / 1e9, peak_share=(preps["w4a16-g128"][1] + io) / t / peak,
-                                         us_eager=te * 1e6, ratio_eager=e_bf / te))
-                        print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
-                    except Exception as e:
-                        print(f"  w4a16 {path} M={m}: failed {str(e)[:160]}", flush=True)
+            if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
+                paths = ("dot4", "dot4-plain", "tc4") if m <= 16 else ("tiled", "dequant") if m >= 128 else ()
+                path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=m <= 16)
         del preps, bf16_copies
         torch.cuda.empty_cache()
     # summary: geometric mean over the four shapes of the ratio to bf16
