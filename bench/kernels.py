@@ -295,7 +295,7 @@ def main():
                 print(f"  {r['kernel']:<22} {sname:<8} M={m:<5} {r['us']:9.1f} us  x{r['ratio']:5.2f} bf16  "
                       f"{r['gbs']:7.0f} GB/s  {100 * r['peak_share']:5.1f}% peak | eager {r['us_eager']:8.1f} us x{r['ratio_eager']:5.2f}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = ("dot4", "dot4-plain", "tc4") if m <= 16 else ("tiled", "dequant") if m >= 128 else ()
+                paths = ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16 else ("tiled", "dequant") if m >= 128 else ()
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=m <= 16)
         del preps, bf16_copies
         torch.cuda.empty_cache()

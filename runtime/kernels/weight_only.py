@@ -481,11 +481,12 @@ def _wo_tc4_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, INTERP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """int4 through tensor cores, one tl.dot per 128-channel block: the [128, BN] code tile is read from
-    the packed words row by row (row k of the block is slot k // 16 of word row k % 16; the eight reads
-    of a word hit L1) and decoded by one shift, mask and OR with the magic exponent per code."""
+    """int4 through tensor cores, one tl.dot per 128-channel block: the code tile is read from the packed
+    words row by row (channel k of the block is slot k // 16 of word row k % 16; the eight reads of a word
+    hit L1) and decoded by one shift, mask and OR with the magic exponent per code. SWAP computes
+    out^T = W x^T (the weights as the left operand, which Hopper's wgmma can take from registers)."""
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
@@ -502,32 +503,50 @@ def _wo_tc4_kernel(
     per_split = tl.cdiv(nblk, SPLIT_K)
     b0 = pid_k * per_split
     b1 = tl.minimum(b0 + per_split, nblk)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b in range(b0, b1):
-        words = tl.load(qw_ptr + (b * 16 + row)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        v = (((words >> shift[:, None]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
         kk = b * 128 + offs_k
         if HAS_PERM:
             kk = tl.load(perm_ptr + kk)
-        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-        if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
-            v = v.to(tl.float32)
-            xs = xs.to(tl.float32)
-        blk = tl.dot(xs, v)
-        xsum = tl.sum(xs.to(tl.float32), axis=1)
         g = tl.load(gblk_ptr + b * 8)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
         else:
             z = tl.zeros_like(s) + (MAGIC + 8.0)
-        acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
-    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        if SWAP:
+            words = tl.load(qw_ptr + (b * 16 + row)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+            v = (((words >> shift[None, :]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
+            xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
+            if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
+                v = v.to(tl.float32)
+                xs = xs.to(tl.float32)
+            blk = tl.dot(v, xs)
+            xsum = tl.sum(xs.to(tl.float32), axis=0)
+            acc += (blk - z[:, None] * xsum[None, :]) * s[:, None]
+        else:
+            words = tl.load(qw_ptr + (b * 16 + row)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            v = (((words >> shift[:, None]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
+            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
+            if INTERP:
+                v = v.to(tl.float32)
+                xs = xs.to(tl.float32)
+            blk = tl.dot(xs, v)
+            xsum = tl.sum(xs.to(tl.float32), axis=1)
+            acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
+    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SWAP:
+        res = tl.trans(acc)
+    else:
+        res = acc
     if SPLIT_K == 1:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(optrs, res.to(out_ptr.dtype.element_ty), mask=omask)
     else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
-        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+        tl.store(optrs + pid_k * stride_ok, res, mask=omask)
 
 
 @triton.jit
@@ -646,7 +665,7 @@ def _ptx_ok(device: torch.device) -> bool:
     return _PTX_OK[key]
 
 
-def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False) -> torch.Tensor:
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False, swap: bool = False) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], 16
     interp = tuning.interpreting()
@@ -660,7 +679,7 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc
             x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
             m, st.n, st.k, x2.stride(0), st.n, m * st.n,
             HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, INTERP=interp,
-            BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+            BM=bm, BN=bn, SPLIT_K=sk, SWAP=swap, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
     else:
       _wo_dot4_kernel[grid](
@@ -725,9 +744,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("dot4", "dot4-plain", "tc4"):
+    if path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path == "tc4")  # noqa: E731
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
