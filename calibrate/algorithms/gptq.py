@@ -27,6 +27,7 @@ class HessianAccumulator:
         dev = torch.device(device)
         self.S = torch.zeros(k, k, dtype=torch.float64 if dev.type == "cpu" else torch.float32, device=dev)
         self.n = 0
+        self.upper = dev.type == "cpu"  # S holds the upper triangle (the CPU sums only the upper panels)
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.shape[-2] if x.dim() > 2 else x.shape[0]  # one sequence at a time (batch-size independent)
@@ -36,9 +37,12 @@ class HessianAccumulator:
         self.n += x.shape[0]
         x = x.to(self.S.device)  # a layer split over devices: inputs may come from another one
         if not x.is_cuda:  # fp32 products (twice as fast as fp64) per sequence, summed in fp64
+            k = x.shape[1]
+            bs = max(256, -(-k // 8))  # upper panels only (about 0.56-0.75 of the products); H mirrors them
             for c in x.split(max(rows, 1)):
                 c = c.float()
-                self.S += (c.t() @ c).double()
+                for i0 in range(0, k, bs):
+                    self.S[i0 : i0 + bs, i0:] += c[:, i0 : i0 + bs].t() @ c[:, i0:]
             return
         x = x.to(self.S.dtype)
         if x.is_cuda:  # TF32 tensor cores for the big x^T x (fp32 accumulation); restored after
@@ -61,7 +65,11 @@ class HessianAccumulator:
 
     @property
     def H(self) -> torch.Tensor:
-        return (self.S * (2.0 / max(self.n, 1))).float()
+        S = self.S.triu() + self.S.triu(1).t() if self.upper else self.S
+        return (S * (2.0 / max(self.n, 1))).float()
+
+
+SUB = 16  # columns per sub-block of the column loop: rank-1 updates inside it, one product for the rest of the block
 
 
 @dataclass
@@ -137,14 +145,16 @@ def gptq_quantize(
     used = damp
     note = ""
     mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(k, dtype=H.dtype, device=dev)
     for attempt in range(6):
         Hd = H.clone()
         Hd.diagonal().add_(used * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # the upper Cholesky factor of H^-1 without forming H^-1: with J the order reversal and
+        # J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J) and J L^-1 J is upper triangular
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            Hinv = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(Hinv).all()):
                 break
         used *= 10 if attempt else 5
         note = f"Hessian not positive definite; damping raised to {used:g}"
@@ -184,6 +194,8 @@ def gptq_quantize(
             Z1 = None if zeros is None else zeros.float()[:, orig_group[i1:i2]]
         for i in range(i2 - i1):
             col = i1 + i
+            if i % SUB == 0 and i:  # the finished sub-block's errors reach the rest of the block in one product
+                W1[:, i:] -= Err1[:, i - SUB : i] @ Hinv1[i - SUB : i, i:]
             if orig_group is None and not fp8:
                 gid = col // G if act_order != "group" else int(perm[col]) // G  # group-aware: groups stay whole
                 if col % G == 0:  # on-the-fly group parameters (from the updated weights)
@@ -203,7 +215,8 @@ def gptq_quantize(
                 deq = (q - z) * s
             Q1[:, i] = q
             err = (w - deq) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            j = min((i // SUB + 1) * SUB, i2 - i1)  # rank-1 updates only inside the sub-block
+            W1[:, i:j].addr_(err, Hinv1[i, i:j], alpha=-1)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1.to(Q.dtype)
         loss += (Err1**2).sum(1) / 2
