@@ -103,8 +103,9 @@ def reduce_stats(stats: dict) -> None:
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, (r.values, r.keys, r.count))
             r.merge(parts)
-        if "act_abssum" in st:
-            dist.all_reduce(st["act_abssum"])
+        for key in ("act_abssum", "act_sqsum"):
+            if key in st:
+                dist.all_reduce(st[key])
 
 
 def world_size() -> int:

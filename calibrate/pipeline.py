@@ -494,6 +494,8 @@ def _collect(layer, hidden, kwargs, args, linears: dict[str, nn.Linear], stats: 
             st["amax"] = torch.maximum(st.get("amax", torch.tensor(0.0)), a)
             if "act_absmean" in needs:
                 st["act_abssum"] = st.get("act_abssum", 0) + x2.abs().float().sum(0)
+            if "act_sqmean" in needs:
+                st["act_sqsum"] = st.get("act_sqsum", 0) + x2.float().square().sum(0)
             if obs is not None:
                 observers.observe(st, inp[0], obs)
 

@@ -456,3 +456,50 @@ def test_gptq_refuses_block_fp8_with_one_line(cli, tiny_models, tmp_path):
     r = cli("quantize", tiny_models("llama"), "--scheme", "fp8-block", "--method", "gptq", "--format", "compressed-tensors", "--out", tmp_path / "q",
             "--samples", "2", "--seqlen", "32")
     assert r.code == 2 and "method gptq with scheme fp8-block is not built yet" in r.err and "Traceback" not in r.err
+
+
+# ---- RTN's clipping search, weighted by the inputs' mean square ---------------------------------------
+
+
+def test_clip_search_weighted_by_input_energy_is_the_brute_force_optimum_and_spares_salient_weights():
+    from calibrate.algorithms.rtn import mse_clip_search
+
+    g = torch.Generator().manual_seed(0)
+    n, k, gs = 16, 256, 128
+    W = torch.randn(n, k, generator=g)
+    W[:, 7] = 4.0 * W[:, 7].sign()  # large weights on one channel ...
+    X = torch.randn(512, k, generator=g)
+    X[:, 7] *= 30  # ... that meets large activations
+    cw = X.square().mean(0)
+    spec = WeightSpec.of(get_scheme("w4a16"), gs, True)
+    got = mse_clip_search(W, spec, col_weight=cw)
+    # brute force over the same grid, one (row, group) at a time
+    ratios = [1.0 - 0.25 * i / 20 for i in range(21)]
+    for r_i in range(n):
+        for g_i in range(k // gs):
+            cols = slice(g_i * gs, (g_i + 1) * gs)
+            w = W[r_i, cols]
+            errs = []
+            for r in ratios:
+                s = nm.int_qparams(w[None], 4, -1, True, spec.scale_dtype, r)[0].float()
+                q = (w / s[0]).round().clamp(-8, 7) * s[0]
+                errs.append(float(((q - w) ** 2 * cw[cols]).sum()))
+            pick = min(range(len(ratios)), key=lambda i: abs(ratios[i] - float(got[r_i, g_i])))
+            assert errs[pick] <= min(errs) * (1 + 1e-5)
+    # the salient channel's groups keep (close to) their full range; plain weight MSE clips them
+    plain = mse_clip_search(W, spec)
+    out_err = lambda q: float((X @ (q.dequantize() - W).t()).square().sum())  # noqa: E731
+    weighted_q = quantize_weight(W, spec, mse_clip=True, col_weight=cw)
+    assert out_err(weighted_q) < out_err(quantize_weight(W, spec, mse_clip=True)) and out_err(weighted_q) <= out_err(quantize_weight(W, spec))
+    assert float(got[:, 0].mean()) > float(plain[:, 0].mean())
+
+
+def test_rtn_mse_clip_reads_the_calibration_inputs(cli, tiny_models, tmp_path):
+    """`rtn --mse-clip` collects each linear's mean x^2 (all samples) and weights the search with it."""
+    from calibrate.algorithms import get_method
+
+    assert get_method("rtn", mse_clip=True).stats == ("act_sqmean",) and get_method("rtn").stats == ()
+    src = tiny_models("llama")
+    r = cli("quantize", src, "--scheme", "w4a16", "--method", "rtn", "--mse-clip", "--format", "qtool", "--out", tmp_path / "q",
+            "--samples", "4", "--seqlen", "32", "--json")
+    assert r.code == 0, r.err

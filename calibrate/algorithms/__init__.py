@@ -1,6 +1,6 @@
 """Algorithm registry: a method is one file with the math, plus one line here.
 
-A Method names the statistics it needs from the pipeline ("hessian", "act_absmean") and turns one
+A Method names the statistics it needs from the pipeline ("hessian", "act_absmean", "act_sqmean") and turns one
 weight plus those statistics into a QTensor.
 """
 
@@ -36,6 +36,7 @@ class Method:
     # **options) -> [(QTensor, note)] in the same order; GPTQ concatenates their rows
     group_fn: Callable | None = None
     block_scales: bool = True  # can produce 2-D block-scaled weights (fp8-block)
+    stats_when: dict = field(default_factory=dict)  # option name -> statistics needed when that option is on
 
     def accepts(self, scheme) -> bool:
         """Whether this method can produce the scheme's weights."""
@@ -46,7 +47,9 @@ class Method:
 
 
 def _rtn(weight, spec, stats, mse_clip=False):
-    return quantize_weight(weight, spec, mse_clip=mse_clip), ""
+    """With mse_clip the clipping search weights each input channel by the calibration inputs' mean x^2."""
+    cw = stats["act_sqsum"] / stats["n"] if mse_clip and stats.get("n") and "act_sqsum" in stats else None
+    return quantize_weight(weight, spec, mse_clip=mse_clip, col_weight=cw), ""
 
 
 def _gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=False, blocksize=128):
@@ -83,7 +86,8 @@ def _awq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_grou
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales"),
+        Method("rtn", (), ("int", "fp8_e4m3", "e2m1", "mxfp8"), _rtn, description="round-to-nearest, absmax/minmax scales",
+               stats_when={"mse_clip": ("act_sqmean",)}),
         Method("gptq", ("hessian",), ("int", "fp8_e4m3"), _gptq, description="GPTQ with act order and static groups (int; FP8 per tensor or channel)",
                group_fn=_gptq_group, block_scales=False),
         Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
@@ -151,4 +155,6 @@ def get_method(name: str, **options) -> Method:
             (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(d, float) else True
         if not ok:
             raise QtoolError(f"--option {k}={v}: expected {type(d).__name__}")
-    return Method(m.name, m.stats, m.weight_dtypes, m.fn, {**m.options, **options}, m.description, m.prepare, m.group_fn, m.block_scales)
+    options = {**m.options, **options}
+    stats = m.stats + tuple(st for k, extra in m.stats_when.items() if options.get(k) for st in extra if st not in m.stats)
+    return Method(m.name, stats, m.weight_dtypes, m.fn, options, m.description, m.prepare, m.group_fn, m.block_scales, m.stats_when)

@@ -80,8 +80,9 @@ class GPTQResult:
     note: str = ""
 
 
-def _column_params(w: torch.Tensor, spec: WeightSpec, mse_clip: bool):
-    clip = mse_clip_search(w, spec.__class__(spec.dtype, spec.bits, -1, spec.sym, None, spec.scale_dtype)) if mse_clip else 1.0
+def _column_params(w: torch.Tensor, spec: WeightSpec, mse_clip: bool, col_weight: torch.Tensor | None = None):
+    """One group's scale/zero per row; the clip search weights each column's error by the Hessian's diagonal."""
+    clip = mse_clip_search(w, spec.__class__(spec.dtype, spec.bits, -1, spec.sym, None, spec.scale_dtype), col_weight=col_weight) if mse_clip else 1.0
     return nm.int_qparams(w, spec.bits, -1, spec.sym, spec.scale_dtype, clip)
 
 
@@ -113,8 +114,8 @@ def gptq_quantize(
     scales = torch.empty(n, n_groups, dtype=spec.scale_dtype, device=dev)
     zeros = None if spec.sym else torch.empty(n, n_groups, dtype=torch.uint8, device=dev)
 
-    def set_group(g: int, cols: torch.Tensor) -> None:
-        s, z = _column_params(cols, spec, mse_clip)
+    def set_group(g: int, cols: torch.Tensor, hdiag: torch.Tensor) -> None:
+        s, z = _column_params(cols, spec, mse_clip, hdiag)
         scales[:, g] = s[:, 0]
         if zeros is not None:
             zeros[:, g] = z[:, 0]
@@ -123,8 +124,9 @@ def gptq_quantize(
         scales = quantize_weight(W, spec).scales
         row_scale = scales.float().reshape(-1).expand(n).reshape(n, 1)
     elif spec.group_size <= 0 or static_groups:
+        hd = torch.diag(H)
         for g in range(n_groups):
-            set_group(g, W[:, g * G : (g + 1) * G])
+            set_group(g, W[:, g * G : (g + 1) * G], hd[g * G : (g + 1) * G])
 
     if act_order == "group" and spec.group_size > 0 and k % G == 0:
         # group-aware order (GPTQModel's GAR): whole groups by their largest Hessian diagonal, columns
@@ -200,7 +202,7 @@ def gptq_quantize(
                 gid = col // G if act_order != "group" else int(perm[col]) // G  # group-aware: groups stay whole
                 if col % G == 0:  # on-the-fly group parameters (from the updated weights)
                     cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
-                    set_group(gid, cols)
+                    set_group(gid, cols, torch.diag(H)[col : col + G])
                 s = scales[:, gid].float()
                 z = 0.0 if zeros is None else zeros[:, gid].float()
             else:

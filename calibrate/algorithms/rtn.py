@@ -9,12 +9,13 @@ from qtensor import numerics as nm
 from qtensor.schemes import WeightSpec
 
 
-def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -> QTensor:
-    """Quantize one weight [N, K] with round-to-nearest scales (optionally MSE-optimal clipping for int)."""
+def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False, col_weight: torch.Tensor | None = None) -> QTensor:
+    """Quantize one weight [N, K] with round-to-nearest scales (optionally MSE-optimal clipping for int,
+    the error of input channel j weighted by col_weight[j], e.g. the mean x_j^2 of the calibration inputs)."""
     w = w.float()
     n, k = w.shape
     if spec.dtype == "int":
-        clip = mse_clip_search(w, spec) if mse_clip else 1.0
+        clip = mse_clip_search(w, spec, col_weight=col_weight) if mse_clip else 1.0
         scale, zero = nm.int_qparams(w, spec.bits, spec.group_size, spec.sym, spec.scale_dtype, clip)
         codes = nm.int_quantize(w, scale, zero, spec.bits, spec.group_size)
         return QTensor("int", spec.bits, codes, scale, zero, spec.group_size)
@@ -43,8 +44,13 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, mse_clip: bool = False) -
     raise ValueError(f"no round-to-nearest for {spec.dtype}")
 
 
-def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio: float = 0.75) -> torch.Tensor:
-    """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only).
+def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio: float = 0.75,
+                    col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group clip ratio in [min_ratio, 1] minimising the squared rounding error (int only), each input
+    channel's error weighted by col_weight when given: with the calibration inputs' mean x^2 (the Hessian's
+    diagonal) this is the expected output error of the channel's rounding, which keeps the large weights
+    that meet large activations from being clipped (plain weight MSE clips them; on Gemma-3-270M RTN w4a16
+    went from 20.97 to 31.7 perplexity that way).
 
     The group ranges are taken once; each ratio's scales and zero points come from
     numerics.int_qparams_from_range, and the error is computed in place on a [N, groups, G] view."""
@@ -56,6 +62,7 @@ def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio
         amax = wg.abs().amax(-1)
     else:
         mn0, mx0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    cw = None if col_weight is None else col_weight.float().to(w.device).reshape(1, k // gsz, gsz)
     best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
     best = torch.ones(wg.shape[:2], device=w.device)
     q = torch.empty_like(wg)
@@ -72,7 +79,8 @@ def mse_clip_search(w: torch.Tensor, spec: WeightSpec, grid: int = 20, min_ratio
         else:
             z = zero.float().unsqueeze(-1)
             q.add_(z).clamp_(lo, hi).sub_(z)
-        err = q.mul_(s).sub_(wg).square_().sum(-1)
+        err = q.mul_(s).sub_(wg).square_()
+        err = (err.mul_(cw) if cw is not None else err).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)
