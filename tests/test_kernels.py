@@ -204,7 +204,8 @@ def test_gemv_uniform_block_path(bits, group, uniform):
 
 @pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, True, False), (256, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dot4_tensor_core_path(group, sym, act_order, dtype):
+@pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t"])
+def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
     """int4 through tl.dot for M <= 16: codes decoded by the magic OR (128 + q in bf16, 1024 + q in fp16),
     zero point and scale once per 128-channel block (opt-in until measured on a GPU: QTOOL_DOT4=1); M = 17
     spans two row tiles. (Under the interpreter the plain-Triton decode runs; the PTX decode is checked at
@@ -216,11 +217,12 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype):
     ref_w = qt.dequantize(torch.float32)
     for m in (1, 5, 17):
         x = x_of(m, k).to(dtype)
-        y = weight_only.matmul(x, st, path="dot4")
+        y = weight_only.matmul(x, st, path=path)
         assert y.dtype == dtype and rel_err(y, x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     for sk in (1, 2, 4):  # split-K partial sums equal one pass
-        y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1))
-        y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk))
+        kw = dict(tc=path != "dot4", swap=path == "tc4t")
+        y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1), **kw)
+        y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), **kw)
         assert rel_err(y2, y1) < 1e-2
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu")) is False
