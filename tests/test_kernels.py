@@ -207,7 +207,7 @@ def test_gemv_uniform_block_path(bits, group, uniform):
 @pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t"])
 def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
     """int4 through tl.dot for M <= 16: codes decoded by the magic OR (128 + q in bf16, 1024 + q in fp16),
-    zero point and scale once per 128-channel block (opt-in until measured on a GPU: QTOOL_DOT4=1); M = 17
+    zero point and scale once per 128-channel block (the default for 2 <= M <= 16; tc4 and tc4t: one tl.dot per block); M = 17
     spans two row tiles. (Under the interpreter the plain-Triton decode runs; the PTX decode is checked at
     full size on the GPU by bench/kernels.py.)"""
     n, k = 40, 512

@@ -601,9 +601,10 @@ DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, 
     (256, 2, 8, 3), (256, 4, 8, 3), (64, 16, 4, 3), (32, 16, 2, 3),
 ]]
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
-# the tensor-core int4 path is not yet measured on a GPU (bench/kernels.py rows "w4a16-g128[dot4]"):
-# until it is, M <= 16 keeps the measured GEMV / small-M kernels and dot4 runs when asked for by path
-DOT4_DEFAULT = os.environ.get("QTOOL_DOT4") == "1"
+# the tensor-core int4 path for 2 <= M <= 16 (H100, bench/kernels.py --ms 1,16, CUDA-graph time, geometric
+# mean of the four Llama-3-8B shapes: dot4 1.14x bf16 at M = 16 vs 0.92x for the fused dequant "small"
+# kernel; at M = 1 the GEMV stays: 1.87x vs 1.17x). QTOOL_DOT4=0 turns it off.
+DOT4_DEFAULT = os.environ.get("QTOOL_DOT4", "1") == "1"
 
 
 def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
@@ -740,7 +741,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path is None:
-        if m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
+        if 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
