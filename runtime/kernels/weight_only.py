@@ -366,6 +366,30 @@ def _wo_gemv_uniform_kernel(
 
 
 @triton.jit
+def _tc_tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The program's rows, columns and range of 128-channel blocks (grid: N tiles, K splits, M tiles)."""
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nblk = K // 128
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    return pid_k, offs_m, offs_m < M, offs_n, offs_n < N, b0, tl.minimum(b0 + per_split, nblk)
+
+
+@triton.jit
+def _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr):
+    """Scale and (MAGIC + zero point) of 128-channel block b: one group per block."""
+    g = tl.load(gblk_ptr + b * 8)
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+    else:
+        z = tl.zeros_like(s) + (MAGIC + 8.0)
+    return s, z
+
+
+@triton.jit
 def _dec4_ptx(words, magic, DT: tl.constexpr):
     """Eight [16, BN] tensors of DT: MAGIC + slot i of each word."""
     return tl.inline_asm_elementwise(
@@ -423,17 +447,8 @@ def _wo_dot4_kernel(
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
-    mask_m = offs_m < M
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
-    nblk = K // 128
-    per_split = tl.cdiv(nblk, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, nblk)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
     xb = x_ptr
@@ -461,12 +476,7 @@ def _wo_dot4_kernel(
         blk, xsum = _dot_slot(blk, xsum, v5, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
         blk, xsum = _dot_slot(blk, xsum, v6, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
         blk, xsum = _dot_slot(blk, xsum, v7, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
-        g = tl.load(gblk_ptr + b * 8)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
-        else:
-            z = tl.zeros_like(s) + (MAGIC + 8.0)
+        s, z = _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO, MAGIC)
         acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
     optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
@@ -490,19 +500,10 @@ def _wo_tc4_kernel(
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
-    mask_m = offs_m < M
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_k = tl.arange(0, 128)
     row = offs_k % 16
     shift = (offs_k // 16) * 4
-    nblk = K // 128
-    per_split = tl.cdiv(nblk, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, nblk)
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -511,12 +512,7 @@ def _wo_tc4_kernel(
         kk = b * 128 + offs_k
         if HAS_PERM:
             kk = tl.load(perm_ptr + kk)
-        g = tl.load(gblk_ptr + b * 8)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
-        else:
-            z = tl.zeros_like(s) + (MAGIC + 8.0)
+        s, z = _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO, MAGIC)
         if SWAP:
             words = tl.load(qw_ptr + (b * 16 + row)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
             v = (((words >> shift[None, :]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
