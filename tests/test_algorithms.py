@@ -381,10 +381,11 @@ def test_nvfp4_native_calibrates_the_input_global_scale(cli, tiny_models, tmp_pa
 
 
 def test_smoothquant_alpha_default_follows_the_activations(cli, tiny_models, tmp_path):
-    """Per-token activations migrate with alpha 0.5, static per-tensor ones with 1.0 (one scale for all
-    tokens needs flat channels); --option alpha overrides; a non-number is one error line."""
+    """Per-token activations migrate with alpha 0.5, static per-tensor ones with the searched alpha per group
+    (one scale for all tokens needs flat channels); --option alpha overrides; a non-number is one error line."""
     src = tiny_models("llama")
-    for scheme, extra, want in (("w8a8-int8", [], "alpha 0.5"), ("w8a8-int8-static", [], "alpha 1.0"),
+    for scheme, extra, want in (("w8a8-int8", [], "alpha 0.5"), ("w8a8-int8-static", [], "alpha search"),
+                                ("w8a8-int8", ["--option", "alpha=search"], "alpha search"),
                                 ("w8a8-int8-static", ["--option", "alpha=0.75"], "alpha 0.75")):
         r = cli("quantize", src, "--scheme", scheme, "--method", "smoothquant", "--format", "qtool", "--out", tmp_path / "q",
                 "--samples", "2", "--seqlen", "32", "--force", "--json", *extra)
@@ -503,3 +504,31 @@ def test_rtn_mse_clip_reads_the_calibration_inputs(cli, tiny_models, tmp_path):
     r = cli("quantize", src, "--scheme", "w4a16", "--method", "rtn", "--mse-clip", "--format", "qtool", "--out", tmp_path / "q",
             "--samples", "4", "--seqlen", "32", "--json")
     assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_smoothquant_alpha_search_picks_the_grid_point_of_least_w8a8_error(static):
+    """Against an independent computation of each alpha's error (runtime fake quant of the activations,
+    per-channel int8 RTN of the scaled weights, float64 products)."""
+    from qtensor import ActQuant
+    from runtime.qlinear import fake_quant_act
+
+    g = torch.Generator().manual_seed(0)
+    k = 128
+    x = torch.randn(512, k, generator=g) * (1 + 20 * (torch.rand(k, generator=g) > 0.95))  # a few outlier channels
+    ws = [torch.randn(64, k, generator=g) * 0.05, torch.randn(32, k, generator=g) * 0.05]
+    spec = WeightSpec.of(get_scheme("w8a8-int8"), None)
+    amax = x.abs().amax(0)
+    pair = sm.Pair(["a", "b"], "n", "norm")
+    best, errs = smoothquant.search_alpha(x, amax, ws, [spec, spec], static, pair)
+    ref = []
+    for alpha in smoothquant.ALPHAS:
+        wmax = torch.cat(ws).abs().amax(0)
+        s = amax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
+        xs = x / s
+        act = ActQuant("static", "int8", "tensor", scale=(xs.abs().max() / 127).reshape(1)) if static else ActQuant("dynamic", "int8")
+        xq = fake_quant_act(xs, act).double()
+        e = sum(float((xq @ quantize_weight(w * s, spec).dequantize().double().t() - x.double() @ w.double().t()).square().sum()) for w in ws)
+        ref.append(e)
+    assert errs == pytest.approx(ref, rel=1e-3)
+    assert best == smoothquant.ALPHAS[min(range(len(ref)), key=ref.__getitem__)]
