@@ -73,6 +73,7 @@ NATIVE = {
     "smoothquant-w8a8-int8-static-a05": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.5"]),
     "smoothquant-w8a8-int8-static-a08": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.8"]),
     "smoothquant-w8a8-int8-static-a10": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=1.0"]),
+    "smoothquant-w8a8-int8-static-search": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=search"]),
     "smoothquant-w8a8-int8-static-p9999": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--act-observer", "percentile:99.99"]),
     "nvfp4-nvfp4": ("qtool", "nvfp4", "nvfp4", "compressed-tensors", None, []),
     "mx-mxfp4": ("qtool", "mx", "mxfp4", "qtool", None, []),

@@ -381,10 +381,11 @@ def test_nvfp4_native_calibrates_the_input_global_scale(cli, tiny_models, tmp_pa
 
 
 def test_smoothquant_alpha_default_follows_the_activations(cli, tiny_models, tmp_path):
-    """Per-token activations migrate with alpha 0.5, static per-tensor ones with the searched alpha per group
-    (one scale for all tokens needs flat channels); --option alpha overrides; a non-number is one error line."""
+    """Per-token activations migrate with alpha 0.5, static per-tensor ones with 1.0 (one scale for all
+    tokens needs flat channels); --option alpha overrides (a number, or the per-group search); a
+    non-number is one error line."""
     src = tiny_models("llama")
-    for scheme, extra, want in (("w8a8-int8", [], "alpha 0.5"), ("w8a8-int8-static", [], "alpha search"),
+    for scheme, extra, want in (("w8a8-int8", [], "alpha 0.5"), ("w8a8-int8-static", [], "alpha 1.0"),
                                 ("w8a8-int8", ["--option", "alpha=search"], "alpha search"),
                                 ("w8a8-int8-static", ["--option", "alpha=0.75"], "alpha 0.75")):
         r = cli("quantize", src, "--scheme", scheme, "--method", "smoothquant", "--format", "qtool", "--out", tmp_path / "q",

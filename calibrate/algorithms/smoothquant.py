@@ -5,8 +5,7 @@ max|W_j|^(1 - alpha) over the calibration tokens and the group's weight columns;
 into the producer (a norm, or a preceding linear such as up -> down, whose per-channel int8 scales
 absorb the row scaling exactly) and s into the group's columns. The layer's unquantized output is
 unchanged (verified); the activations' per-channel ranges become flatter, which per-token and
-per-tensor int8 activation quantization need. With alpha "search" (the default for static activations)
-each group takes the alpha of a small grid whose W8A8 output error on a sample of its calibration inputs
+per-tensor int8 activation quantization need. With alpha "search" each group takes the alpha of a small grid whose W8A8 output error on a sample of its calibration inputs
 is smallest. Weights are then quantized per channel by round-to-nearest; the pipeline fills static
 activation scales from the smoothed amax.
 """
@@ -86,12 +85,14 @@ def smooth_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: floa
 
 def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, search_tokens: int = 2048, **_) -> list[str]:
     """alpha: migration strength, or "search": per linear group, the alpha of ALPHAS whose W8A8 output error
-    on search_tokens calibration rows is smallest. Default: the search for static per-tensor activations
-    (one scale for every token needs flat channels), 0.5 for per-token ones."""
+    on search_tokens calibration rows is smallest. Default: 1.0 for static per-tensor activations (one scale
+    for every token needs flat channels), 0.5 for per-token ones. Measured on Gemma-3-270M w8a8-int8-static:
+    alpha 0.5 +17.1% perplexity, 1.0 +2.8% (KL 0.033), search +3.5% (KL 0.031): the search lowers each
+    group's own error and the KL, not the perplexity, so it is not the default."""
     if ctx.scheme.act_kind == "none" or ctx.spec.dtype != "int":
         raise QtoolError(f"smoothquant is for schemes with int weights and quantized activations (w8a8-int8, w8a8-int8-static), not {ctx.scheme.name}")
     if alpha is None:
-        alpha = "search" if ctx.scheme.act_kind == "static" else 0.5
+        alpha = 1.0 if ctx.scheme.act_kind == "static" else 0.5
     search = alpha == "search"
     if not search and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise QtoolError(f"smoothquant alpha must be a number in [0, 1] or 'search', got {alpha!r}")
