@@ -54,7 +54,7 @@ def _err(r):
     ('[{"match": "q_proj", "scheme": "w8a16"', "json", "invalid JSON"),
     # checked against the model, the method and the format before any calibration
     ("- match: 'down_proj'\n  scheme: w8a8-int8\n", "yaml", "rule 1 (match 'down_proj'): model.layers.0.mlp.down_proj: format gptq cannot hold scheme w8a8-int8"),
-    ("- match: 'down_proj'\n  scheme: fp8\n", "yaml", "model.layers.0.mlp.down_proj: method gptq cannot produce scheme fp8"),
+    ("- match: 'down_proj'\n  scheme: nvfp4\n", "yaml", "model.layers.0.mlp.down_proj: method gptq cannot produce scheme nvfp4"),
     ("- match: 'o_proj'\n  scheme: w4a16\n  group_size: 96\n", "yaml", "model.layers.0.self_attn.o_proj: in_features 128 is not a multiple of group size 96"),
 ])
 def test_bad_rules_one_line_exit_2(cli, tiny_models, tmp_path, text, ext, want):
