@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from qtensor import numerics as nm
 from qtensor.errors import QtoolError
 
 from . import smoothing as sm
@@ -48,11 +49,10 @@ def channel_amax(ctx, firsts: list[str], keep: int = 0) -> dict[str, torch.Tenso
     return got
 
 
-def _act_fake_quant(x: torch.Tensor, amax: torch.Tensor | None, qmax: float = 127.0) -> torch.Tensor:
+def _act_fake_quant(x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor:
     """int8 quantize-dequantize: one static scale from amax, or per token (dynamic) when amax is None."""
-    s = (amax if amax is not None else x.abs().amax(-1, keepdim=True)) / qmax
-    s = s.clamp(min=1e-12)
-    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+    s = nm.int_scale_from_amax(amax if amax is not None else x.abs().amax(-1, keepdim=True), 8)
+    return torch.clamp(torch.round(x / s), -128, 127) * s
 
 
 @torch.no_grad()
