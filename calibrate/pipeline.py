@@ -26,6 +26,7 @@ from qtensor.errors import QtoolError
 from qtensor.schemes import Scheme, WeightSpec
 
 from .algorithms import Method
+from .algorithms.smoothing import PRE_SCALE_ATTR
 
 
 class _Stop(Exception):
@@ -160,6 +161,7 @@ class LayerContext:
     scheme: Scheme
     spec: WeightSpec
     resolve: object = None  # full module name -> (Scheme, WeightSpec) | None (mixed precision, --rules)
+    pre_scale_ok: bool = False  # the output format stores a per-linear pre_quant_scale (QTensor.pre_scale)
 
     def spec_of(self, name: str) -> WeightSpec | None:
         """The weight spec of one linear of this layer; None: it stays in full precision."""
@@ -232,6 +234,7 @@ def quantize_layers(
     resolve=None,
     kv_cache: str | None = None,
     act=None,
+    pre_scale_ok: bool = False,
 ) -> tuple[dict[str, QTensor], list[LayerReport]]:
     """Quantize every linear of every decoder layer.
 
@@ -246,6 +249,8 @@ def quantize_layers(
     kv_cache: "fp8_e4m3" also calibrates KV-cache scales (calibrate/kvcache.py) on each quantized
     layer's output pass; they land in LayerReport.kv.
     act: calibrate.observers.ActObserver for static activation ranges (--act-observer, --act-asym).
+    pre_scale_ok: the output format holds a per-linear pre_quant_scale; layer-level methods may then
+    smooth a group they cannot fold through one (smoothing.apply_pre_scale).
     """
     prefix, layers = find_decoder_layers(model)
     if resolve is None:
@@ -275,6 +280,8 @@ def quantize_layers(
         hooked = _place(layer, lname, placement, hidden, method, model, stream, rep) if placement else None
         if stream is not None:
             stream.materialize(lname)
+            if li + 1 < len(layers) and hasattr(stream, "prefetch"):
+                stream.prefetch(f"{prefix}.{li + 1}")
         kwargs, args = cap.kwargs.get(li, {}), cap.args.get(li, ())
         mods = dict(layer.named_modules())
         groups = linear_groups(layer, hidden[0][:1], kwargs, args)
@@ -285,7 +292,7 @@ def quantize_layers(
                 raise QtoolError(f"method {method.name} does not support a layer split over devices ({lname}); give it more memory per device")
             if distributed.active():
                 raise QtoolError(f"method {method.name} does not support multi-process calibration yet (run it in one process)")
-            ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec, resolve)
+            ctx = LayerContext(lname, layer, hidden, kwargs, args, groups, scheme, spec, resolve, pre_scale_ok)
             rep.notes.extend(f"{lname}: {n}" for n in method.prepare(ctx, **method.options))
         layer_q: dict[str, QTensor] = {}
         cache = None
@@ -337,6 +344,9 @@ def quantize_layers(
                 if err > 0.5:
                     rep.notes.append(f"{full}: relative weight error {err:.2f} (quantization error exploded)")
                 qt.act = _act_quant(lin_scheme, st.get("amax"), st, act)
+                pre = getattr(lin, PRE_SCALE_ATTR, None)  # smoothing kept as the linear's own input scale
+                if pre is not None:
+                    qt.pre_scale = pre.float().clone()
                 qt.orig_dtype = lin.weight.dtype
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
                 layer_q[full] = _to_cpu(qt)

@@ -29,6 +29,7 @@ class StreamedModel:
         if missing:
             raise QtoolError(f"{self.dir}: checkpoint lacks tensor {missing[0]} that the {self.config.get('model_type')} model needs")
         self.param_names = names
+        self._reader, self._pending, self._ahead = None, None, {}  # prefetch(): one layer read ahead
         self.model.to(device) if False else None
 
     def _tied(self, name: str) -> bool:
@@ -43,6 +44,7 @@ class StreamedModel:
         """Load every parameter whose name starts with `prefix` (and not with any of `exclude`), onto
         `device` (default: the model's device); real buffers under `prefix` go there too."""
         device = self.device if device is None else device
+        self._collect_ahead()
         root = self.model.get_submodule(prefix.rstrip(".")) if prefix else self.model
         base = prefix if prefix.endswith(".") or not prefix else prefix + "."
         for name, p in list(root.named_parameters(recurse=True)):
@@ -53,7 +55,8 @@ class StreamedModel:
                 if self._tied(full):
                     continue
                 raise QtoolError(f"checkpoint lacks tensor {full}")
-            t = self.td[full]
+            t = self._ahead.pop(full, None) if self._ahead else None
+            t = self.td[full] if t is None else t
             if list(t.shape) != list(p.shape):
                 raise QtoolError(f"tensor {full} has shape {list(t.shape)}, the model expects {list(p.shape)}")
             parent, _, leaf = name.rpartition(".")
@@ -66,6 +69,26 @@ class StreamedModel:
                     (root.get_submodule(parent) if parent else root)._buffers[leaf] = b.to(device)
         if self.tied and not prefix:
             self.model.tie_weights()
+
+    def prefetch(self, prefix: str) -> None:
+        """Read the parameters under `prefix` (a decoder layer) from disk in a background thread, so that
+        the next materialize of it finds them in memory (one layer ahead: the calibration of the current
+        layer overlaps the read of the next)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="qtool-prefetch")
+        base = prefix.rstrip(".") + "."
+        names = [base + n for n, p in self.model.get_submodule(prefix.rstrip(".")).named_parameters() if p.device.type == "meta"]
+        self._pending = self._reader.submit(lambda: {n: self.td[n] for n in names if n in self.td})
+
+    def _collect_ahead(self) -> None:
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            try:
+                self._ahead = fut.result()
+            except Exception:  # noqa: BLE001 - the plain read in materialize reports it with its context
+                self._ahead = {}
 
     def release(self, prefix: str) -> None:
         root = self.model.get_submodule(prefix.rstrip("."))

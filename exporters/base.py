@@ -384,6 +384,36 @@ def file_sha256(paths) -> str:
     return h.hexdigest()
 
 
+# modules encoded ahead of the writer in threads (decode, checks and packing release the GIL)
+WRITE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+def prefetch(fn, keys: list, ahead: int):
+    """(key, fn(key)) for each key in order, computed up to `ahead` keys in advance in threads
+    (ahead 1: in this thread, one at a time). An error surfaces at its key."""
+    if ahead <= 1:
+        for k in keys:
+            yield k, fn(k)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(ahead, thread_name_prefix="qtool-encode") as pool:
+        q = deque((k, pool.submit(fn, k)) for k in keys[:ahead])
+        nxt = ahead
+        try:
+            while q:
+                k, fut = q.popleft()
+                res = fut.result()
+                if nxt < len(keys):
+                    q.append((keys[nxt], pool.submit(fn, keys[nxt])))
+                    nxt += 1
+                yield k, res
+        finally:
+            for _, f in q:
+                f.cancel()
+
+
 def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = False, progress=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     fmt = get_format(fmt_name)
     out = Path(out)
@@ -406,12 +436,15 @@ def write_checkpoint(ckpt: Checkpoint, fmt_name: str, out: Path, force: bool = F
         task = progress.add_task(f"writing {fmt.name}", total=len(ckpt.qtensors) + len(ckpt.tensors)) if progress else None
         dtype = ckpt.weight_dtype
 
+        def encoded(name):
+            qt = ckpt.qtensors[name]
+            if lazy:
+                check(name, qt)
+            return fmt.encode(name, qt)
+
         def items():
-            for name, qt in ckpt.qtensors.items():
-                if lazy:
-                    check(name, qt)
-                for k, t in fmt.encode(name, qt).items():
-                    yield k, t
+            for name, enc in prefetch(encoded, list(ckpt.qtensors), WRITE_THREADS):
+                yield from enc.items()
                 if progress:
                     progress.update(task, advance=1)
             yield from (fmt.encode_kv(ckpt) if ckpt.kv_scales else {}).items()

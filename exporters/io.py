@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import stat
 import shutil
 import struct
@@ -143,6 +144,9 @@ _TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4
 _ST_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class TensorFile:
     """One safetensors file read with plain reads into fresh memory (no mmap): pages of tensors already
     used do not stay resident, so streaming a model larger than memory keeps a flat RSS."""
@@ -168,11 +172,16 @@ class TensorFile:
             raise QtoolError(f"{self.path.name}: tensor {name} has dtype {info['dtype']}, which qtool does not read")
         a, b = info["data_offsets"]
         buf = torch.empty(b - a, dtype=torch.uint8)
-        if self._f is None:
-            self._f = self.path.open("rb")
-        self._f.seek(self.start + a)
-        if b > a and self._f.readinto(buf.numpy()) != b - a:
-            raise QtoolError(f"{self.path.name}: tensor {name} is truncated")
+        with _OPEN_LOCK:
+            if self._f is None:
+                self._f = self.path.open("rb")
+        # positional reads (no shared file offset): threads may read tensors of one file at once
+        view, fd, pos, done = memoryview(buf.numpy()), self._f.fileno(), self.start + a, 0
+        while done < b - a:
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise QtoolError(f"{self.path.name}: tensor {name} is truncated")
+            done += got
         return buf.view(dtype).reshape(info["shape"])
 
 

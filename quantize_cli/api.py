@@ -285,6 +285,22 @@ layer_seconds: list = []  # seconds per layer of the last native run in this pro
 phases: dict = {}  # seconds per phase of the last quantize in this process
 
 
+def _holds_pre_scale(fmt, sch, spec) -> bool:
+    """Whether the format stores a linear of this scheme together with a pre_quant_scale (probed on a small
+    weight through the format's own can_hold)."""
+    from calibrate.algorithms.rtn import quantize_weight
+    from calibrate.pipeline import _act_quant
+
+    try:
+        qt = quantize_weight(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)), spec)
+    except Exception:  # a spec the probe cannot build: assume not
+        return False
+    qt.act = _act_quant(sch, torch.tensor(1.0))
+    qt.pre_scale = torch.ones(256)
+    qt.orig_dtype = torch.bfloat16
+    return fmt.can_hold("model.layers.0.self_attn.o_proj", qt) is None
+
+
 def _check_act(observer: str | None, asym: bool, resolver, fmt: str, backend: str):
     """--act-observer / --act-asym -> calibrate.observers.ActObserver, refused up front (one line) where
     nothing they set exists: no static-activation scheme, a non-int8 static scheme with --act-asym, a
@@ -364,16 +380,35 @@ def _native(mdir, config, ids, sch, spec, meth, device, progress, out, resume, s
     layer_seconds.clear()
     phases.clear()
 
+    # a layer's results are saved in a background thread while the next layer calibrates (one save in
+    # flight; its error surfaces at the next layer). Data-parallel ranks save in step (collectives inside).
+    from concurrent.futures import ThreadPoolExecutor
+
+    saver = None if distributed.active() else ThreadPoolExecutor(1, thread_name_prefix="qtool-save")
+    pending: list = []
+
     def on_layer(li, layer_q, others, hidden_after, rep):
         layer_seconds.append(round(rep.seconds, 3))
         for qt in layer_q.values():
             qt.orig_dtype = src_dtype
         others = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in others.items()}
-        work.save_layer(li, layer_q, others, hidden_after, rep.notes, rep.kv)
+        if saver is None:
+            work.save_layer(li, layer_q, others, hidden_after, rep.notes, rep.kv)
+            return
+        if pending:
+            pending.pop().result()
+        pending.append(saver.submit(work.save_layer, li, layer_q, others, hidden_after, rep.notes, rep.kv))
 
     if start < len(layers):
         phases["setup"] = time.time() - t0
-        quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver, kv_cache=kv_cache, act=act)
+        try:
+            quantize_layers(sm.model, ids, sch, spec, meth, device, progress, on_layer=on_layer, stream=sm, start_layer=start, resume_hidden=hidden, placement=placement, resolve=resolver,
+                            kv_cache=kv_cache, act=act, pre_scale_ok=_holds_pre_scale(fmt, sch, spec))
+            if pending:
+                pending.pop().result()
+        finally:
+            if saver is not None:
+                saver.shutdown(wait=True)
     phases["layers_total"] = time.time() - t0 - phases.get("setup", 0)
     qts, layer_tensors = work.results(len(layers))
     outside = [k for k in sm.td if not k.startswith(prefix + ".") and not (sm.tied and k.endswith("lm_head.weight"))]

@@ -234,6 +234,35 @@ def test_smoothquant_preserves_fp_output_and_flattens_activations(tiny_models, a
     assert w8a8_error() < e_plain
 
 
+def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
+    """With a format that stores pre_quant_scale, GQA's v -> o gets one scale per o input channel (not the
+    max over the query heads sharing a v channel): after alpha 1.0 every o_proj input channel has range 1
+    (reference: the input amax measured before, divided channel by channel), the layer output is unchanged,
+    and the weight columns carry the inverse of the bf16-rounded scale."""
+    ctx = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
+    cfg = ctx.layer.self_attn.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # the tiny Llama has GQA
+    ctx.pre_scale_ok = True
+    ref = ctx.run()
+    a0 = ctx.linear_inputs(["self_attn.o_proj"])["self_attn.o_proj"].abs().amax(0)
+    w0 = ctx.module("self_attn.o_proj").weight.detach().clone()
+    notes = smoothquant.prepare(ctx, alpha=1.0)
+    assert "self_attn.o_proj<-pre_quant_scale" in notes[-1]
+    assert outputs_close(ctx.run(), ref, 1e-5)
+    o = ctx.module("self_attn.o_proj")
+    p = getattr(o, sm.PRE_SCALE_ATTR)
+    assert torch.equal(p, (1.0 / a0).to(torch.bfloat16).float())
+    assert torch.allclose(o.weight, w0 / p[None, :], rtol=1e-6)
+    x = ctx.linear_inputs(["self_attn.o_proj"])["self_attn.o_proj"]  # what the statistics passes see
+    assert torch.allclose(x.abs().amax(0), a0 * p, rtol=1e-6)
+    assert torch.allclose(x.abs().amax(0), torch.ones_like(a0), rtol=1e-2)
+    # without it (compressed-tensors), the tied fold into v as before: no pre-scale anywhere
+    ctx2 = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
+    notes2 = smoothquant.prepare(ctx2, alpha=1.0)
+    assert "self_attn.o_proj<-self_attn.v_proj" in notes2[-1]
+    assert not any(hasattr(m, sm.PRE_SCALE_ATTR) for m in ctx2.layer.modules())
+
+
 def test_smoothquant_refuses_weight_only_schemes(tiny_models):
     from qtensor.errors import QtoolError
 

@@ -209,6 +209,39 @@ def scale_columns(layer: nn.Module, names: list[str], s: torch.Tensor) -> None:
         lin.weight.data.mul_(s.to(lin.weight.dtype)[None, :])
 
 
+PRE_SCALE_ATTR = "qtool_pre_scale"  # set on a linear whose input is multiplied by it before quantization
+
+
+@torch.no_grad()
+def apply_pre_scale(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None = None, tol: float = 1e-3) -> str:
+    """Smoothing that no preceding op can absorb exactly (GQA v -> o, or no producer found), kept as the
+    group's own input scale: every linear of the group computes W' (x * p) with p = 1/s rounded to
+    bfloat16 (ModelOpt's pre_quant_scale; formats store it in the model dtype) and W' = W / p column-wise.
+    The float layer gets the same: its columns are scaled and a forward pre-hook multiplies the input by
+    p, so the statistics passes see the smoothed input. The pipeline puts p into each QTensor's pre_scale.
+    Returns "" or why it was skipped (output changed: undone)."""
+    layer = ctx.layer
+    before = ctx.run([ctx.inputs[0][:1]])[0] if check is None else check
+    p = (1.0 / s.float()).to(torch.bfloat16).float()
+    saved = {n: _params(layer.get_submodule(n)) for n in pair.group}
+    hooks = []
+    for n in pair.group:
+        lin = layer.get_submodule(n)
+        lin.weight.data.copy_((lin.weight.data.float() / p[None, :].to(lin.weight.device)).to(lin.weight.dtype))
+        hooks.append(lin.register_forward_pre_hook(lambda m, inp, p=p: (inp[0] * p.to(inp[0].device, inp[0].dtype), *inp[1:])))
+    after = ctx.run([ctx.inputs[0][:1]])[0]
+    err = float((after.float() - before.float()).norm() / before.float().norm().clamp(min=1e-30))
+    if not err <= tol:
+        for h in hooks:
+            h.remove()
+        for n, prm in saved.items():
+            _restore(layer.get_submodule(n), prm)
+        return f"{'/'.join(pair.group)}: a pre_quant_scale changed the layer output (rel. error {err:.2g}); skipped"
+    for n in pair.group:
+        setattr(layer.get_submodule(n), PRE_SCALE_ATTR, p.cpu())
+    return ""
+
+
 @torch.no_grad()
 def find_pairs(ctx) -> list[Pair]:
     """One Pair per linear group of the layer, with its foldable producer when one is found."""

@@ -83,12 +83,19 @@ def smooth_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: floa
     return s.clamp(min=1e-5)
 
 
-def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, search_tokens: int = 2048, **_) -> list[str]:
+def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, search_tokens: int = 2048, pre_scale: bool | None = None,
+            **_) -> list[str]:
     """alpha: migration strength, or "search": per linear group, the alpha of ALPHAS whose W8A8 output error
     on search_tokens calibration rows is smallest. Default: 1.0 for static per-tensor activations (one scale
     for every token needs flat channels), 0.5 for per-token ones. Measured on Gemma-3-270M w8a8-int8-static:
     alpha 0.5 +17.1% perplexity, 1.0 +2.8% (KL 0.033), search +3.5% (KL 0.031): the search lowers each
-    group's own error and the KL, not the perplexity, so it is not the default."""
+    group's own error and the KL, not the perplexity, so it is not the default.
+    pre_scale: where no preceding op absorbs the smoothing exactly (GQA v -> o: one v channel feeds
+    several o channels, which then share one scale; or no producer found) smooth the group per channel
+    through its own pre_quant_scale instead (sm.apply_pre_scale). Default: when the output format holds
+    one (ctx.pre_scale_ok: qtool, modelopt; not compressed-tensors)."""
+    if pre_scale is None:
+        pre_scale = bool(getattr(ctx, "pre_scale_ok", False))
     if ctx.scheme.act_kind == "none" or ctx.spec.dtype != "int":
         raise QtoolError(f"smoothquant is for schemes with int weights and quantized activations (w8a8-int8, w8a8-int8-static), not {ctx.scheme.name}")
     if alpha is None:
@@ -104,10 +111,11 @@ def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, sea
     check = ctx.run([ctx.inputs[0][:1]])[0]
     for p in pairs:
         label = "/".join(p.group)
-        if p.prev is None:
+        own = pre_scale and (p.prev is None or p.index is not None)  # no exact fold: the group's own input scale
+        if p.prev is None and not own:
             notes.append(f"smoothquant: {label}: not smoothed ({p.reason})")
             continue
-        if p.kind == "linear" and not fold_linear:
+        if p.kind == "linear" and not fold_linear and not own:
             continue
         a = amax[p.group[0]]
         if a is None:
@@ -118,12 +126,16 @@ def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, sea
         if search:
             specs = [ctx.spec_of(n) if hasattr(ctx, "spec_of") else ctx.spec for n in p.group]
             a_p, _ = search_alpha(rows[p.group[0]], a, weights, specs, ctx.scheme.act_kind == "static", p)
-        s = smooth_scales(a, weights, a_p, p)
-        msg, _ = sm.apply(ctx, p, s, check)
+        if own:
+            s = smooth_scales(a, weights, a_p)
+            msg = sm.apply_pre_scale(ctx, p, s, check)
+        else:
+            s = smooth_scales(a, weights, a_p, p)
+            msg, _ = sm.apply(ctx, p, s, check)
         if msg:
             notes.append("smoothquant: " + msg)
         else:
-            done.append(f"{label}<-{p.prev}" + (f" alpha {a_p:.2f}" if search else ""))
+            done.append(f"{label}<-{'pre_quant_scale' if own else p.prev}" + (f" alpha {a_p:.2f}" if search else ""))
     notes.append(f"smoothquant alpha {alpha}: " + "; ".join(done))
     return notes
 
