@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the script's own folder off the path: bench/kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                  max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -119,6 +122,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hidden", type=int, default=None, help="smaller shapes for a CPU smoke run")
     ap.add_argument("--skip-textbook", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="also profile a 2-layer run of the same shapes (torch.profiler, CPU + CUDA); "
+                    "prints the top ops by device and host time and writes the full tables to FILE")
     a = ap.parse_args()
     shape = {} if a.hidden is None else {"hidden_size": a.hidden, "intermediate_size": a.hidden * 7 // 2, "vocab_size": 1024}
     d = Path(a.dir)
@@ -172,7 +177,32 @@ def main():
         ours = time.time() - t0
         print(f"GPTQ solve of one 8B-shaped layer (7 linears), same run: textbook {tb:.2f} s, qtool {ours:.2f} s, ratio {tb / ours:.1f}x")
         result.update(textbook_layer_s=tb, qtool_layer_solve_s=ours)
+    if a.profile:
+        profile_run(d.parent / (d.name + "-2"), a, shape, Path(a.profile))
     print(json.dumps(result))
+
+
+def profile_run(d2: Path, a, shape: dict, out: Path) -> None:
+    """Where a layer's time goes: the same calibration on a 2-layer model under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantize_cli import api
+
+    write_model(d2, 2, a.device, **shape)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.time()
+        api.quantize(str(d2), "w4a16", "gptq", "gptq", str(d2) + "-gptq", samples=a.samples, seqlen=a.seqlen, group_size=128, device=a.device,
+                     force=True, options={"act_order": False})
+        sync(a.device)
+    print(f"profiled 2-layer run: {time.time() - t0:.1f} s; phases " + ", ".join(f"{k} {v:.1f}" for k, v in api.phases.items()))
+    ka = prof.key_averages()
+    tables = []
+    for key in (["self_cuda_time_total"] if a.device == "cuda" else []) + ["self_cpu_time_total", "cpu_time_total"]:
+        tables.append(f"## sorted by {key}\n" + ka.table(sort_by=key, row_limit=40, max_name_column_width=60))
+    out.write_text("\n\n".join(tables))
+    short = ka.table(sort_by=("self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"), row_limit=15, max_name_column_width=45)
+    print(short)
 
 
 if __name__ == "__main__":
