@@ -80,7 +80,8 @@ class StreamedModel:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="qtool-prefetch")
         base = prefix.rstrip(".") + "."
         names = [base + n for n, p in self.model.get_submodule(prefix.rstrip(".")).named_parameters() if p.device.type == "meta"]
-        self._pending = self._reader.submit(lambda: {n: self.td[n] for n in names if n in self.td})
+        pin = str(self.device).startswith("cuda")  # page-locked: the host-to-device copies run at full speed
+        self._pending = self._reader.submit(lambda: {n: (self.td[n].pin_memory() if pin else self.td[n]) for n in names if n in self.td})
 
     def _collect_ahead(self) -> None:
         if self._pending is not None:

@@ -33,3 +33,19 @@ def test_triton_block_kernel_matches_torch_loop():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+def test_gpu_hessian_from_half_inputs_matches_fp64():
+    """On CUDA the Hessian of bf16 inputs is summed through half-precision tensor cores with fp32 output:
+    within fp32 summation error of the fp64 sum of the same bf16 values."""
+    from calibrate.algorithms.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(4, 512, 256, generator=g) * torch.linspace(0.1, 8, 256)).bfloat16() for _ in range(3)]
+    acc = HessianAccumulator(256, "cuda")
+    for x in xs:
+        acc.add(x.cuda())
+    ref = sum(x.double().reshape(-1, 256).t() @ x.double().reshape(-1, 256) for x in xs) * (2.0 / (3 * 4 * 512))
+    assert acc.n == 3 * 4 * 512
+    assert float((acc.H.double().cpu() - ref).abs().max() / ref.abs().max()) < 1e-5
