@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
+import pytest
 import torch
 from calibrate.algorithms.gptq import gptq_quantize
 from qtensor import get_scheme
