@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import pytest
 import torch
 from calibrate.algorithms.gptq import gptq_quantize
 from qtensor import get_scheme
