@@ -256,11 +256,17 @@ def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
     x = ctx.linear_inputs(["self_attn.o_proj"])["self_attn.o_proj"]  # what the statistics passes see
     assert torch.allclose(x.abs().amax(0), a0 * p, rtol=1e-6)
     assert torch.allclose(x.abs().amax(0), torch.ones_like(a0), rtol=1e-2)
-    # without it (compressed-tensors), the tied fold into v as before: no pre-scale anywhere
-    ctx2 = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
-    notes2 = smoothquant.prepare(ctx2, alpha=1.0)
-    assert "self_attn.o_proj<-self_attn.v_proj" in notes2[-1]
-    assert not any(hasattr(m, sm.PRE_SCALE_ATTR) for m in ctx2.layer.modules())
+    # without it (compressed-tensors), or turned off, the tied fold into v as before: no pre-scale anywhere
+    for ok, opt in ((False, {}), (True, {"pre_scale": False})):
+        ctx2 = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
+        ctx2.pre_scale_ok = ok
+        notes2 = smoothquant.prepare(ctx2, alpha=1.0, **opt)
+        assert "self_attn.o_proj<-self_attn.v_proj" in notes2[-1]
+        assert not any(hasattr(m, sm.PRE_SCALE_ATTR) for m in ctx2.layer.modules())
+    from qtensor.errors import QtoolError
+
+    with pytest.raises(QtoolError, match="pre_scale must be true or false"):
+        smoothquant.prepare(layer_context(tiny_models("llama"), scheme="w8a8-int8-static"), pre_scale="maybe")
 
 
 def test_smoothquant_refuses_weight_only_schemes(tiny_models):

@@ -96,6 +96,8 @@ def prepare(ctx, alpha: float | str | None = None, fold_linear: bool = True, sea
     one (ctx.pre_scale_ok: qtool, modelopt; not compressed-tensors)."""
     if pre_scale is None:
         pre_scale = bool(getattr(ctx, "pre_scale_ok", False))
+    elif not isinstance(pre_scale, bool):
+        raise QtoolError(f"smoothquant pre_scale must be true or false, got {pre_scale!r}")
     if ctx.scheme.act_kind == "none" or ctx.spec.dtype != "int":
         raise QtoolError(f"smoothquant is for schemes with int weights and quantized activations (w8a8-int8, w8a8-int8-static), not {ctx.scheme.name}")
     if alpha is None:
