@@ -75,6 +75,8 @@ NATIVE = {
     "smoothquant-w8a8-int8-static-a10": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=1.0"]),
     "smoothquant-w8a8-int8-static-search": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=search"]),
     "smoothquant-w8a8-int8-static-p9999": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--act-observer", "percentile:99.99"]),
+    "smoothquant-gptq-w8a8-int8-static": ("qtool", "smoothquant-gptq", "w8a8-int8-static", "qtool", None, []),
+    "smoothquant-gptq-w8a8-int8": ("qtool", "smoothquant-gptq", "w8a8-int8", "compressed-tensors", None, []),
     "nvfp4-nvfp4": ("qtool", "nvfp4", "nvfp4", "compressed-tensors", None, []),
     "mx-mxfp4": ("qtool", "mx", "mxfp4", "qtool", None, []),
     "rtn-w4a4": ("qtool", "rtn", "w4a4", "qtool", None, []),
@@ -109,12 +111,16 @@ VERSUS = [
     ("smoothquant-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static-a10", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8-static", "peer-msmodelslim-w8a8-int8-static"),
+    ("smoothquant-gptq-w8a8-int8-static", "peer-modelopt-w8a8-int8"),
+    ("smoothquant-gptq-w8a8-int8-static", "peer-msmodelslim-w8a8-int8-static"),
+    ("smoothquant-gptq-w8a8-int8", "peer-modelopt-w8a8-int8"),
     ("smoothquant-w8a8-int8", "peer-msmodelslim-w8a8-int8-static"),
     ("nvfp4-nvfp4", "peer-modelopt-nvfp4"),
     ("rtn-w4a16-mseclip", "rtn-w4a16"),
 ]
 # goals from issue 5 (perplexity increase over bf16, percent)
-GOALS = {"gptq-w4a16": 10, "gptq-w4a16-asym": 10, "awq-w4a16": 12, "awq-w4a16-asym": 12, "awq-gptq-w4a16": 12, "fp8-fp8-dynamic": 1, "gptq-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3}
+GOALS = {"gptq-w4a16": 10, "gptq-w4a16-asym": 10, "awq-w4a16": 12, "awq-w4a16-asym": 12, "awq-gptq-w4a16": 12, "fp8-fp8-dynamic": 1, "gptq-fp8-dynamic": 1, "smoothquant-w8a8-int8": 3, "smoothquant-w8a8-int8-static": 3,
+         "smoothquant-gptq-w8a8-int8": 3, "smoothquant-gptq-w8a8-int8-static": 3}
 
 
 def run_row(name: str, work: Path, samples: int, windows: int) -> dict:

@@ -235,7 +235,7 @@ def test_smoothquant_preserves_fp_output_and_flattens_activations(tiny_models, a
 
 
 def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
-    """With a format that stores pre_quant_scale, GQA's v -> o gets one scale per o input channel (not the
+    """pre_scale=True with a format that stores pre_quant_scale: GQA's v -> o gets one scale per o input channel (not the
     max over the query heads sharing a v channel): after alpha 1.0 every o_proj input channel has range 1
     (reference: the input amax measured before, divided channel by channel), the layer output is unchanged,
     and the weight columns carry the inverse of the bf16-rounded scale."""
@@ -246,7 +246,7 @@ def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
     ref = ctx.run()
     a0 = ctx.linear_inputs(["self_attn.o_proj"])["self_attn.o_proj"].abs().amax(0)
     w0 = ctx.module("self_attn.o_proj").weight.detach().clone()
-    notes = smoothquant.prepare(ctx, alpha=1.0)
+    notes = smoothquant.prepare(ctx, alpha=1.0, pre_scale=True)
     assert "self_attn.o_proj<-pre_quant_scale" in notes[-1]
     assert outputs_close(ctx.run(), ref, 1e-5)
     o = ctx.module("self_attn.o_proj")
@@ -256,8 +256,8 @@ def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
     x = ctx.linear_inputs(["self_attn.o_proj"])["self_attn.o_proj"]  # what the statistics passes see
     assert torch.allclose(x.abs().amax(0), a0 * p, rtol=1e-6)
     assert torch.allclose(x.abs().amax(0), torch.ones_like(a0), rtol=1e-2)
-    # without it (compressed-tensors), or turned off, the tied fold into v as before: no pre-scale anywhere
-    for ok, opt in ((False, {}), (True, {"pre_scale": False})):
+    # without such a format (compressed-tensors), or by default, the tied fold into v as before: no pre-scale anywhere
+    for ok, opt in ((False, {"pre_scale": True}), (True, {})):
         ctx2 = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
         ctx2.pre_scale_ok = ok
         notes2 = smoothquant.prepare(ctx2, alpha=1.0, **opt)

@@ -465,13 +465,20 @@ def test_modelopt_int8_sq_backend_and_native_both_ways(tiny_models, tmp_path):
     api.export(tmp_path / "nq", "modelopt", tmp_path / "nm")
     nm_ = read_checkpoint(tmp_path / "nm")
     assert nm_.format == "modelopt" and all(nm_.qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
-    # smoothing folds into the norms and up_proj; GQA's v -> o keeps its own per-channel pre_quant_scale (qtool holds it)
-    pre = sorted(k for k in TensorDir(tmp_path / "nm") if k.endswith(".pre_quant_scale"))
-    assert pre == [f"model.layers.{i}.self_attn.o_proj.pre_quant_scale" for i in range(2)]
+    assert not any(k.endswith(".pre_quant_scale") for k in TensorDir(tmp_path / "nm"))
     trt = next(why for e, ok, why in FORMATS["modelopt"].engines(nm_) if e == "tensorrt-llm")
-    assert "12 int8 layers have no pre_quant_scale" in trt
+    assert "14 int8 layers have no pre_quant_scale" in trt
     api.export(tmp_path / "nm", "qtool", tmp_path / "nq2")
     assert all(read_checkpoint(tmp_path / "nq2").qtensors[n].equal(qt) for n, qt in nq.qtensors.items())
+    # --option pre_scale=true: GQA's v -> o keeps its own per-channel pre_quant_scale, which ModelOpt's layout holds
+    api.quantize(str(md), "w8a8-int8-static", method="smoothquant", format="modelopt", out=tmp_path / "pq", samples=4, seqlen=32,
+                 options={"pre_scale": "true"})
+    pre = sorted(k for k in TensorDir(tmp_path / "pq") if k.endswith(".pre_quant_scale"))
+    assert pre == [f"model.layers.{i}.self_attn.o_proj.pre_quant_scale" for i in range(2)]
+    pq = read_checkpoint(tmp_path / "pq")
+    assert all(pq.qtensors[n].pre_scale.dtype == torch.float32 for n in pq.qtensors if n.endswith("o_proj"))
+    r = api.evaluate(tmp_path / "pq", windows=2)
+    assert r["kl_divergence"] < 0.05, r
     dyn = replace(nq, qtensors={n: qt.replace(act=ActQuant("dynamic", "int8", "token")) for n, qt in nq.qtensors.items()})
     with pytest.raises(QtoolError, match="dynamic per-token activations"):
         write_checkpoint(dyn, "modelopt", tmp_path / "d")

@@ -83,6 +83,14 @@ def _awq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_grou
     return _gptq_group(weights, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
 
 
+def _sq_gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+    return _gptq(weight, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
+
+
+def _sq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+    return _gptq_group(weights, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -97,6 +105,8 @@ METHODS: dict[str, Method] = {
                _awq_gptq_prepare, _awq_gptq_group),
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": None, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
+        Method("smoothquant-gptq", ("hessian",), ("int",), _sq_gptq, {"alpha": None, "fold_linear": True, "mse_clip": True},
+               "SmoothQuant's migration, then GPTQ on the smoothed weights with Hessians of the smoothed inputs", smoothquant.prepare, _sq_gptq_group),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
         Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search",
                group_fn=fpscale.quantize_nvfp4_group),
