@@ -269,6 +269,31 @@ def test_smoothquant_pre_scale_smooths_gqa_o_proj_per_channel(tiny_models):
         smoothquant.prepare(layer_context(tiny_models("llama"), scheme="w8a8-int8-static"), pre_scale="maybe")
 
 
+def test_smoothquant_gptq_rounds_the_smoothed_weights_better_than_rtn(tiny_models):
+    """smoothquant-gptq: SmoothQuant's migration, then GPTQ with the Hessian of the smoothed inputs. On
+    every linear its output error on those inputs (int8 per-channel weights) is below round-to-nearest's."""
+    from calibrate.algorithms import get_method
+    from calibrate.algorithms.gptq import HessianAccumulator
+
+    ctx = layer_context(tiny_models("llama"), scheme="w8a8-int8-static", outliers=True)
+    m = get_method("smoothquant-gptq")
+    assert m.stats == ("hessian",) and m.prepare is smoothquant.prepare
+    ref = ctx.run()
+    notes = m.prepare(ctx, **{k: v for k, v in m.options.items() if k in ("alpha", "fold_linear")})
+    assert "<-" in notes[-1] and outputs_close(ctx.run(), ref, 1e-5)
+    names = [n for g in ctx.groups for n in g]
+    xs = ctx.linear_inputs(names)
+    for n in names:
+        x, w = xs[n].float(), ctx.module(n).weight.detach().float()
+        acc = HessianAccumulator(x.shape[1])
+        acc.add(x)
+        q, _ = m.quantize(w, ctx.spec, {"hessian": acc, "n": acc.n})
+        r, _ = smoothquant.quantize(w, ctx.spec, {})
+        err = lambda qt: float((x @ (qt.dequantize() - w).t()).square().sum())  # noqa: E731
+        assert (q.bits, q.group_size) == (8, -1)
+        assert err(q) < err(r), n
+
+
 def test_smoothquant_refuses_weight_only_schemes(tiny_models):
     from qtensor.errors import QtoolError
 
@@ -322,6 +347,7 @@ def test_mx_exponent_search_not_worse_than_ocp(scheme):
     ("llama", "w4a16", "awq-gptq"),
     ("gemma3", "w8a8-int8", "smoothquant"),
     ("llama", "w8a8-int8-static", "smoothquant"),
+    ("gemma3", "w8a8-int8-static", "smoothquant-gptq"),
     ("gemma3", "fp8", "fp8"),
     ("llama", "fp8-dynamic", "fp8"),
     ("llama", "fp8-block", "fp8"),
@@ -343,7 +369,7 @@ def test_quantize_eval_tiny(cli, tiny_models, tmp_path, arch, scheme, method):
     qmodel, ckpt = load_quantized(out)
     assert len(ckpt.qtensors) == res["modules"] > 0
     ref = load_model(src, torch.float32)
-    if method in ("awq", "awq-gptq", "smoothquant"):  # the folded norms are saved with the checkpoint
+    if method in ("awq", "awq-gptq", "smoothquant", "smoothquant-gptq"):  # the folded norms are saved with the checkpoint
         assert any("<-" in n for n in res["notes"]), res["notes"]
         td = TensorDir(out)
         assert not torch.equal(td["model.layers.0.input_layernorm.weight"].float(), ref.model.layers[0].input_layernorm.weight.float())
