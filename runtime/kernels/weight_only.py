@@ -744,7 +744,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)))
+        y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=_dot4_default(st.n)))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
         xp = x2 if st.perm is None else x2[:, st.perm.long()]
@@ -762,6 +762,15 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         cfg = tuning.pick(_key(st, path, m), configs, run, default=_default(path, st.n))
         y = run(cfg)
     return y.reshape(*shape[:-1], st.n)
+
+
+def _dot4_default(n: int) -> dict:
+    """Untuned dot4 config: what the tuner chose on an H100 for every Llama-3-8B shape at M = 1 and 16
+    (bench/kernels.py, session 6): BN 128, split-K 8 up to N = 14336 (2 for gate_up's 28672 outputs).
+    The interpreter (CPU tests) keeps small tiles."""
+    if tuning.interpreting():
+        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
+    return dict(BN=128, SPLIT_K=8 if n <= 16384 else 2, num_warps=4, num_stages=3)
 
 
 def _default(path: str, n: int) -> dict:
