@@ -74,6 +74,7 @@ NATIVE = {
     "smoothquant-w8a8-int8-static-a08": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=0.8"]),
     "smoothquant-w8a8-int8-static-a10": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=1.0"]),
     "smoothquant-w8a8-int8-static-search": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "alpha=search"]),
+    "smoothquant-w8a8-int8-static-prescale": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--option", "pre_scale=true"]),
     "smoothquant-w8a8-int8-static-p9999": ("qtool", "smoothquant", "w8a8-int8-static", "qtool", None, ["--act-observer", "percentile:99.99"]),
     "smoothquant-gptq-w8a8-int8-static": ("qtool", "smoothquant-gptq", "w8a8-int8-static", "qtool", None, []),
     "smoothquant-gptq-w8a8-int8": ("qtool", "smoothquant-gptq", "w8a8-int8", "compressed-tensors", None, []),
