@@ -75,19 +75,13 @@ def _awq_gptq_prepare(ctx, n_grid=20, search_tokens=4096, duo_scaling=False, **_
     return awq.prepare(ctx, n_grid=n_grid, search_tokens=search_tokens, duo_scaling=duo_scaling, clip=False)
 
 
-def _awq_gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+# GPTQ after a layer-level prepare step (awq-gptq, smoothquant-gptq): the MSE clip on by default, and the
+# prepare step's own options (alpha, n_grid, ...) passed over
+def _prepared_gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
     return _gptq(weight, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
 
 
-def _awq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
-    return _gptq_group(weights, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
-
-
-def _sq_gptq(weight, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
-    return _gptq(weight, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
-
-
-def _sq_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
+def _prepared_gptq_group(weights, spec, stats, damp=0.01, act_order=True, static_groups=True, mse_clip=True, blocksize=128, **_):
     return _gptq_group(weights, spec, stats, damp, act_order, static_groups, mse_clip, blocksize)
 
 
@@ -100,13 +94,13 @@ METHODS: dict[str, Method] = {
                group_fn=_gptq_group, block_scales=False),
         Method("awq", (), ("int",), awq.quantize, {"n_grid": 20, "search_tokens": 4096, "duo_scaling": False, "clip": True},
                "AWQ: activation-aware scales searched on the block output, folded into the preceding op; clipping search", awq.prepare),
-        Method("awq-gptq", ("hessian",), ("int",), _awq_gptq, {"mse_clip": True},
+        Method("awq-gptq", ("hessian",), ("int",), _prepared_gptq, {"mse_clip": True},
                "AWQ scales folded into the preceding op, then GPTQ on the scaled weights (LLM Compressor's AWQ + GPTQ recipe)",
-               _awq_gptq_prepare, _awq_gptq_group),
+               _awq_gptq_prepare, _prepared_gptq_group),
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": None, "fold_linear": True},
                "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
-        Method("smoothquant-gptq", ("hessian",), ("int",), _sq_gptq, {"alpha": None, "fold_linear": True, "mse_clip": True},
-               "SmoothQuant's migration, then GPTQ on the smoothed weights with Hessians of the smoothed inputs", smoothquant.prepare, _sq_gptq_group),
+        Method("smoothquant-gptq", ("hessian",), ("int",), _prepared_gptq, {"alpha": None, "fold_linear": True, "mse_clip": True},
+               "SmoothQuant's migration, then GPTQ on the smoothed weights with Hessians of the smoothed inputs", smoothquant.prepare, _prepared_gptq_group),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
         Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search",
                group_fn=fpscale.quantize_nvfp4_group),
