@@ -128,7 +128,7 @@ def _key_value(o: str) -> tuple[str, str]:
 def quantize(
     model: str = typer.Argument(..., help="HF model directory, .gguf file, built-in name (gemma-3-270m) or hub id"),
     scheme: str = typer.Option(..., "--scheme", help="w4a16, w8a16, w8a8-int8, fp8, nvfp4, ..."),
-    method: str = typer.Option("rtn", "--method", help="rtn, gptq, awq, awq-gptq, smoothquant, fp8, nvfp4, mx"),
+    method: str = typer.Option("rtn", "--method", help="rtn, gptq, awq, awq-gptq, smoothquant, smoothquant-gptq, fp8, nvfp4, mx"),
     format: str = typer.Option(..., "--format", help="gptq, qtool, ..."),
     out: str = typer.Option(..., "--out", help="output directory"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration data: .txt, .jsonl, .parquet, datasets dir (default: built-in pydoc)"),
@@ -163,7 +163,7 @@ def quantize(
     from . import api
 
     options = {}
-    if method in ("gptq", "awq-gptq"):
+    if method in ("gptq", "awq-gptq", "smoothquant-gptq"):  # the GPTQ flags
         options = {"act_order": act_order, "damp": damp, "mse_clip": True if mse_clip is None else mse_clip}
         if group_order and act_order:  # groups whole: their parameters come from the updated weights, as GPTQModel's
             options.update(act_order="group", static_groups=False)
