@@ -12,6 +12,8 @@ qtool writes `auto_round:auto_gptq` (format `auto-round`) or `auto_round:auto_aw
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -60,6 +62,16 @@ def extra_config_lookup(extra: dict, name: str) -> dict | None:
         except re.error:
             continue
     return None
+
+
+INT_DATA_TYPES = ("int", "int_sym", "int_asym")  # AutoRound's integer weight types
+
+
+def _flag(v, what: str) -> bool:
+    """A JSON boolean (a string such as "yes" is refused rather than read as true)."""
+    if not isinstance(v, bool):
+        raise QtoolError(f"{what} must be true or false, got {json.dumps(v)}")
+    return v
 
 
 @register
@@ -128,12 +140,13 @@ class AutoRoundFormat(Format):
     def decode(self, path: Path, config: dict) -> Checkpoint:
         qc = config["quantization_config"]
         try:
-            bits, gs, sym = int(qc["bits"]), int(qc.get("group_size", 128)), bool(qc.get("sym", True))
+            bits, gs = int(qc["bits"]), int(qc.get("group_size", 128))
         except (KeyError, TypeError, ValueError):
             raise QtoolError("auto-round quantization_config lacks a valid 'bits'/'group_size'") from None
+        sym = _flag(qc.get("sym", True), "auto-round quantization_config: sym")
         data_type = str(qc.get("data_type", "int"))
-        if not data_type.startswith("int"):
-            raise QtoolError(f"auto-round quantization_config: data_type '{data_type}' is not supported (only int)")
+        if data_type not in INT_DATA_TYPES:
+            raise QtoolError(f"auto-round quantization_config: data_type '{data_type}' is not supported (only {', '.join(INT_DATA_TYPES)})")
         if int(qc.get("act_bits", 16) or 16) <= 8:
             raise QtoolError("auto-round quantization_config: activation quantization (act_bits <= 8) is not supported")
         packing = str(qc.get("packing_format", GPTQ_PACKING))
@@ -147,9 +160,10 @@ class AutoRoundFormat(Format):
         for name in module_names_with(td, ".qweight"):
             ov = extra_config_lookup(extra, name) or {}
             try:
-                b, g, s = int(ov.get("bits", bits)), int(ov.get("group_size", gs)), bool(ov.get("sym", sym))
+                b, g = int(ov.get("bits", bits)), int(ov.get("group_size", gs))
             except (TypeError, ValueError):
                 raise QtoolError(f"auto-round extra_config entry for {name} is invalid") from None
+            s = _flag(ov.get("sym", sym), f"auto-round extra_config entry for {name}: sym")
             if b > 8:
                 raise QtoolError(f"tensor {name}.qweight present but extra_config marks {name} unquantized ({b} bits)")
             if packing == AWQ_PACKING:

@@ -10,6 +10,8 @@ unchanged; a symmetric QTensor is written that way and read back as symmetric wh
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -139,9 +141,11 @@ class AWQFormat(Format):
         try:
             bits = int(qc.get("bits", qc.get("w_bit", 4)))
             gs = int(qc.get("group_size", qc.get("q_group_size", 128)))
-            zp = bool(qc.get("zero_point", True))
         except (TypeError, ValueError):
             raise QtoolError("awq quantization_config has invalid 'bits'/'group_size'") from None
+        zp = qc.get("zero_point", True)
+        if not isinstance(zp, bool):
+            raise QtoolError(f"awq quantization_config: zero_point must be true or false, got {json.dumps(zp)}")
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm":
             raise QtoolError(f"awq quantization_config: version '{version}' is not supported (only gemm)")

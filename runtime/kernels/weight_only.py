@@ -657,7 +657,8 @@ def _ptx_ok(device: torch.device) -> bool:
                     return False
             _PTX_OK[key] = True
         except Exception as e:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
-            _PTX_OK["why"] = f"{type(e).__name__}: {str(e)[:300]}"
+            text = " ".join(str(e).split())  # Triton puts the source first and the cause last
+            _PTX_OK["why"] = f"{type(e).__name__}: {text[-400:]}"
             return False
     return _PTX_OK[key]
 

@@ -882,11 +882,7 @@ def cases() -> list[Case]:
 OWN = {"gptq", "qtool"}
 # cases in formats other helpers own that fail today (their decode lets the damage through): run as
 # xfail(strict=True), so the list must shrink as the owners fix them
-OWNER_FAILING: set[str] = {
-    "format-auto-round/config-sym-string/export",  # sym "yes" taken as true
-    "format-auto-round/config-data_type-unknown/inspect",  # data_type "int7x" not checked
-    "format-awq/config-zero_point-string/export",  # zero_point "maybe" taken as true
-}
+OWNER_FAILING: set[str] = set()  # cases a format's owner is still fixing (xfail strict); none left
 SCHEME_TRIES = ("w4a16", "w8a8-int8", "fp8-dynamic", "fp8-block", "fp8", "w8a16", "nvfp4", "w4a4")
 
 
