@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .trace import trace_layer
+
 
 def _clone(o):
     if torch.is_tensor(o):
@@ -38,9 +40,7 @@ class PassCache:
     """Per layer: `record(t)` before the pass that collects group t, `replay()` before the output pass."""
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, groups: list[list[str]], budget: int):
-        from .algorithms.smoothing import _trace
-
-        rec, _ = _trace(layer, x, args, kwargs)
+        rec, _ = trace_layer(layer, x, args, kwargs)
         mods = dict(layer.named_modules())
         owner = {n: t for t, g in enumerate(groups) for n in g}
         linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]

@@ -24,6 +24,7 @@ from qtensor import numerics as nm
 from qtensor.errors import QtoolError
 from qtensor.schemes import WeightSpec
 
+from ..trace import out_tensor
 from . import smoothing as sm
 from .rtn import quantize_weight
 
@@ -61,7 +62,7 @@ def _layer_pass(ctx, firsts: list[str], hessian_groups: int | None, blocks: set[
 
     def post(m, a, kw, o, b):
         if searching[0] and calls[b] and calls[b][-1][3] is None:
-            calls[b][-1][3] = sm._out_tensor(o).detach()
+            calls[b][-1][3] = out_tensor(o).detach()
 
     for n in firsts:
         hooks.append(ctx.module(n).register_forward_pre_hook(lambda m, a, n=n: stat(a, n)))
@@ -116,7 +117,7 @@ def search_scales(ctx, pair: sm.Pair, x_mean: torch.Tensor, calls: list[tuple], 
                     lin.weight.data.copy_((quantize_weight(w.float() * s, sp).dequantize() / s).to(w.dtype))
             err, cnt = 0.0, 0
             for mod, a, kw, ref in calls:
-                out = sm._out_tensor(mod(*a, **kw))
+                out = out_tensor(mod(*a, **kw))
                 err += float((out.float() - ref.float()).pow(2).sum())
                 cnt += ref.numel()
             err /= max(cnt, 1)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..trace import trace_layer
+
 
 class _Stop(Exception):
     pass
@@ -67,46 +69,6 @@ def lowest_common_module(names: list[str]) -> str:
             break
         common.append(xs[0])
     return ".".join(common)
-
-
-def _first_tensor(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if torch.is_tensor(a):
-            return a
-    return None
-
-
-def _out_tensor(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
-
-
-@torch.no_grad()
-def _trace(layer: nn.Module, x: torch.Tensor, args, kwargs) -> tuple[dict, torch.Tensor]:
-    """One layer forward: {module name: (input, output, start index, end index)} and the layer output."""
-    rec: dict[str, list] = {}
-    counter = [0]
-    hooks = []
-
-    def pre(m, a, kw, name):
-        counter[0] += 1
-        rec[name] = [_first_tensor(a, kw), None, counter[0], None]
-
-    def post(m, a, kw, o, name):
-        counter[0] += 1
-        if rec[name][1] is None:
-            rec[name][1] = _out_tensor(o)
-            rec[name][3] = counter[0]
-
-    for name, mod in layer.named_modules():
-        if name:
-            hooks.append(mod.register_forward_pre_hook(lambda m, a, kw, name=name: pre(m, a, kw, name) if name not in rec else None, with_kwargs=True))
-            hooks.append(mod.register_forward_hook(lambda m, a, kw, o, name=name: post(m, a, kw, o, name), with_kwargs=True))
-    try:
-        out = _out_tensor(layer(x, *args, **kwargs))
-    finally:
-        for h in hooks:
-            h.remove()
-    return rec, out
 
 
 @torch.no_grad()
@@ -247,7 +209,7 @@ def find_pairs(ctx) -> list[Pair]:
     """One Pair per linear group of the layer, with its foldable producer when one is found."""
     layer = ctx.layer
     x = ctx.inputs[0][:1]
-    rec, _ = _trace(layer, x, ctx.args, ctx.kwargs)
+    rec, _ = trace_layer(layer, x, ctx.args, ctx.kwargs)
     mods = dict(layer.named_modules())
     linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
     pairs = []
