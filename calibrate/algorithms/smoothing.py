@@ -171,6 +171,12 @@ def scale_columns(layer: nn.Module, names: list[str], s: torch.Tensor) -> None:
         lin.weight.data.mul_(s.to(lin.weight.dtype)[None, :])
 
 
+def _output_change(ctx, before: torch.Tensor) -> float:
+    """Relative change of the layer output on its first sample since `before` (a fold must keep it)."""
+    after = ctx.run([ctx.inputs[0][:1]])[0]
+    return float((after.float() - before.float()).norm() / before.float().norm().clamp(min=1e-30))
+
+
 PRE_SCALE_ATTR = "qtool_pre_scale"  # set on a linear whose input is multiplied by it before quantization
 
 
@@ -191,8 +197,7 @@ def apply_pre_scale(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None
         lin = layer.get_submodule(n)
         lin.weight.data.copy_((lin.weight.data.float() / p[None, :].to(lin.weight.device)).to(lin.weight.dtype))
         hooks.append(lin.register_forward_pre_hook(lambda m, inp, p=p: (inp[0] * p.to(inp[0].device, inp[0].dtype), *inp[1:])))
-    after = ctx.run([ctx.inputs[0][:1]])[0]
-    err = float((after.float() - before.float()).norm() / before.float().norm().clamp(min=1e-30))
+    err = _output_change(ctx, before)
     if not err <= tol:
         for h in hooks:
             h.remove()
@@ -316,8 +321,7 @@ def apply(ctx, pair: Pair, s: torch.Tensor, check: torch.Tensor | None = None, t
     saved_prev = _params(prev)
     applied = fold(layer, pair, 1.0 / s.float())
     scale_columns(layer, pair.group, 1.0 / applied)
-    after = ctx.run([x])[0]
-    err = float((after.float() - before.float()).norm() / before.float().norm().clamp(min=1e-30))
+    err = _output_change(ctx, before)
     if not err <= tol:
         _restore(prev, saved_prev)
         for n, p in saved.items():
