@@ -111,3 +111,13 @@ def test_console_script_exit_code(tmp_path):
     """The installed entry point, as a user runs it."""
     r = subprocess.run([sys.executable, "-m", "quantize_cli", "inspect", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: path not found") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "smoothquant-gptq"])
+def test_smoothing_methods_refuse_weight_only_schemes_up_front(cli, tiny_models, tmp_path, method):
+    """SmoothQuant's migration needs quantized activations: a weight-only scheme is refused before any
+    work (one line, exit 2), so no work directory or output is left behind."""
+    out = tmp_path / "q"
+    r = cli("quantize", tiny_models("llama"), "--scheme", "w4a16", "--method", method, "--format", "qtool", "--out", out, "--samples", "2", "--seqlen", "32")
+    assert r.code == 2 and f"method {method} with scheme w4a16" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

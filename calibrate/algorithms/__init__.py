@@ -37,10 +37,12 @@ class Method:
     group_fn: Callable | None = None
     block_scales: bool = True  # can produce 2-D block-scaled weights (fp8-block)
     stats_when: dict = field(default_factory=dict)  # option name -> statistics needed when that option is on
+    quantized_acts: bool = False  # only for schemes that quantize activations (SmoothQuant's migration)
 
     def accepts(self, scheme) -> bool:
-        """Whether this method can produce the scheme's weights."""
-        return scheme.weight_dtype in self.weight_dtypes and (self.block_scales or scheme.block is None)
+        """Whether this method can produce the scheme's weights (and, if it needs them, quantized activations)."""
+        return (scheme.weight_dtype in self.weight_dtypes and (self.block_scales or scheme.block is None)
+                and (not self.quantized_acts or scheme.act_kind != "none"))
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, stats: dict) -> tuple[QTensor, str]:
         return self.fn(weight, spec, stats, **self.options)
@@ -98,9 +100,11 @@ METHODS: dict[str, Method] = {
                "AWQ scales folded into the preceding op, then GPTQ on the scaled weights (LLM Compressor's AWQ + GPTQ recipe)",
                _awq_gptq_prepare, _prepared_gptq_group),
         Method("smoothquant", (), ("int",), smoothquant.quantize, {"alpha": None, "fold_linear": True},
-               "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare),
+               "SmoothQuant: activation outliers migrated into the weights (w8a8-int8, w8a8-int8-static)", smoothquant.prepare,
+               quantized_acts=True),
         Method("smoothquant-gptq", ("hessian",), ("int",), _prepared_gptq, {"alpha": None, "fold_linear": True, "mse_clip": True},
-               "SmoothQuant's migration, then GPTQ on the smoothed weights with Hessians of the smoothed inputs", smoothquant.prepare, _prepared_gptq_group),
+               "SmoothQuant's migration, then GPTQ on the smoothed weights with Hessians of the smoothed inputs", smoothquant.prepare, _prepared_gptq_group,
+               quantized_acts=True),
         Method("fp8", (), ("fp8_e4m3",), _rtn, description="FP8 E4M3 weights with absmax scales (per tensor, channel or 128x128 block)"),
         Method("nvfp4", (), ("e2m1",), fpscale.quantize_nvfp4, {"scale_search": True}, "NVFP4 with a per-block E4M3 scale search",
                group_fn=fpscale.quantize_nvfp4_group),
@@ -161,4 +165,5 @@ def get_method(name: str, **options) -> Method:
             raise QtoolError(f"--option {k}={v}: expected {type(d).__name__}")
     options = {**m.options, **options}
     stats = m.stats + tuple(st for k, extra in m.stats_when.items() if options.get(k) for st in extra if st not in m.stats)
-    return Method(m.name, stats, m.weight_dtypes, m.fn, options, m.description, m.prepare, m.group_fn, m.block_scales, m.stats_when)
+    return Method(m.name, stats, m.weight_dtypes, m.fn, options, m.description, m.prepare, m.group_fn, m.block_scales, m.stats_when,
+                  m.quantized_acts)
