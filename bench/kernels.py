@@ -194,6 +194,8 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
                 note = f"  err {rel:.1e}"
                 if path == "dot4":
                     note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
+                if path == "gemv16":
+                    note += f"  (packed-fp16 PTX {'on' if weight_only._h2_ok(xs.device) else 'off: ' + weight_only._H2_OK.get('why', '')})"
             pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
             te = time_calls(pf)
             t = time_graph(pf)
@@ -296,8 +298,25 @@ def main():
             for r in [r for r in rows if r["shape"] == sname and r["m"] == m]:
                 print(f"  {r['kernel']:<22} {sname:<8} M={m:<5} {r['us']:9.1f} us  x{r['ratio']:5.2f} bf16  "
                       f"{r['gbs']:7.0f} GB/s  {100 * r['peak_share']:5.1f}% peak | eager {r['us_eager']:8.1f} us x{r['ratio_eager']:5.2f}", flush=True)
+            for name in ("fp8-rowwise", "fp8-tensor"):  # without fast accumulation, and the activation quantizer alone
+                if name in preps and m >= 128:
+                    copies, wbytes, qt, fn = preps[name]
+                    try:
+                        from runtime.kernels import act_quant
+
+                        st0 = copies[0].state
+                        sst = st0.act_static
+                        for label, fns in ((f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
+                                           (f"{name}[act quant]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst)])):
+                            t = time_graph(fns)
+                            rows.append(dict(kernel=label, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
+                                             peak_share=(wbytes + io) / t / peak, us_eager=t * 1e6, ratio_eager=e_bf / t))
+                            print(f"  {label:<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
+                    except Exception as e:
+                        print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16 else ("tiled", "dequant") if m >= 128 else ()
+                paths = (("gemv16", "gemv16-sep", "gemv") if m == 1 else ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16
+                         else ("tiled", "dequant") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=m <= 16)
         del preps, bf16_copies
         torch.cuda.empty_cache()

@@ -202,6 +202,39 @@ def test_gemv_uniform_block_path(bits, group, uniform):
         assert rel_err(y, ref_linear(x, qt)) < 1e-2
 
 
+@pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, False, False), (256, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
+    """The M = 1 default for int4 weights with one group per 128-channel block: x scaled by a power of two
+    from the program's largest |x| (so that fp16 products stay finite) and rounded to fp16, codes minus
+    zero point times x summed per word, the group scale once per word. Under the interpreter the
+    plain-Triton twin of the inline-PTX decode runs (the PTX one is checked against it on the GPU).
+    Split-K partials are summed by the last program of each tile (counters reset for the next call) or
+    by a second kernel; both equal one pass. Activations far outside fp16's range stay exact."""
+    n, k = 40, 1024
+    qt = int_qt(n, k, 4, group, sym, act_order)
+    st = kernels.prepare(qt).state
+    assert weight_only.gemv16_fits(st, x_of(1, k).to(dtype))
+    ref_w = qt.dequantize(torch.float32)
+    big = 600.0 if dtype == torch.float16 else 1e6  # 8 * 15 * big passes fp16's range; 1e-6 * x is below its normal range
+    for scale in (1.0, big, 1e-6):
+        x = (x_of(1, k).float() * scale).to(dtype)
+        ref = x.float() @ ref_w.t()
+        y = weight_only.matmul(x, st)  # the default M = 1 path
+        assert y.dtype == dtype and rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+        for sk, fused in ((1, True), (2, True), (8, True), (4, False)) if scale == 1.0 else ():
+            for _ in range(2):  # the second call finds the counters reset
+                y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused)
+                assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+    if st.perm is None:
+        assert int(st._counters.abs().sum()) == 0
+    # no inline PTX under the interpreter: the self-check says so
+    assert weight_only._h2_ok(torch.device("cpu")) is False
+    # 32-channel groups and 8-bit weights take the fp32 GEMV
+    assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
+    assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
+
+
 @pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, True, False), (256, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t"])

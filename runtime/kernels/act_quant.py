@@ -12,6 +12,8 @@ import triton.language as tl
 
 from qtensor import numerics as nm
 
+from . import tuning
+
 
 @triton.jit
 def _round_half_even(v):
@@ -37,7 +39,7 @@ def _e4m3_round(v):
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, sstat_ptr, off_ptr, K, stride_xm, stride_qm, n_groups,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr,
-    HAS_OFF: tl.constexpr, QMAX: tl.constexpr,
+    HAS_OFF: tl.constexpr, QMAX: tl.constexpr, NATIVE: tl.constexpr,
 ):
     row = tl.program_id(0)
     grp = tl.program_id(1)
@@ -57,7 +59,11 @@ def _act_quant_kernel(
             v = v + tl.load(off_ptr).to(tl.float32)
         q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
     else:
-        q = _e4m3_round(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(q_ptr.dtype.element_ty)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if NATIVE:  # the GPU's conversion (round to nearest even, as _e4m3_round)
+            q = v.to(q_ptr.dtype.element_ty)
+        else:
+            q = _e4m3_round(v).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
 
 
@@ -76,7 +82,7 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     _act_quant_kernel[(m, ng)](
         x2, q, s, s, offset.reshape(1) if offset is not None else s, k, x2.stride(0), q.stride(0), ng,
         GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
-        QMAX=127.0 if is_int else nm.FP8_MAX, num_warps=8 if block >= 4096 else 4,
+        QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(), num_warps=8 if block >= 4096 else 4,
     )
     return q, s
 

@@ -4,6 +4,7 @@ activations) through one Triton scaled-GEMM kernel; activations quantized by act
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -159,8 +160,14 @@ def prepare(qt: QTensor) -> W8A8State | None:
     return None
 
 
+# FP8 _scaled_mm with Hopper's fast accumulation (the tensor cores' own accumulator, promoted less often; what
+# vLLM's and TensorRT-LLM's FP8 GEMMs use for inference). QTOOL_FP8_FAST_ACCUM=0: promote every k-block.
+FP8_FAST_ACCUM = os.environ.get("QTOOL_FP8_FAST_ACCUM", "1") == "1"
+
+
 def matmul(x: torch.Tensor, st: W8A8State, path: str | None = None) -> torch.Tensor:
-    """path: None (default), 'int_mm' (INT8 through torch._int_mm, M > 16), 'triton' (FP8 through the Triton kernel)."""
+    """path: None (default), 'int_mm' (INT8 through torch._int_mm, M > 16), 'triton' (FP8 through the Triton kernel),
+    'precise' (FP8 _scaled_mm without fast accumulation)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -179,7 +186,8 @@ def matmul(x: torch.Tensor, st: W8A8State, path: str | None = None) -> torch.Ten
                 sb = sb.reshape(1, -1).expand(1, st.n).contiguous()
             else:
                 sa, sb = sa.reshape(()), sb.reshape(())
-            y = torch._scaled_mm(xq, st.w.t(), scale_a=sa, scale_b=sb, out_dtype=x2.dtype)
+            fast = FP8_FAST_ACCUM if path != "precise" else False
+            y = torch._scaled_mm(xq, st.w.t(), scale_a=sa, scale_b=sb, out_dtype=x2.dtype, use_fast_accum=fast)
     else:
         xq, sx = act_quant.quantize(x2, "int8", static_scale=st.act_static, offset=st.act_offset)
         if path == "int_mm":

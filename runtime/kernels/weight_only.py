@@ -356,6 +356,147 @@ def _wo_gemv_uniform_kernel(
         tl.store(optrs + pid_k * stride_ok, y, mask=mask_n)
 
 
+# ---- int4 GEMV in packed fp16 arithmetic (M = 1) ---------------------------------------------------
+# The fp32 GEMV above spends four CUDA-core instructions per weight and is instruction-bound at M = 1.
+# Here one word (eight codes of one column: slots i and i + 4 share a half-word position) is decoded
+# two codes per instruction into fp16 pairs, exactly (Marlin's trick): lop3 (w & 0x000F000F) | 0x6400
+# gives (1024 + q) in each half, one HSUB2 takes 1024 + z off; the 0x00F0 nibbles give 1024 + 16 q and
+# one HFMA2 (x 1/16, - 64 - z) gives q - z. Four HFMA2 multiply the pairs by x pairs (x_i, x_i+4) and
+# one fp32 add joins the two halves: about two instructions per weight. The group scale is applied
+# once per word in fp32 (one group per 128-channel block: `uniform` weights). x is multiplied by a
+# power of two (from the program's largest |x|) so that every fp16 product and partial sum stays
+# under 2^15: products keep fp16's 11-bit precision, sums leave the word in fp32.
+
+_H2_ASM = """{
+    .reg .b32 a, b, t, p, c;
+    .reg .f16 h0, h1;
+    .reg .f32 f0, f1;
+    mov.b32 c, 0x2C002C00;
+    lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+    sub.f16x2 a, a, $6;
+    mul.f16x2 p, a, $2;
+    lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 b, b, c, $7;
+    fma.rn.f16x2 p, b, $3, p;
+    shr.u32 t, $1, 8;
+    lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
+    sub.f16x2 a, a, $6;
+    fma.rn.f16x2 p, a, $4, p;
+    lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 b, b, c, $7;
+    fma.rn.f16x2 p, b, $5, p;
+    mov.b32 {h0, h1}, p;
+    cvt.f32.f16 f0, h0;
+    cvt.f32.f16 f1, h1;
+    add.f32 $0, f0, f1;
+}"""
+
+
+@triton.jit
+def _h2_pack(xa, xb):
+    """Two fp32 tensors (in fp16 range) as one int32 of fp16 halves: xa low, xb high."""
+    lo = xa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = xb.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _h2_x(xrow, perm_ptr, kk, mu, up, HAS_PERM: tl.constexpr):
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
+    xv = tl.load(xrow + kk, mask=mu[:, None], other=0.0).to(tl.float32) * up
+    return xv.to(tl.float16).to(tl.float32)  # the value the fp16 pair holds
+
+
+@triton.jit
+def _wo_gemv16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+    N, K, stride_xm, stride_om, stride_ok,
+    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_u = tl.arange(0, KU)
+    mask_n = offs_n < N
+    nblk = K // 128
+    per_split = tl.cdiv(nblk, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, nblk)
+    xrow = x_ptr + row * stride_xm
+    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256
+    amax = tl.zeros((XB,), dtype=tl.float32)
+    for c in range(b0 * 128, b1 * 128, XB):
+        kk = c + tl.arange(0, XB)
+        mk = kk < b1 * 128
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk, mask=mk, other=0)
+        amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
+    eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
+    up = (tl.minimum(tl.maximum(261 - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
+    acc = tl.zeros((KU, 16, BN), dtype=tl.float32)
+    for b in range(b0, b1, KU):
+        ub = b + offs_u
+        mu = ub < b1
+        wrow = ub[:, None] * 16 + offs_r[None, :]
+        words = tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=mu[:, None, None] & mask_n[None, None, :], other=0)
+        kb = ub[:, None] * 128 + offs_r[None, :]  # [KU, 16]: the channel of slot 0
+        x0 = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM)
+        x1 = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM)
+        x2 = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM)
+        x3 = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM)
+        x4 = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM)
+        x5 = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM)
+        x6 = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM)
+        x7 = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM)
+        g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
+        m2 = mu[:, None] & mask_n[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.int32)
+        else:
+            z = tl.full((KU, BN), 8, tl.int32)
+        if PTX:
+            zlo = 0x6400 | z  # fp16 1024 + z
+            zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
+            shape: tl.constexpr = (KU, 16, BN)
+            part = tl.inline_asm_elementwise(
+                asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r",
+                args=[words,
+                      tl.broadcast_to(_h2_pack(x0, x4)[:, :, None], shape), tl.broadcast_to(_h2_pack(x1, x5)[:, :, None], shape),
+                      tl.broadcast_to(_h2_pack(x2, x6)[:, :, None], shape), tl.broadcast_to(_h2_pack(x3, x7)[:, :, None], shape),
+                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], shape), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], shape)],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
+            zf = z.to(tl.float32)[:, None, :]
+            part = (((words & 15).to(tl.float32) - zf) * x0[:, :, None] + (((words >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
+                    + (((words >> 8) & 15).to(tl.float32) - zf) * x2[:, :, None] + (((words >> 12) & 15).to(tl.float32) - zf) * x3[:, :, None]
+                    + (((words >> 16) & 15).to(tl.float32) - zf) * x4[:, :, None] + (((words >> 20) & 15).to(tl.float32) - zf) * x5[:, :, None]
+                    + (((words >> 24) & 15).to(tl.float32) - zf) * x6[:, :, None] + (((words >> 28) & 15).to(tl.float32) - zf) * x7[:, :, None])
+        acc += part * s[:, None, :]
+    y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
+    optrs = out_ptr + row * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:  # fp32 partial sums [SPLIT_K, M, N]
+        pptr = part_ptr + row * N + offs_n
+        tl.store(pptr + pid_k * stride_ok, y, mask=mask_n)
+        if FUSED_REDUCE:  # the last program of this (row, column tile) to finish sums them, then resets the counter
+            tl.debug_barrier()  # every thread's partial stored before the count goes up
+            tile = row * tl.num_programs(1) + pid_n
+            done = tl.atomic_add(cnt_ptr + tile, 1)  # acq_rel, gpu scope
+            if done == SPLIT_K - 1:
+                tot = tl.zeros((BN,), dtype=tl.float32)
+                for i in tl.static_range(SPLIT_K):
+                    tot += tl.load(pptr + i * stride_ok, mask=mask_n, other=0.0, cache_modifier=".cg")
+                tl.store(optrs, tot.to(out_ptr.dtype.element_ty), mask=mask_n)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+        # else: _splitk_reduce sums them (a second kernel)
+
+
 # ---- int4 through tensor cores, M <= 16 ----------------------------------------------------------
 # A code becomes a 16-bit float by one OR with a magic exponent, exactly: bf16 0x4300 | q = 128 + q, fp16
 # 0x6400 | q = 1024 + q. Each 16-channel slot is one tl.dot of x [BM, 16] with (MAGIC + q) [16, BN], fp32
@@ -629,6 +770,85 @@ def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
     return out
 
 
+GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w in [
+    (32, 1, 4, 4), (32, 2, 4, 4), (32, 4, 2, 4), (32, 8, 2, 4), (64, 1, 2, 4), (64, 2, 2, 4), (64, 4, 2, 4),
+    (64, 8, 1, 4), (64, 2, 4, 4), (64, 4, 4, 8), (128, 1, 2, 4), (128, 2, 2, 4), (128, 4, 2, 8), (128, 8, 1, 4),
+    (128, 4, 1, 4), (256, 2, 1, 8), (256, 4, 1, 8), (16, 1, 8, 2), (16, 2, 4, 2), (32, 16, 1, 4),
+]]
+# the packed-fp16 GEMV for M = 1 (QTOOL_GEMV16=0 keeps the fp32 one); split-K partials summed by the last
+# program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
+GEMV16_DEFAULT = os.environ.get("QTOOL_GEMV16", "1") == "1"
+FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
+
+
+def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
+    """The packed-fp16 GEMV: 4-bit int weights whose 128-channel blocks each lie in one group."""
+    return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor:
+    """Per-weight tile counters of the fused split-K reduction: zero between calls (the last program resets)."""
+    c = getattr(st, "_counters", None)
+    if c is None or c.numel() < n or c.device != device:
+        c = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        st._counters = c
+    return c
+
+
+def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True) -> torch.Tensor:
+    m = x2.shape[0]
+    sk, bn = cfg["SPLIT_K"], cfg["BN"]
+    tiles = triton.cdiv(st.n, bn)
+    out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    part = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
+    fused = fused and sk > 1
+    cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
+    _wo_gemv16_kernel[(m, tiles, sk)](
+        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
+        out, part, cnt, st.n, st.k, x2.stride(0), st.n, m * st.n,
+        HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
+        BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=cfg.get("XB", 256), num_warps=cfg.get("num_warps", 4),
+    )
+    if sk > 1 and not fused:
+        total = m * st.n
+        _splitk_reduce[(triton.cdiv(total, 1024),)](part, out, total, SK=sk, BLOCK=1024, num_warps=4)
+    return out
+
+
+_H2_OK: dict = {}
+
+
+def _h2_ok(device: torch.device) -> bool:
+    """Once per device: the inline-PTX packed-fp16 GEMV compiles and agrees with its plain-Triton twin
+    (fp32 products of the same fp16 x) to 1e-3; else the fp32 GEMV runs."""
+    key = (device.type, device.index)
+    if key not in _H2_OK:
+        _H2_OK[key] = False
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            for zero in (False, True):
+                codes = torch.randint(0, 16, (96, 512), generator=g, dtype=torch.uint8)
+                zeros = torch.randint(0, 16, (96, 4), generator=g, dtype=torch.uint8) if zero else None
+                if not zero:
+                    codes = codes.to(torch.int8) - 8
+                sc = (torch.rand(96, 4, generator=g) + 0.5).half()
+                st = prepare(QTensor("int", 4, codes.to(device), sc.to(device), None if zeros is None else zeros.to(device), 128))
+                for dt in (torch.bfloat16, torch.float16):
+                    x = (torch.randn(1, 512, generator=g) * 30).to(device=device, dtype=dt)
+                    cfg = dict(BN=32, SPLIT_K=2, KU=2)
+                    a, b = _launch_gemv16(x, st, cfg, True).float(), _launch_gemv16(x, st, cfg, False).float()
+                    err = float((a - b).norm() / b.norm())
+                    if not err < 1e-3:
+                        _H2_OK["why"] = f"differs from the plain-Triton twin by {err:.2e} (zero point {zero}, {dt})"
+                        return False
+            _H2_OK[key] = True
+        except Exception as e:  # noqa: BLE001 - no inline PTX on this device / Triton: the fp32 GEMV runs
+            text = " ".join(str(e).split())
+            _H2_OK["why"] = f"{type(e).__name__}: {text[-1500:]}"
+            return False
+    return _H2_OK[key]
+
+
 def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """The tensor-core int4 path: 4-bit int weights whose 128-channel blocks each lie in one group."""
     return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
@@ -731,18 +951,25 @@ def _key(st: WeightOnlyState, path: str, m: int):
 
 
 def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> torch.Tensor:
-    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces dot4 | dot4-plain | gemv | small | tiled | dequant."""
+    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces gemv16 | gemv16-plain | gemv16-sep | dot4 | dot4-plain |
+    gemv | small | tiled | dequant."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path is None:
-        if 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
+        if m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (tuning.interpreting() or _h2_ok(x2.device)):
+            path = "gemv16"
+        elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("dot4", "dot4-plain", "tc4", "tc4t"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep"):
+        ptx = path != "gemv16-plain" and not tuning.interpreting()
+        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE)  # noqa: E731
+        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k)))
+    elif path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=_dot4_default(st.n)))
@@ -763,6 +990,13 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         cfg = tuning.pick(_key(st, path, m), configs, run, default=_default(path, st.n))
         y = run(cfg)
     return y.reshape(*shape[:-1], st.n)
+
+
+def _gemv16_default(n: int, k: int) -> dict:
+    """Untuned packed-fp16 GEMV config (not yet measured on a GPU). The interpreter keeps small tiles."""
+    if tuning.interpreting():
+        return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
+    return dict(BN=64, SPLIT_K=4 if n * k <= 64 << 20 else 2, KU=2, num_warps=4)
 
 
 def _dot4_default(n: int) -> dict:
