@@ -105,10 +105,12 @@ def test_nvfp4_activation_fake_quant_matches_reference():
     assert torch.equal(y, fake_quant_act(x, act))
 
 
-@pytest.mark.parametrize("dtype,static,group", [("int8", False, 0), ("int8", True, 0), ("fp8_e4m3", False, 0),
-                                                ("fp8_e4m3", False, 128), ("fp8_e4m3", True, 0)])
-def test_act_quant_codes_exact(dtype, static, group):
-    x = x_of(6, 256) * 4
+@pytest.mark.parametrize("dtype,static,group,k", [("int8", False, 0, 256), ("int8", True, 0, 256), ("fp8_e4m3", False, 0, 256),
+                                                  ("fp8_e4m3", False, 128, 256), ("fp8_e4m3", True, 0, 256),
+                                                  ("int8", False, 0, 4096 + 272), ("fp8_e4m3", False, 0, 8192 + 16)])
+def test_act_quant_codes_exact(dtype, static, group, k):
+    """Per token, per group and static scales; rows wider than the kernel's 4096-wide block are read in chunks."""
+    x = x_of(6, k) * 4
     x[0, 3] = 0.5 * 127 / 127  # a value on a rounding tie for some scales
     sc = torch.tensor([0.03]) if static else None
     off = torch.tensor([3.0]) if static and dtype == "int8" else None

@@ -41,30 +41,38 @@ def _act_quant_kernel(
     GROUP: tl.constexpr, BLOCK: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr,
     HAS_OFF: tl.constexpr, QMAX: tl.constexpr, NATIVE: tl.constexpr,
 ):
+    """One (row, group) per program; a group wider than BLOCK (per token with K > BLOCK) is read twice:
+    once for its amax, once to quantize (the second read mostly from L2)."""
     row = tl.program_id(0)
     grp = tl.program_id(1)
-    offs = grp * GROUP + tl.arange(0, BLOCK)
-    mask = (tl.arange(0, BLOCK) < GROUP) & (offs < K)
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    g0 = grp * GROUP
     if STATIC:
         s = tl.load(sstat_ptr).to(tl.float32)
     else:
-        amax = tl.max(tl.abs(x), axis=0)
-        s = tl.maximum(tl.div_rn(amax, QMAX), 1e-12)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in tl.static_range(0, GROUP, BLOCK):
+            offs = g0 + c + tl.arange(0, BLOCK)
+            mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)))
+        s = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
         tl.store(s_ptr + row * n_groups + grp, s)
-    v = tl.div_rn(x, s)
-    if IS_INT:
-        v = _round_half_even(v)
-        if HAS_OFF:
-            v = v + tl.load(off_ptr).to(tl.float32)
-        q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
-    else:
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if NATIVE:  # the GPU's conversion (round to nearest even, as _e4m3_round)
-            q = v.to(q_ptr.dtype.element_ty)
+    for c in tl.static_range(0, GROUP, BLOCK):
+        offs = g0 + c + tl.arange(0, BLOCK)
+        mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.div_rn(x, s)
+        if IS_INT:
+            v = _round_half_even(v)
+            if HAS_OFF:
+                v = v + tl.load(off_ptr).to(tl.float32)
+            q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
         else:
-            q = _e4m3_round(v).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            if NATIVE:  # the GPU's conversion (round to nearest even, as _e4m3_round)
+                q = v.to(q_ptr.dtype.element_ty)
+            else:
+                q = _e4m3_round(v).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
 
 
 def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
@@ -78,7 +86,7 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     ng = triton.cdiv(k, gsz)
     static = static_scale is not None
     s = torch.empty((m, ng), dtype=torch.float32, device=x2.device) if not static else static_scale.float().reshape(1)
-    block = triton.next_power_of_2(gsz)
+    block = min(triton.next_power_of_2(gsz), 4096)
     _act_quant_kernel[(m, ng)](
         x2, q, s, s, offset.reshape(1) if offset is not None else s, k, x2.stride(0), q.stride(0), ng,
         GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,

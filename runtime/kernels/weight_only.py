@@ -367,7 +367,7 @@ def _wo_gemv_uniform_kernel(
 # power of two (from the program's largest |x|) so that every fp16 product and partial sum stays
 # under 2^15: products keep fp16's 11-bit precision, sums leave the word in fp32.
 
-_H2_ASM = """{
+_H2_ASM = tl.constexpr("""{
     .reg .b32 a, b, t, p, c;
     .reg .f16 h0, h1;
     .reg .f32 f0, f1;
@@ -389,7 +389,7 @@ _H2_ASM = """{
     cvt.f32.f16 f0, h0;
     cvt.f32.f16 f1, h1;
     add.f32 $0, f0, f1;
-}"""
+}""")
 
 
 @triton.jit
@@ -462,13 +462,12 @@ def _wo_gemv16_kernel(
         if PTX:
             zlo = 0x6400 | z  # fp16 1024 + z
             zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
-            shape: tl.constexpr = (KU, 16, BN)
             part = tl.inline_asm_elementwise(
                 asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r",
                 args=[words,
-                      tl.broadcast_to(_h2_pack(x0, x4)[:, :, None], shape), tl.broadcast_to(_h2_pack(x1, x5)[:, :, None], shape),
-                      tl.broadcast_to(_h2_pack(x2, x6)[:, :, None], shape), tl.broadcast_to(_h2_pack(x3, x7)[:, :, None], shape),
-                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], shape), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], shape)],
+                      tl.broadcast_to(_h2_pack(x0, x4)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x1, x5)[:, :, None], (KU, 16, BN)),
+                      tl.broadcast_to(_h2_pack(x2, x6)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x3, x7)[:, :, None], (KU, 16, BN)),
+                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], (KU, 16, BN)), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], (KU, 16, BN))],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
             zf = z.to(tl.float32)[:, None, :]
