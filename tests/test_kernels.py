@@ -226,7 +226,7 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
         assert y.dtype == dtype and rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
         for sk, fused in ((1, True), (2, True), (8, True), (4, False)) if scale == 1.0 else ():
             for _ in range(2):  # the second call finds the counters reset
-                y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused)
+                y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, prefetch=sk != 2)
                 assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
     if st.perm is None:
         assert int(st._counters.abs().sum()) == 0

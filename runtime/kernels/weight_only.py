@@ -393,19 +393,33 @@ _H2_ASM = tl.constexpr("""{
 
 
 @triton.jit
-def _h2_pack(xa, xb):
-    """Two fp32 tensors (in fp16 range) as one int32 of fp16 halves: xa low, xb high."""
+def _h2_pack(xa, xb, PTX: tl.constexpr):
+    """Two fp32 tensors (in fp16 range) as one int32 of fp16 halves, rounded to nearest: xa low, xb high."""
+    if PTX:  # one instruction for both
+        return tl.inline_asm_elementwise(asm="cvt.rn.f16x2.f32 $0, $2, $1;", constraints="=r,r,r", args=[xa, xb],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     lo = xa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi = xb.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
     return lo | (hi << 16)
 
 
 @triton.jit
-def _h2_x(xrow, perm_ptr, kk, mu, up, HAS_PERM: tl.constexpr):
+def _h2_x(xrow, perm_ptr, kk, mu, up, HAS_PERM: tl.constexpr, PTX: tl.constexpr):
+    """x at channels kk times the prescale (fp32); without PTX rounded to the value its fp16 half will hold."""
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
     xv = tl.load(xrow + kk, mask=mu[:, None], other=0.0).to(tl.float32) * up
-    return xv.to(tl.float16).to(tl.float32)  # the value the fp16 pair holds
+    if not PTX:
+        xv = xv.to(tl.float16).to(tl.float32)
+    return xv
+
+
+@triton.jit
+def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N):
+    ub = b + offs_u
+    mu = ub < b1
+    wrow = ub[:, None] * 16 + offs_r[None, :]
+    return tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=mu[:, None, None] & mask_n[None, None, :], other=0)
 
 
 @triton.jit
@@ -413,7 +427,7 @@ def _wo_gemv16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-    BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr,
+    BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -427,7 +441,10 @@ def _wo_gemv16_kernel(
     b0 = pid_k * per_split
     b1 = tl.minimum(b0 + per_split, nblk)
     xrow = x_ptr + row * stride_xm
-    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256
+    if PREFETCH:  # the first words in flight while x is scanned
+        words = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
+    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256 (XB: the launcher sizes
+    # it to the program's whole range up to 4096, so that this is one load)
     amax = tl.zeros((XB,), dtype=tl.float32)
     for c in range(b0 * 128, b1 * 128, XB):
         kk = c + tl.arange(0, XB)
@@ -441,17 +458,20 @@ def _wo_gemv16_kernel(
     for b in range(b0, b1, KU):
         ub = b + offs_u
         mu = ub < b1
-        wrow = ub[:, None] * 16 + offs_r[None, :]
-        words = tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=mu[:, None, None] & mask_n[None, None, :], other=0)
+        if PREFETCH:  # the next step's words in flight during this step's arithmetic
+            cur = words
+            words = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+        else:
+            cur = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
         kb = ub[:, None] * 128 + offs_r[None, :]  # [KU, 16]: the channel of slot 0
-        x0 = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM)
-        x1 = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM)
-        x2 = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM)
-        x3 = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM)
-        x4 = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM)
-        x5 = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM)
-        x6 = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM)
-        x7 = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM)
+        x0 = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM, PTX)
+        x1 = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM, PTX)
+        x2 = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM, PTX)
+        x3 = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM, PTX)
+        x4 = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM, PTX)
+        x5 = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM, PTX)
+        x6 = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM, PTX)
+        x7 = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM, PTX)
         g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
         m2 = mu[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -464,17 +484,17 @@ def _wo_gemv16_kernel(
             zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
             part = tl.inline_asm_elementwise(
                 asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r",
-                args=[words,
-                      tl.broadcast_to(_h2_pack(x0, x4)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x1, x5)[:, :, None], (KU, 16, BN)),
-                      tl.broadcast_to(_h2_pack(x2, x6)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x3, x7)[:, :, None], (KU, 16, BN)),
+                args=[cur,
+                      tl.broadcast_to(_h2_pack(x0, x4, PTX)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x1, x5, PTX)[:, :, None], (KU, 16, BN)),
+                      tl.broadcast_to(_h2_pack(x2, x6, PTX)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x3, x7, PTX)[:, :, None], (KU, 16, BN)),
                       tl.broadcast_to((zlo | (zlo << 16))[:, None, :], (KU, 16, BN)), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], (KU, 16, BN))],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
             zf = z.to(tl.float32)[:, None, :]
-            part = (((words & 15).to(tl.float32) - zf) * x0[:, :, None] + (((words >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
-                    + (((words >> 8) & 15).to(tl.float32) - zf) * x2[:, :, None] + (((words >> 12) & 15).to(tl.float32) - zf) * x3[:, :, None]
-                    + (((words >> 16) & 15).to(tl.float32) - zf) * x4[:, :, None] + (((words >> 20) & 15).to(tl.float32) - zf) * x5[:, :, None]
-                    + (((words >> 24) & 15).to(tl.float32) - zf) * x6[:, :, None] + (((words >> 28) & 15).to(tl.float32) - zf) * x7[:, :, None])
+            part = (((cur & 15).to(tl.float32) - zf) * x0[:, :, None] + (((cur >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
+                    + (((cur >> 8) & 15).to(tl.float32) - zf) * x2[:, :, None] + (((cur >> 12) & 15).to(tl.float32) - zf) * x3[:, :, None]
+                    + (((cur >> 16) & 15).to(tl.float32) - zf) * x4[:, :, None] + (((cur >> 20) & 15).to(tl.float32) - zf) * x5[:, :, None]
+                    + (((cur >> 24) & 15).to(tl.float32) - zf) * x6[:, :, None] + (((cur >> 28) & 15).to(tl.float32) - zf) * x7[:, :, None])
         acc += part * s[:, None, :]
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
     optrs = out_ptr + row * stride_om + offs_n
@@ -773,6 +793,7 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
     (32, 1, 4, 4), (32, 2, 4, 4), (32, 4, 2, 4), (32, 8, 2, 4), (64, 1, 2, 4), (64, 2, 2, 4), (64, 4, 2, 4),
     (64, 8, 1, 4), (64, 2, 4, 4), (64, 4, 4, 8), (128, 1, 2, 4), (128, 2, 2, 4), (128, 4, 2, 8), (128, 8, 1, 4),
     (128, 4, 1, 4), (256, 2, 1, 8), (256, 4, 1, 8), (16, 1, 8, 2), (16, 2, 4, 2), (32, 16, 1, 4),
+    (256, 8, 1, 4), (256, 16, 1, 4), (512, 8, 1, 4), (512, 16, 1, 8), (256, 4, 2, 4), (512, 4, 1, 4),
 ]]
 # the packed-fp16 GEMV for M = 1 (QTOOL_GEMV16=0 keeps the fp32 one); split-K partials summed by the last
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
@@ -794,7 +815,7 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
     return c
 
 
-def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True) -> torch.Tensor:
+def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = triton.cdiv(st.n, bn)
@@ -806,7 +827,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
         out, part, cnt, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
-        BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=cfg.get("XB", 256), num_warps=cfg.get("num_warps", 4),
+        BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
+        PREFETCH=prefetch, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -819,7 +841,7 @@ _H2_OK: dict = {}
 
 def _h2_ok(device: torch.device) -> bool:
     """Once per device: the inline-PTX packed-fp16 GEMV compiles and agrees with its plain-Triton twin
-    (fp32 products of the same fp16 x) to 1e-3; else the fp32 GEMV runs."""
+    (fp32 products of the same fp16 x) to 4e-3; else the fp32 GEMV runs."""
     key = (device.type, device.index)
     if key not in _H2_OK:
         _H2_OK[key] = False
@@ -837,7 +859,7 @@ def _h2_ok(device: torch.device) -> bool:
                     cfg = dict(BN=32, SPLIT_K=2, KU=2)
                     a, b = _launch_gemv16(x, st, cfg, True).float(), _launch_gemv16(x, st, cfg, False).float()
                     err = float((a - b).norm() / b.norm())
-                    if not err < 1e-3:
+                    if not err < 4e-3:  # fp16 products: about 1e-3 on an H100
                         _H2_OK["why"] = f"differs from the plain-Triton twin by {err:.2e} (zero point {zero}, {dt})"
                         return False
             _H2_OK[key] = True
@@ -964,9 +986,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
-        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE)  # noqa: E731
+        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE, prefetch=path != "gemv16-nopf")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k)))
     elif path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
