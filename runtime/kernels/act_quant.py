@@ -76,7 +76,7 @@ def _act_quant_kernel(
 
 
 def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             offset: torch.Tensor | None = None, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes [M, K] int8 / float8_e4m3fn, scales fp32 [M, K/group] or [M, 1]; the static scale
     as given when static). group 0 = one scale per token."""
     m, k = x2.shape
@@ -86,11 +86,11 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     ng = triton.cdiv(k, gsz)
     static = static_scale is not None
     s = torch.empty((m, ng), dtype=torch.float32, device=x2.device) if not static else static_scale.float().reshape(1)
-    block = min(triton.next_power_of_2(gsz), 4096)
+    block = min(triton.next_power_of_2(gsz), block)
     _act_quant_kernel[(m, ng)](
         x2, q, s, s, offset.reshape(1) if offset is not None else s, k, x2.stride(0), q.stride(0), ng,
         GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
-        QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(), num_warps=8 if block >= 4096 else 4,
+        QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(), num_warps=min(16, max(4, block // 512)),
     )
     return q, s
 
