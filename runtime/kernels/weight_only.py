@@ -370,25 +370,36 @@ def _wo_gemv_uniform_kernel(
 _H2_ASM = tl.constexpr("""{
     .reg .b32 a, b, t, p, c;
     .reg .f16 h0, h1;
-    .reg .f32 f0, f1;
     mov.b32 c, 0x2C002C00;
     lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $6;
-    mul.f16x2 p, a, $2;
+    sub.f16x2 a, a, $11;
+    mul.f16x2 p, a, $3;
     lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $7;
-    fma.rn.f16x2 p, b, $3, p;
+    fma.rn.f16x2 b, b, c, $12;
+    fma.rn.f16x2 p, b, $4, p;
     shr.u32 t, $1, 8;
     lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $6;
-    fma.rn.f16x2 p, a, $4, p;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 p, a, $5, p;
     lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $7;
-    fma.rn.f16x2 p, b, $5, p;
+    fma.rn.f16x2 b, b, c, $12;
+    fma.rn.f16x2 p, b, $6, p;
+    lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 p, a, $7, p;
+    lop3.b32 b, $2, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 b, b, c, $12;
+    fma.rn.f16x2 p, b, $8, p;
+    shr.u32 t, $2, 8;
+    lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 p, a, $9, p;
+    lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 b, b, c, $12;
+    fma.rn.f16x2 p, b, $10, p;
     mov.b32 {h0, h1}, p;
-    cvt.f32.f16 f0, h0;
-    cvt.f32.f16 f1, h1;
-    add.f32 $0, f0, f1;
+    add.f16 h0, h0, h1;
+    cvt.f32.f16 $0, h0;
 }""")
 
 
@@ -423,17 +434,28 @@ def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N):
 
 
 @triton.jit
+def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
+    """The PTX word sum in plain Triton (fp32 products)."""
+    return (((w & 15).to(tl.float32) - zf) * x0[:, :, None] + (((w >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
+            + (((w >> 8) & 15).to(tl.float32) - zf) * x2[:, :, None] + (((w >> 12) & 15).to(tl.float32) - zf) * x3[:, :, None]
+            + (((w >> 16) & 15).to(tl.float32) - zf) * x4[:, :, None] + (((w >> 20) & 15).to(tl.float32) - zf) * x5[:, :, None]
+            + (((w >> 24) & 15).to(tl.float32) - zf) * x6[:, :, None] + (((w >> 28) & 15).to(tl.float32) - zf) * x7[:, :, None])
+
+
+@triton.jit
 def _wo_gemv16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    """Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
+    column summed in fp16, one conversion to fp32."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_r = tl.arange(0, 16)
+    offs_r = tl.arange(0, 8)
     offs_u = tl.arange(0, KU)
     mask_n = offs_n < N
     nblk = K // 128
@@ -442,9 +464,11 @@ def _wo_gemv16_kernel(
     b1 = tl.minimum(b0 + per_split, nblk)
     xrow = x_ptr + row * stride_xm
     if PREFETCH:  # the first words in flight while x is scanned
-        words = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
-    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256 (XB: the launcher sizes
-    # it to the program's whole range up to 4096, so that this is one load)
+        wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
+        wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256, so a sum of sixteen
+    # products of at most 15 in magnitude stays under fp16's 65504 (XB: the launcher sizes it to the
+    # program's whole range up to 4096, so that this is one load)
     amax = tl.zeros((XB,), dtype=tl.float32)
     for c in range(b0 * 128, b1 * 128, XB):
         kk = c + tl.arange(0, XB)
@@ -454,24 +478,35 @@ def _wo_gemv16_kernel(
         amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
     eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
     up = (tl.minimum(tl.maximum(261 - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
-    acc = tl.zeros((KU, 16, BN), dtype=tl.float32)
+    acc = tl.zeros((KU, 8, BN), dtype=tl.float32)
     for b in range(b0, b1, KU):
         ub = b + offs_u
         mu = ub < b1
         if PREFETCH:  # the next step's words in flight during this step's arithmetic
-            cur = words
-            words = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+            ca, cb = wa, wb
+            wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+            wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
         else:
-            cur = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
-        kb = ub[:, None] * 128 + offs_r[None, :]  # [KU, 16]: the channel of slot 0
-        x0 = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM, PTX)
-        x1 = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM, PTX)
-        x2 = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM, PTX)
-        x3 = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM, PTX)
-        x4 = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM, PTX)
-        x5 = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM, PTX)
-        x6 = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM, PTX)
-        x7 = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM, PTX)
+            ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
+            cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+        ka = ub[:, None] * 128 + offs_r[None, :]  # [KU, 8]: the channel of slot 0, rows 0..7
+        kb = ka + 8  # rows 8..15
+        a0 = _h2_x(xrow, perm_ptr, ka, mu, up, HAS_PERM, PTX)
+        a1 = _h2_x(xrow, perm_ptr, ka + 16, mu, up, HAS_PERM, PTX)
+        a2 = _h2_x(xrow, perm_ptr, ka + 32, mu, up, HAS_PERM, PTX)
+        a3 = _h2_x(xrow, perm_ptr, ka + 48, mu, up, HAS_PERM, PTX)
+        a4 = _h2_x(xrow, perm_ptr, ka + 64, mu, up, HAS_PERM, PTX)
+        a5 = _h2_x(xrow, perm_ptr, ka + 80, mu, up, HAS_PERM, PTX)
+        a6 = _h2_x(xrow, perm_ptr, ka + 96, mu, up, HAS_PERM, PTX)
+        a7 = _h2_x(xrow, perm_ptr, ka + 112, mu, up, HAS_PERM, PTX)
+        b0x = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM, PTX)
+        b1x = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM, PTX)
+        b2x = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM, PTX)
+        b3x = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM, PTX)
+        b4x = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM, PTX)
+        b5x = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM, PTX)
+        b6x = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM, PTX)
+        b7x = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM, PTX)
         g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
         m2 = mu[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -482,19 +517,19 @@ def _wo_gemv16_kernel(
         if PTX:
             zlo = 0x6400 | z  # fp16 1024 + z
             zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
+            S: tl.constexpr = (KU, 8, BN)
             part = tl.inline_asm_elementwise(
-                asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r",
-                args=[cur,
-                      tl.broadcast_to(_h2_pack(x0, x4, PTX)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x1, x5, PTX)[:, :, None], (KU, 16, BN)),
-                      tl.broadcast_to(_h2_pack(x2, x6, PTX)[:, :, None], (KU, 16, BN)), tl.broadcast_to(_h2_pack(x3, x7, PTX)[:, :, None], (KU, 16, BN)),
-                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], (KU, 16, BN)), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], (KU, 16, BN))],
+                asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                args=[ca, cb,
+                      tl.broadcast_to(_h2_pack(a0, a4, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(a1, a5, PTX)[:, :, None], S),
+                      tl.broadcast_to(_h2_pack(a2, a6, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(a3, a7, PTX)[:, :, None], S),
+                      tl.broadcast_to(_h2_pack(b0x, b4x, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(b1x, b5x, PTX)[:, :, None], S),
+                      tl.broadcast_to(_h2_pack(b2x, b6x, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(b3x, b7x, PTX)[:, :, None], S),
+                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], S), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], S)],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
             zf = z.to(tl.float32)[:, None, :]
-            part = (((cur & 15).to(tl.float32) - zf) * x0[:, :, None] + (((cur >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
-                    + (((cur >> 8) & 15).to(tl.float32) - zf) * x2[:, :, None] + (((cur >> 12) & 15).to(tl.float32) - zf) * x3[:, :, None]
-                    + (((cur >> 16) & 15).to(tl.float32) - zf) * x4[:, :, None] + (((cur >> 20) & 15).to(tl.float32) - zf) * x5[:, :, None]
-                    + (((cur >> 24) & 15).to(tl.float32) - zf) * x6[:, :, None] + (((cur >> 28) & 15).to(tl.float32) - zf) * x7[:, :, None])
+            part = _h2_plain(ca, a0, a1, a2, a3, a4, a5, a6, a7, zf) + _h2_plain(cb, b0x, b1x, b2x, b3x, b4x, b5x, b6x, b7x, zf)
         acc += part * s[:, None, :]
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
     optrs = out_ptr + row * stride_om + offs_n
