@@ -415,17 +415,6 @@ def _h2_pack(xa, xb, PTX: tl.constexpr):
 
 
 @triton.jit
-def _h2_x(xrow, perm_ptr, kk, mu, up, HAS_PERM: tl.constexpr, PTX: tl.constexpr):
-    """x at channels kk times the prescale (fp32); without PTX rounded to the value its fp16 half will hold."""
-    if HAS_PERM:
-        kk = tl.load(perm_ptr + kk, mask=mu[:, None], other=0)
-    xv = tl.load(xrow + kk, mask=mu[:, None], other=0.0).to(tl.float32) * up
-    if not PTX:
-        xv = xv.to(tl.float16).to(tl.float32)
-    return xv
-
-
-@triton.jit
 def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N):
     ub = b + offs_u
     mu = ub < b1
@@ -443,14 +432,23 @@ def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
 
 
 @triton.jit
+def _h2_unpack(pk, lo: tl.constexpr):
+    """The fp32 value of one fp16 half of a packed pair."""
+    h = (pk & 0xFFFF) if lo else ((pk >> 16) & 0xFFFF)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _wo_gemv16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
-    column summed in fp16, one conversion to fp32."""
+    column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
+    into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
+    back in the loop: programs of the same row and K range write the same values there."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -463,7 +461,8 @@ def _wo_gemv16_kernel(
     b0 = pid_k * per_split
     b1 = tl.minimum(b0 + per_split, nblk)
     xrow = x_ptr + row * stride_xm
-    if PREFETCH:  # the first words in flight while x is scanned
+    srow = scr_ptr + row * (K // 2)
+    if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
     # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256, so a sum of sixteen
@@ -478,6 +477,19 @@ def _wo_gemv16_kernel(
         amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
     eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
     up = (tl.minimum(tl.maximum(261 - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
+    # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks
+    for c in range(b0 * 64, b1 * 64, XB // 2):
+        t = c + tl.arange(0, XB // 2)
+        mt = t < b1 * 64
+        lo = (t // 64) * 128 + (t % 4) * 16 + (t // 4) % 16
+        hi = lo + 64
+        if HAS_PERM:
+            lo = tl.load(perm_ptr + lo, mask=mt, other=0)
+            hi = tl.load(perm_ptr + hi, mask=mt, other=0)
+        xl = tl.load(xrow + lo, mask=mt, other=0.0).to(tl.float32) * up
+        xh = tl.load(xrow + hi, mask=mt, other=0.0).to(tl.float32) * up
+        tl.store(srow + t, _h2_pack(xl, xh, PTX), mask=mt)
+    tl.debug_barrier()  # the program's own pairs visible to all its threads
     acc = tl.zeros((KU, 8, BN), dtype=tl.float32)
     for b in range(b0, b1, KU):
         ub = b + offs_u
@@ -489,24 +501,16 @@ def _wo_gemv16_kernel(
         else:
             ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
             cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
-        ka = ub[:, None] * 128 + offs_r[None, :]  # [KU, 8]: the channel of slot 0, rows 0..7
-        kb = ka + 8  # rows 8..15
-        a0 = _h2_x(xrow, perm_ptr, ka, mu, up, HAS_PERM, PTX)
-        a1 = _h2_x(xrow, perm_ptr, ka + 16, mu, up, HAS_PERM, PTX)
-        a2 = _h2_x(xrow, perm_ptr, ka + 32, mu, up, HAS_PERM, PTX)
-        a3 = _h2_x(xrow, perm_ptr, ka + 48, mu, up, HAS_PERM, PTX)
-        a4 = _h2_x(xrow, perm_ptr, ka + 64, mu, up, HAS_PERM, PTX)
-        a5 = _h2_x(xrow, perm_ptr, ka + 80, mu, up, HAS_PERM, PTX)
-        a6 = _h2_x(xrow, perm_ptr, ka + 96, mu, up, HAS_PERM, PTX)
-        a7 = _h2_x(xrow, perm_ptr, ka + 112, mu, up, HAS_PERM, PTX)
-        b0x = _h2_x(xrow, perm_ptr, kb, mu, up, HAS_PERM, PTX)
-        b1x = _h2_x(xrow, perm_ptr, kb + 16, mu, up, HAS_PERM, PTX)
-        b2x = _h2_x(xrow, perm_ptr, kb + 32, mu, up, HAS_PERM, PTX)
-        b3x = _h2_x(xrow, perm_ptr, kb + 48, mu, up, HAS_PERM, PTX)
-        b4x = _h2_x(xrow, perm_ptr, kb + 64, mu, up, HAS_PERM, PTX)
-        b5x = _h2_x(xrow, perm_ptr, kb + 80, mu, up, HAS_PERM, PTX)
-        b6x = _h2_x(xrow, perm_ptr, kb + 96, mu, up, HAS_PERM, PTX)
-        b7x = _h2_x(xrow, perm_ptr, kb + 112, mu, up, HAS_PERM, PTX)
+        pa = srow + ub[:, None] * 64 + offs_r[None, :] * 4  # [KU, 8]: pairs of rows 0..7; rows 8..15 at + 32
+        mp = mu[:, None]
+        a0 = tl.load(pa, mask=mp, other=0)
+        a1 = tl.load(pa + 1, mask=mp, other=0)
+        a2 = tl.load(pa + 2, mask=mp, other=0)
+        a3 = tl.load(pa + 3, mask=mp, other=0)
+        c0 = tl.load(pa + 32, mask=mp, other=0)
+        c1 = tl.load(pa + 33, mask=mp, other=0)
+        c2 = tl.load(pa + 34, mask=mp, other=0)
+        c3 = tl.load(pa + 35, mask=mp, other=0)
         g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
         m2 = mu[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -521,15 +525,18 @@ def _wo_gemv16_kernel(
             part = tl.inline_asm_elementwise(
                 asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
                 args=[ca, cb,
-                      tl.broadcast_to(_h2_pack(a0, a4, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(a1, a5, PTX)[:, :, None], S),
-                      tl.broadcast_to(_h2_pack(a2, a6, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(a3, a7, PTX)[:, :, None], S),
-                      tl.broadcast_to(_h2_pack(b0x, b4x, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(b1x, b5x, PTX)[:, :, None], S),
-                      tl.broadcast_to(_h2_pack(b2x, b6x, PTX)[:, :, None], S), tl.broadcast_to(_h2_pack(b3x, b7x, PTX)[:, :, None], S),
+                      tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
+                      tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
+                      tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
+                      tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S),
                       tl.broadcast_to((zlo | (zlo << 16))[:, None, :], S), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], S)],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
             zf = z.to(tl.float32)[:, None, :]
-            part = _h2_plain(ca, a0, a1, a2, a3, a4, a5, a6, a7, zf) + _h2_plain(cb, b0x, b1x, b2x, b3x, b4x, b5x, b6x, b7x, zf)
+            part = (_h2_plain(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
+                              _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False), zf)
+                    + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
+                                _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
         acc += part * s[:, None, :]
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
     optrs = out_ptr + row * stride_om + offs_n
@@ -858,9 +865,10 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     part = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     fused = fused and sk > 1
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
+    scr = torch.empty((m, st.k // 2), dtype=torch.int32, device=x2.device)
     _wo_gemv16_kernel[(m, tiles, sk)](
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
-        out, part, cnt, st.n, st.k, x2.stride(0), st.n, m * st.n,
+        out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, num_warps=cfg.get("num_warps", 4),
