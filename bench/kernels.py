@@ -225,6 +225,11 @@ def main():
     peak = peak_bw(dev)
     cbw = copy_bw()
     print(f"# {dev}  datasheet peak {peak / 1e12:.2f} TB/s, measured copy {cbw / 1e12:.2f} TB/s  torch {torch.__version__}", flush=True)
+    from runtime.kernels import weight_only
+
+    for kind in ("int4", "nvfp4"):
+        ok = weight_only._h2_ok(torch.device("cuda"), kind)
+        print(f"# packed-fp16 GEMV (M = 1) for {kind}: {'on' if ok else 'off: ' + weight_only._H2_OK.get('why', '')}", flush=True)
     rows, checks = [], []
     for sname, k, n in SHAPES:
         # bf16 baseline copies

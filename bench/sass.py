@@ -73,13 +73,17 @@ def main():
     print(f"# gemv16 (int4 g128 sym, bf16 x) for sm_90, Triton {triton.__version__}; files in {keep}")
     for cfg in a.configs.split(";"):
         bn, sk, ku, w = (int(v) for v in cfg.split(","))
-        c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=sk > 1, BN=bn, SPLIT_K=sk, KU=ku, XB=1024, PREFETCH=True)
-        res, ops = build(wo._wo_gemv16_kernel, GEMV16_SIG, c, w, keep, f"gemv16_{bn}_{sk}_{ku}_{w}")
-        words = ku * 16 * bn / (32 * w)  # packed words per thread per loop step
-        tot = sum(ops.values())
-        print(f"BN={bn:<4} SPLIT_K={sk:<3} KU={ku:<2} warps={w}: {res}; loop {tot} instructions, {words:.0f} words per thread: "
-              f"{tot / words:.1f} per word ({tot / words / 8:.2f} per weight)")
-        print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+        for fp4 in (False, True):
+            c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=sk > 1, BN=bn, SPLIT_K=sk, KU=ku, XB=1024, PREFETCH=True, FP4=fp4)
+            sig = dict(GEMV16_SIG, s_ptr="*u8", gs_ptr="*fp32") if fp4 else GEMV16_SIG
+            if not fp4:
+                c["gs_ptr"] = None
+            res, ops = build(wo._wo_gemv16_kernel, sig, c, w, keep, f"gemv16{'_fp4' if fp4 else ''}_{bn}_{sk}_{ku}_{w}")
+            words = ku * 16 * bn / (32 * w)  # packed words per thread per loop step
+            tot = sum(ops.values())
+            print(f"{'nvfp4' if fp4 else 'int4 '} BN={bn:<4} SPLIT_K={sk:<3} KU={ku:<2} warps={w}: {res}; loop {tot} instructions, "
+                  f"{words:.0f} words per thread: {tot / words:.1f} per word ({tot / words / 8:.2f} per weight)")
+            print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
 
 
 if __name__ == "__main__":

@@ -237,6 +237,34 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv16_nvfp4(dtype):
+    """NVFP4 weights through the packed-fp16 GEMV: e2m1 codes placed in fp16 bit fields (value * 2^-14),
+    the e4m3 block scales of each pair of groups as one fp16 pair, x prescaled under 2^14, the global
+    scale at the end; equal to x @ dequantized W for ordinary, huge and tiny activations, with and without
+    split-K. (Plain-Triton twin under the interpreter; the PTX one is checked against it on the GPU.)"""
+    n, k = 40, 1024
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    bs, gs = nm.nvfp4_qparams(w, 16)
+    qt = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, 16), bs, None, 16, global_scale=gs)
+    st = kernels.prepare(qt).state
+    assert weight_only.gemv16_fits(st, x_of(1, k).to(dtype))
+    ref_w = qt.dequantize(torch.float32)
+    big = 600.0 if dtype == torch.float16 else 1e6
+    for scale in (1.0, big, 1e-6):
+        x = (x_of(1, k).float() * scale).to(dtype)
+        ref = x.float() @ ref_w.t()
+        y = weight_only.matmul(x, st)
+        assert y.dtype == dtype and rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+        for sk in (1, 4) if scale == 1.0 else ():
+            y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False)
+            assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+    # MXFP4 (e8m0 scales, groups of 32) stays on the fp32 GEMV
+    e = nm.e8m0_scales(w, 32, 2)
+    mx = QTensor("e2m1", 4, nm.e2m1_round(w / nm.expand_to_columns(nm.e8m0_to_float(e), k, 32)), e, None, 32)
+    assert not weight_only.gemv16_fits(kernels.prepare(mx).state, x_of(1, k))
+
+
 @pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, True, False), (256, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t"])

@@ -402,6 +402,99 @@ _H2_ASM = tl.constexpr("""{
     cvt.f32.f16 $0, h0;
 }""")
 
+# NVFP4: e2m1 codes become fp16 by placing their three low bits at bits 9..11 and the sign at bit 15
+# (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
+# (e4m3 -> f16x2, one cvt per pair of groups, outside the asm) multiply each pair: sixteen products of at
+# most 6 * 448 * 2^14 * 2^-14 summed in fp16 stay finite.
+_FP4_ASM = tl.constexpr("""{
+    .reg .b32 a, b, v, t, p;
+    .reg .f16 h0, h1;
+    shl.b32 a, $1, 9;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $1, 12;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $3;
+    mul.f16x2 p, t, $11;
+    shl.b32 a, $1, 5;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $1, 8;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $4;
+    fma.rn.f16x2 p, t, $12, p;
+    shl.b32 a, $1, 1;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $1, 4;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $5;
+    fma.rn.f16x2 p, t, $13, p;
+    shr.u32 a, $1, 3;
+    and.b32 a, a, 0x0E000E00;
+    mov.b32 b, $1;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $6;
+    fma.rn.f16x2 p, t, $14, p;
+    shl.b32 a, $2, 9;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $2, 12;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $7;
+    fma.rn.f16x2 p, t, $11, p;
+    shl.b32 a, $2, 5;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $2, 8;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $8;
+    fma.rn.f16x2 p, t, $12, p;
+    shl.b32 a, $2, 1;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, $2, 4;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $9;
+    fma.rn.f16x2 p, t, $13, p;
+    shr.u32 a, $2, 3;
+    and.b32 a, a, 0x0E000E00;
+    mov.b32 b, $2;
+    lop3.b32 v, b, 0x80008000, a, 0xEA;
+    mul.f16x2 t, v, $10;
+    fma.rn.f16x2 p, t, $14, p;
+    mov.b32 {h0, h1}, p;
+    add.f16 h0, h0, h1;
+    cvt.f32.f16 $0, h0;
+}""")
+
+
+@triton.jit
+def _e4m3x2_f16x2(lo, hi):
+    """Two e4m3 bytes (int32 tensors) -> their f16 pair (lo in the low half), exactly."""
+    v = (lo & 0xFF) | ((hi & 0xFF) << 8)
+    return tl.inline_asm_elementwise(asm="{ .reg .b16 s; cvt.u16.u32 s, $1; cvt.rn.f16x2.e4m3x2 $0, s; }",
+                                     constraints="=r,r", args=[v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _e4m3_f32(bits):
+    """e4m3 bits (int32) -> fp32 value, plain Triton."""
+    e = (bits >> 3) & 15
+    m = (bits & 7).to(tl.float32)
+    v = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2(e.to(tl.float32) - 10.0))
+    return tl.where((bits & 128) != 0, -v, v)
+
+
+@triton.jit
+def _fp4_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, s4, s5, s6, s7):
+    """The FP4 PTX word sum in plain Triton: e2m1 value * 2^-14 * block scale * x, fp32."""
+    return (_e2m1_h(w, 0) * s0 * x0[:, :, None] + _e2m1_h(w, 1) * s1 * x1[:, :, None]
+            + _e2m1_h(w, 2) * s2 * x2[:, :, None] + _e2m1_h(w, 3) * s3 * x3[:, :, None]
+            + _e2m1_h(w, 4) * s4 * x4[:, :, None] + _e2m1_h(w, 5) * s5 * x5[:, :, None]
+            + _e2m1_h(w, 6) * s6 * x6[:, :, None] + _e2m1_h(w, 7) * s7 * x7[:, :, None])
+
+
+@triton.jit
+def _e2m1_h(w, i: tl.constexpr):
+    q = (w >> (4 * i)) & 15
+    h = ((q & 7) << 9) | ((q & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
 
 @triton.jit
 def _h2_pack(xa, xb, PTX: tl.constexpr):
@@ -444,8 +537,10 @@ def _wo_gemv16_kernel(
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
+    FP4: tl.constexpr = False, gs_ptr=None,
 ):
-    """Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
+    """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
+    Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
     back in the loop: programs of the same row and K range write the same values there."""
@@ -476,7 +571,8 @@ def _wo_gemv16_kernel(
             kk = tl.load(perm_ptr + kk, mask=mk, other=0)
         amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
     eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
-    up = (tl.minimum(tl.maximum(261 - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
+    UPX: tl.constexpr = 267 if FP4 else 261  # |x| * up < 2^14 (FP4) or 2^8 (int4)
+    up = (tl.minimum(tl.maximum(UPX - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
     # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks
     for c in range(b0 * 64, b1 * 64, XB // 2):
         t = c + tl.arange(0, XB // 2)
@@ -511,34 +607,68 @@ def _wo_gemv16_kernel(
         c1 = tl.load(pa + 33, mask=mp, other=0)
         c2 = tl.load(pa + 34, mask=mp, other=0)
         c3 = tl.load(pa + 35, mask=mp, other=0)
-        g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
         m2 = mu[:, None] & mask_n[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.int32)
+        S: tl.constexpr = (KU, 8, BN)
+        if FP4:  # eight block scales per word (slot j of block b: group b * 8 + j), one f16 pair per (j, j + 4)
+            gp = s_ptr + (ub[:, None] * 8) * N + offs_n[None, :]
+            e0 = tl.load(gp, mask=m2, other=0).to(tl.int32)
+            e1 = tl.load(gp + N, mask=m2, other=0).to(tl.int32)
+            e2 = tl.load(gp + 2 * N, mask=m2, other=0).to(tl.int32)
+            e3 = tl.load(gp + 3 * N, mask=m2, other=0).to(tl.int32)
+            e4 = tl.load(gp + 4 * N, mask=m2, other=0).to(tl.int32)
+            e5 = tl.load(gp + 5 * N, mask=m2, other=0).to(tl.int32)
+            e6 = tl.load(gp + 6 * N, mask=m2, other=0).to(tl.int32)
+            e7 = tl.load(gp + 7 * N, mask=m2, other=0).to(tl.int32)
+            if PTX:
+                part = tl.inline_asm_elementwise(
+                    asm=_FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    args=[ca, cb,
+                          tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
+                          tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
+                          tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
+                          tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S),
+                          tl.broadcast_to(_e4m3x2_f16x2(e0, e4)[:, None, :], S), tl.broadcast_to(_e4m3x2_f16x2(e1, e5)[:, None, :], S),
+                          tl.broadcast_to(_e4m3x2_f16x2(e2, e6)[:, None, :], S), tl.broadcast_to(_e4m3x2_f16x2(e3, e7)[:, None, :], S)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                f0, f1, f2, f3 = _e4m3_f32(e0)[:, None, :], _e4m3_f32(e1)[:, None, :], _e4m3_f32(e2)[:, None, :], _e4m3_f32(e3)[:, None, :]
+                f4, f5, f6, f7 = _e4m3_f32(e4)[:, None, :], _e4m3_f32(e5)[:, None, :], _e4m3_f32(e6)[:, None, :], _e4m3_f32(e7)[:, None, :]
+                part = (_fp4_plain(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
+                                   _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False),
+                                   f0, f1, f2, f3, f4, f5, f6, f7)
+                        + _fp4_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
+                                     _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False),
+                                     f0, f1, f2, f3, f4, f5, f6, f7))
+            acc += part
         else:
-            z = tl.full((KU, BN), 8, tl.int32)
-        if PTX:
-            zlo = 0x6400 | z  # fp16 1024 + z
-            zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
-            S: tl.constexpr = (KU, 8, BN)
-            part = tl.inline_asm_elementwise(
-                asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
-                args=[ca, cb,
-                      tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
-                      tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
-                      tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
-                      tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S),
-                      tl.broadcast_to((zlo | (zlo << 16))[:, None, :], S), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], S)],
-                dtype=tl.float32, is_pure=True, pack=1)
-        else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
-            zf = z.to(tl.float32)[:, None, :]
-            part = (_h2_plain(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
-                              _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False), zf)
-                    + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
-                                _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
-        acc += part * s[:, None, :]
+            g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.int32)
+            else:
+                z = tl.full((KU, BN), 8, tl.int32)
+            if PTX:
+                zlo = 0x6400 | z  # fp16 1024 + z
+                zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
+                part = tl.inline_asm_elementwise(
+                    asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    args=[ca, cb,
+                          tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
+                          tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
+                          tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
+                          tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S),
+                          tl.broadcast_to((zlo | (zlo << 16))[:, None, :], S), tl.broadcast_to((zhi | (zhi << 16))[:, None, :], S)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:  # the same values in plain Triton (interpreter / no inline PTX): fp32 products
+                zf = z.to(tl.float32)[:, None, :]
+                part = (_h2_plain(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
+                                  _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False), zf)
+                        + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
+                                    _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
+            acc += part * s[:, None, :]
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
+    if FP4:  # the decode's 2^-14 and the global scale
+        y = y * (tl.load(gs_ptr) * 16384.0)
     optrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -844,8 +974,13 @@ FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
-    """The packed-fp16 GEMV: 4-bit int weights whose 128-channel blocks each lie in one group."""
-    return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """The packed-fp16 GEMV: 4-bit int weights whose 128-channel blocks each lie in one group, or NVFP4
+    weights (e4m3 scales per 16 channels)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or st.bits != 4:
+        return False
+    if st.wtype == WTYPE_NVFP4:
+        return st.scales.shape[0] * 16 == st.k and st.perm is None
+    return st.wtype == WTYPE_INT and st.uniform
 
 
 def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor:
@@ -871,7 +1006,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
-        PREFETCH=prefetch, num_warps=cfg.get("num_warps", 4),
+        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -882,33 +1017,44 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
 _H2_OK: dict = {}
 
 
-def _h2_ok(device: torch.device) -> bool:
-    """Once per device: the inline-PTX packed-fp16 GEMV compiles and agrees with its plain-Triton twin
-    (fp32 products of the same fp16 x) to 4e-3; else the fp32 GEMV runs."""
-    key = (device.type, device.index)
+def _h2_cases(kind: str, device: torch.device):
+    """Small weights of each kind the self-check runs: int4 sym / asym, NVFP4."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if kind == "nvfp4":
+        codes = torch.randint(0, 16, (96, 512), generator=g, dtype=torch.uint8)
+        bs = (torch.rand(96, 32, generator=g) * 400 + 0.01).to(torch.float8_e4m3fn)
+        yield prepare(QTensor("e2m1", 4, codes.to(device), bs.to(device), None, 16, global_scale=torch.tensor(3e-3, device=device)))
+        return
+    for zero in (False, True):
+        codes = torch.randint(0, 16, (96, 512), generator=g, dtype=torch.uint8)
+        zeros = torch.randint(0, 16, (96, 4), generator=g, dtype=torch.uint8) if zero else None
+        if not zero:
+            codes = codes.to(torch.int8) - 8
+        sc = (torch.rand(96, 4, generator=g) + 0.5).half()
+        yield prepare(QTensor("int", 4, codes.to(device), sc.to(device), None if zeros is None else zeros.to(device), 128))
+
+
+def _h2_ok(device: torch.device, kind: str = "int4") -> bool:
+    """Once per device and kind (int4 | nvfp4): the inline-PTX packed-fp16 GEMV compiles and agrees with its
+    plain-Triton twin (fp32 products of the same fp16 x) to 4e-3; else the fp32 GEMV runs."""
+    key = (device.type, device.index, kind)
     if key not in _H2_OK:
         _H2_OK[key] = False
         try:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            for zero in (False, True):
-                codes = torch.randint(0, 16, (96, 512), generator=g, dtype=torch.uint8)
-                zeros = torch.randint(0, 16, (96, 4), generator=g, dtype=torch.uint8) if zero else None
-                if not zero:
-                    codes = codes.to(torch.int8) - 8
-                sc = (torch.rand(96, 4, generator=g) + 0.5).half()
-                st = prepare(QTensor("int", 4, codes.to(device), sc.to(device), None if zeros is None else zeros.to(device), 128))
+            g = torch.Generator(device="cpu").manual_seed(1)
+            for st in _h2_cases(kind, device):
                 for dt in (torch.bfloat16, torch.float16):
                     x = (torch.randn(1, 512, generator=g) * 30).to(device=device, dtype=dt)
                     cfg = dict(BN=32, SPLIT_K=2, KU=2)
                     a, b = _launch_gemv16(x, st, cfg, True).float(), _launch_gemv16(x, st, cfg, False).float()
                     err = float((a - b).norm() / b.norm())
                     if not err < 4e-3:  # fp16 products: about 1e-3 on an H100
-                        _H2_OK["why"] = f"differs from the plain-Triton twin by {err:.2e} (zero point {zero}, {dt})"
+                        _H2_OK["why"] = f"{kind}: differs from the plain-Triton twin by {err:.2e} ({dt})"
                         return False
             _H2_OK[key] = True
         except Exception as e:  # noqa: BLE001 - no inline PTX on this device / Triton: the fp32 GEMV runs
             text = " ".join(str(e).split())
-            _H2_OK["why"] = f"{type(e).__name__}: {text[-1500:]}"
+            _H2_OK["why"] = f"{kind}: {type(e).__name__}: {text[-1500:]}"
             return False
     return _H2_OK[key]
 
@@ -1023,7 +1169,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path is None:
-        if m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (tuning.interpreting() or _h2_ok(x2.device)):
+        if m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (
+                tuning.interpreting() or _h2_ok(x2.device, "nvfp4" if st.wtype == WTYPE_NVFP4 else "int4")):
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4"
