@@ -2,7 +2,8 @@
 static per-tensor (with msModelSlim's asymmetric int8 offset), and NVFP4 quantize-dequantize.
 
 Arithmetic matches runtime.qlinear.fake_quant_act: scale = amax / qmax (clamped at 1e-12), codes =
-round-half-even(x / scale) for int, the e4m3 conversion's rounding for fp8."""
+round-half-even(x / scale) for int, the e4m3 conversion's rounding for fp8. On the GPU x is multiplied by
+1 / scale instead of divided (as vLLM's quantizers do), which can move a code at an exact rounding tie."""
 
 from __future__ import annotations
 
@@ -56,11 +57,15 @@ def _act_quant_kernel(
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)))
         s = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
         tl.store(s_ptr + row * n_groups + grp, s)
+    inv = tl.div_rn(1.0, s)
     for c in tl.static_range(0, GROUP, BLOCK):
         offs = g0 + c + tl.arange(0, BLOCK)
         mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.div_rn(x, s)
+        if NATIVE:  # on the GPU x times 1/s, as vLLM's quantizers (a correctly rounded division costs about
+            v = x * inv  # twenty instructions per element: the bound for long rows); codes can differ from x / s at exact ties
+        else:
+            v = tl.div_rn(x, s)
         if IS_INT:
             v = _round_half_even(v)
             if HAS_OFF:

@@ -1232,17 +1232,17 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
 
 def _gemv16_default(n: int, k: int) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
-    (bench/kernels.py, this session): small weights many narrow programs without split-K, wide N split-K 4,
-    long K split-K 16. The interpreter (CPU tests) keeps small tiles."""
+    (bench/kernels.py, session 7): wide N 512 columns x split-K 8, long K 32 x 16, 4096 x 4096 64 x 8,
+    qkv 256 x 16; one block per step, 4 warps. The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
-    if n * k <= 20 << 20:
-        return dict(BN=16, SPLIT_K=1, KU=8, num_warps=2)
     if n >= 16384:
-        return dict(BN=128, SPLIT_K=4, KU=1, num_warps=4)
+        return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4)
     if k >= 8192:
         return dict(BN=32, SPLIT_K=16, KU=1, num_warps=4)
-    return dict(BN=64, SPLIT_K=8, KU=1, num_warps=4)
+    if n * k <= 20 << 20:
+        return dict(BN=64, SPLIT_K=8, KU=1, num_warps=4)
+    return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)
 
 
 def _dot4_default(n: int) -> dict:
