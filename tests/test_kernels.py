@@ -109,12 +109,14 @@ def test_nvfp4_activation_fake_quant_matches_reference():
                                                   ("fp8_e4m3", False, 128, 256), ("fp8_e4m3", True, 0, 256),
                                                   ("int8", False, 0, 4096 + 272), ("fp8_e4m3", False, 0, 8192 + 16)])
 def test_act_quant_codes_exact(dtype, static, group, k):
-    """Per token, per group and static scales; rows wider than the kernel's 4096-wide block are read in chunks."""
+    """Per token, per group and static scales; rows wider than the kernel's block (here 4096) are read in chunks."""
     x = x_of(6, k) * 4
     x[0, 3] = 0.5 * 127 / 127  # a value on a rounding tie for some scales
     sc = torch.tensor([0.03]) if static else None
     off = torch.tensor([3.0]) if static and dtype == "int8" else None
-    q, s = act_quant.quantize(x, dtype, group, sc, off)
+    q, s = act_quant.quantize(x, dtype, group, sc, off, block=4096)
+    q1, s1 = act_quant.quantize(x, dtype, group, sc, off)  # one pass (the default block is 16384 wide)
+    assert torch.equal(q1.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s1, s)
     xf = x.float()
     if static:
         ref_s = sc

@@ -42,8 +42,9 @@ def _act_quant_kernel(
     GROUP: tl.constexpr, BLOCK: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr,
     HAS_OFF: tl.constexpr, QMAX: tl.constexpr, NATIVE: tl.constexpr,
 ):
-    """One (row, group) per program; a group wider than BLOCK (per token with K > BLOCK) is read twice:
-    once for its amax, once to quantize (the second read mostly from L2)."""
+    """One (row, group) per program; a group wider than BLOCK (per token with K > BLOCK, 16384 by default:
+    one pass at 16 warps measured faster than 4096-wide chunks read twice) is read twice: once for its amax,
+    once to quantize (the second read mostly from L2)."""
     row = tl.program_id(0)
     grp = tl.program_id(1)
     g0 = grp * GROUP
@@ -81,7 +82,7 @@ def _act_quant_kernel(
 
 
 def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+             offset: torch.Tensor | None = None, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes [M, K] int8 / float8_e4m3fn, scales fp32 [M, K/group] or [M, 1]; the static scale
     as given when static). group 0 = one scale per token."""
     m, k = x2.shape

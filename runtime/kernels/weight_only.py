@@ -1206,7 +1206,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE, prefetch=path != "gemv16-nopf")  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k)))
+        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
     elif path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
@@ -1230,12 +1230,14 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     return y.reshape(*shape[:-1], st.n)
 
 
-def _gemv16_default(n: int, k: int) -> dict:
+def _gemv16_default(n: int, k: int, fp4: bool = False) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
     (bench/kernels.py, session 7): wide N 512 columns x split-K 8, long K 32 x 16, 4096 x 4096 64 x 8,
     qkv 256 x 16; one block per step, 4 warps. The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
+    if fp4 and k >= 8192:  # NVFP4 (more registers per word): the tuner's choice for down
+        return dict(BN=32, SPLIT_K=8, KU=2, num_warps=4)
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4)
     if k >= 8192:
