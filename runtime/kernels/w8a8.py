@@ -103,7 +103,13 @@ def _gemm(a, b, sa, sb, out_dtype, is_int, blockwise, wsum=None, off=None, key=N
 
     configs = [c for c in GEMM_CONFIGS if k % c["BK"] == 0 and (not blockwise or c["BK"] == 128)]
     bk = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
-    default = dict(BM=16 if m <= 16 else 64, BN=64, BK=bk, num_warps=4, num_stages=3)
+    # untuned: the H100 tuner's choices for the Llama-3-8B shapes (bench/kernels.py, session 7)
+    if m <= 16:
+        default = dict(BM=16, BN=64, BK=bk, num_warps=4, num_stages=4)
+    elif m <= 128:
+        default = dict(BM=32, BN=64, BK=bk, num_warps=4, num_stages=4)
+    else:
+        default = dict(BM=128, BN=128, BK=bk, num_warps=8, num_stages=3)
     cfg = tuning.pick(("gemm", key, tuning.m_bucket(m), n, k), configs, run, default)
     return run(cfg)
 
