@@ -10,8 +10,10 @@ Scales are stored transposed, [n_groups, N], in their storage dtype (fp16/bf16; 
 MX e8m0 as raw bytes); `gblk[j]` is the group of the 16-channel run j. Act order (GPTQ desc_act)
 is handled by sorting K by g_idx at load time and gathering x through the same permutation.
 
-Paths: M = 1 a GEMV (CUDA-core FMAs, split-K), M <= 16 and medium M a fused dequant + tl.dot
-kernel (split-K for small M), large M a dequantize kernel followed by cuBLAS.
+Paths: M = 1 the packed-fp16 GEMV (`gemv16`: int4 with one group per 128-channel block, NVFP4; inline
+PTX decodes two codes per instruction) or the fp32 GEMV (the other layouts), 2 <= M <= 16 int4 through
+tensor cores (`dot4`) or a fused dequant + tl.dot kernel (split-K for small M), medium M the fused
+kernel, large M a dequantize kernel followed by cuBLAS.
 """
 
 from __future__ import annotations
