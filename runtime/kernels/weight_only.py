@@ -369,100 +369,47 @@ def _wo_gemv_uniform_kernel(
 # power of two (from the program's largest |x|) so that every fp16 product and partial sum stays
 # under 2^15: products keep fp16's 11-bit precision, sums leave the word in fp32.
 
-_H2_ASM = tl.constexpr("""{
-    .reg .b32 a, b, t, p, c;
-    .reg .f16 h0, h1;
-    mov.b32 c, 0x2C002C00;
-    lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $11;
-    mul.f16x2 p, a, $3;
-    lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $12;
-    fma.rn.f16x2 p, b, $4, p;
-    shr.u32 t, $1, 8;
-    lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $11;
-    fma.rn.f16x2 p, a, $5, p;
-    lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $12;
-    fma.rn.f16x2 p, b, $6, p;
-    lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $11;
-    fma.rn.f16x2 p, a, $7, p;
-    lop3.b32 b, $2, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $12;
-    fma.rn.f16x2 p, b, $8, p;
-    shr.u32 t, $2, 8;
-    lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
-    sub.f16x2 a, a, $11;
-    fma.rn.f16x2 p, a, $9, p;
-    lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 b, b, c, $12;
-    fma.rn.f16x2 p, b, $10, p;
-    mov.b32 {h0, h1}, p;
-    add.f16 h0, h0, h1;
-    cvt.f32.f16 $0, h0;
-}""")
+def _int4_word_asm(w: str, xs: list, first: bool) -> str:
+    """PTX for one word: its four code pairs decoded to (q - z) fp16 pairs ($11: 1024 + z, $12: -(64 + z))
+    and multiplied into the running fp16 pair sum p by the x pairs xs."""
+    out = ""
+    for half, x in zip(("a", "t"), (xs[:2], xs[2:])):
+        src = w if half == "a" else "t"
+        if half == "t":
+            out += f"    shr.u32 t, {w}, 8;\n"
+        acc = "mul.f16x2 p, a, " + x[0] if (first and half == "a") else "fma.rn.f16x2 p, a, " + x[0] + ", p"
+        out += (f"    lop3.b32 a, {src}, 0x000F000F, 0x64006400, 0xEA;\n    sub.f16x2 a, a, $11;\n    {acc};\n"
+                f"    lop3.b32 b, {src}, 0x00F000F0, 0x64006400, 0xEA;\n    fma.rn.f16x2 b, b, c, $12;\n"
+                f"    fma.rn.f16x2 p, b, {x[1]}, p;\n")
+    return out
+
+
+_H2_ASM = tl.constexpr(
+    "{\n    .reg .b32 a, b, t, p, c;\n    .reg .f16 h0, h1;\n    mov.b32 c, 0x2C002C00;\n"
+    + _int4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _int4_word_asm("$2", ["$7", "$8", "$9", "$10"], False)
+    + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 # NVFP4: e2m1 codes become fp16 by placing their three low bits at bits 9..11 and the sign at bit 15
 # (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
 # (e4m3 -> f16x2, one cvt per pair of groups, outside the asm) multiply each pair: sixteen products of at
 # most 6 * 448 * 2^14 * 2^-14 summed in fp16 stay finite.
-_FP4_ASM = tl.constexpr("""{
-    .reg .b32 a, b, v, t, p;
-    .reg .f16 h0, h1;
-    shl.b32 a, $1, 9;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $1, 12;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $3;
-    mul.f16x2 p, t, $11;
-    shl.b32 a, $1, 5;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $1, 8;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $4;
-    fma.rn.f16x2 p, t, $12, p;
-    shl.b32 a, $1, 1;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $1, 4;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $5;
-    fma.rn.f16x2 p, t, $13, p;
-    shr.u32 a, $1, 3;
-    and.b32 a, a, 0x0E000E00;
-    mov.b32 b, $1;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $6;
-    fma.rn.f16x2 p, t, $14, p;
-    shl.b32 a, $2, 9;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $2, 12;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $7;
-    fma.rn.f16x2 p, t, $11, p;
-    shl.b32 a, $2, 5;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $2, 8;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $8;
-    fma.rn.f16x2 p, t, $12, p;
-    shl.b32 a, $2, 1;
-    and.b32 a, a, 0x0E000E00;
-    shl.b32 b, $2, 4;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $9;
-    fma.rn.f16x2 p, t, $13, p;
-    shr.u32 a, $2, 3;
-    and.b32 a, a, 0x0E000E00;
-    mov.b32 b, $2;
-    lop3.b32 v, b, 0x80008000, a, 0xEA;
-    mul.f16x2 t, v, $10;
-    fma.rn.f16x2 p, t, $14, p;
-    mov.b32 {h0, h1}, p;
-    add.f16 h0, h0, h1;
-    cvt.f32.f16 $0, h0;
-}""")
+def _fp4_word_asm(w: str, xs: list, first: bool) -> str:
+    """PTX for one word of e2m1 codes: pair j (nibbles at bits 4j and 16 + 4j) shifted so that its three low
+    bits land at 9..11 and its sign at 15, times the x pair, times the scale pair $11 + j, into p."""
+    shifts = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
+              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))
+    out = ""
+    for j, (ma, mb) in enumerate(shifts):
+        acc = f"mul.f16x2 p, t, ${11 + j}" if (first and j == 0) else f"fma.rn.f16x2 p, t, ${11 + j}, p"
+        out += (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
+                f"    lop3.b32 v, b, 0x80008000, a, 0xEA;\n    mul.f16x2 t, v, {xs[j]};\n    {acc};\n")
+    return out
+
+
+_FP4_ASM = tl.constexpr(
+    "{\n    .reg .b32 a, b, v, t, p;\n    .reg .f16 h0, h1;\n"
+    + _fp4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _fp4_word_asm("$2", ["$7", "$8", "$9", "$10"], False)
+    + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 
 @triton.jit
