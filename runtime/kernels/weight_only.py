@@ -670,56 +670,39 @@ def _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO: tl
     return s, z
 
 
+_DEC4_ASM = tl.constexpr("""{
+        .reg .b32 lo, hi, t;
+        prmt.b32 lo, $8, $9, 0x5410;
+        prmt.b32 hi, $8, $9, 0x7632;
+        lop3.b32 $0, lo, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 4;
+        lop3.b32 $1, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 8;
+        lop3.b32 $2, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, lo, 12;
+        lop3.b32 $3, t, 0x000F000F, $10, 0xEA;
+        lop3.b32 $4, hi, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 4;
+        lop3.b32 $5, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 8;
+        lop3.b32 $6, t, 0x000F000F, $10, 0xEA;
+        shr.b32 t, hi, 12;
+        lop3.b32 $7, t, 0x000F000F, $10, 0xEA;
+        }""")
+
+
 @triton.jit
 def _dec4_ptx(words, magic, DT: tl.constexpr):
     """Eight [16, BN] tensors of DT: MAGIC + slot i of each word. (The output dtypes are spelled out: a
     tuple built from the constexpr DT does not lower.)"""
     if DT == tl.float16:
         return tl.inline_asm_elementwise(
-            asm="""{
-        .reg .b32 lo, hi, t;
-        prmt.b32 lo, $8, $9, 0x5410;
-        prmt.b32 hi, $8, $9, 0x7632;
-        lop3.b32 $0, lo, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 4;
-        lop3.b32 $1, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 8;
-        lop3.b32 $2, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 12;
-        lop3.b32 $3, t, 0x000F000F, $10, 0xEA;
-        lop3.b32 $4, hi, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 4;
-        lop3.b32 $5, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 8;
-        lop3.b32 $6, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 12;
-        lop3.b32 $7, t, 0x000F000F, $10, 0xEA;
-        }""",
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
+            asm=_DEC4_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
             is_pure=True, pack=2)
     else:
         return tl.inline_asm_elementwise(
-            asm="""{
-        .reg .b32 lo, hi, t;
-        prmt.b32 lo, $8, $9, 0x5410;
-        prmt.b32 hi, $8, $9, 0x7632;
-        lop3.b32 $0, lo, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 4;
-        lop3.b32 $1, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 8;
-        lop3.b32 $2, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 12;
-        lop3.b32 $3, t, 0x000F000F, $10, 0xEA;
-        lop3.b32 $4, hi, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 4;
-        lop3.b32 $5, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 8;
-        lop3.b32 $6, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 12;
-        lop3.b32 $7, t, 0x000F000F, $10, 0xEA;
-        }""",
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
+            asm=_DEC4_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
             is_pure=True, pack=2)
 
