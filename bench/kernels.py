@@ -321,7 +321,7 @@ def main():
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-nopf", "gemv16-sep", "gemv") if m == 1 else ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16
+                paths = (("gemv16", "gemv16-scan") if m == 1 else ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16
                          else ("tiled", "dequant") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=m <= 16)
         del preps, bf16_copies

@@ -230,6 +230,15 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
             for _ in range(2):  # the second call finds the counters reset
                 y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, prefetch=sk != 2)
                 assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+    # blocks of very different magnitude: each 128-channel block has its own prescale (or, SCAN, one for the
+    # program's range, found by a first pass over x)
+    xw = x_of(1, k).float()
+    xw[:, :128] *= 1e3 if dtype == torch.float16 else 1e5
+    xw = xw.to(dtype)
+    ref = xw.float() @ ref_w.t()
+    for scan in (False, True):
+        y3 = weight_only._launch_gemv16(xw, st, dict(BN=16, SPLIT_K=2, KU=2), False, scan=scan)
+        assert rel_err(y3, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
     if st.perm is None:
         assert int(st._counters.abs().sum()) == 0
     # no inline PTX under the interpreter: the self-check says so

@@ -486,7 +486,7 @@ def _wo_gemv16_kernel(
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
-    FP4: tl.constexpr = False, gs_ptr=None,
+    FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -509,20 +509,23 @@ def _wo_gemv16_kernel(
     if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
-    # the largest |x| of the program's channels -> 2^(7 - e): every |x| * up < 256, so a sum of sixteen
-    # products of at most 15 in magnitude stays under fp16's 65504 (XB: the launcher sizes it to the
-    # program's whole range up to 4096, so that this is one load)
-    amax = tl.zeros((XB,), dtype=tl.float32)
-    for c in range(b0 * 128, b1 * 128, XB):
-        kk = c + tl.arange(0, XB)
-        mk = kk < b1 * 128
-        if HAS_PERM:
-            kk = tl.load(perm_ptr + kk, mask=mk, other=0)
-        amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
-    eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
-    UPX: tl.constexpr = 267 if FP4 else 261  # |x| * up < 2^14 (FP4) or 2^8 (int4)
-    up = (tl.minimum(tl.maximum(UPX - eb, 1), 254) << 23).to(tl.float32, bitcast=True)
-    # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks
+    # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
+    # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
+    # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
+    UPX: tl.constexpr = 267 if FP4 else 261
+    NB: tl.constexpr = XB // 128  # blocks per packing step
+    if SCAN:  # (XB: the launcher sizes it to the program's whole range up to 4096, so that this is one load)
+        amax = tl.zeros((XB,), dtype=tl.float32)
+        for c in range(b0 * 128, b1 * 128, XB):
+            kk = c + tl.arange(0, XB)
+            mk = kk < b1 * 128
+            if HAS_PERM:
+                kk = tl.load(perm_ptr + kk, mask=mk, other=0)
+            amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
+        eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
+        f_all = tl.minimum(tl.maximum(UPX - eb, 1), 253)  # the prescale's exponent field
+    # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks; the inverse
+    # prescale of each block after the pairs, at K/2 + b
     for c in range(b0 * 64, b1 * 64, XB // 2):
         t = c + tl.arange(0, XB // 2)
         mt = t < b1 * 64
@@ -531,9 +534,17 @@ def _wo_gemv16_kernel(
         if HAS_PERM:
             lo = tl.load(perm_ptr + lo, mask=mt, other=0)
             hi = tl.load(perm_ptr + hi, mask=mt, other=0)
-        xl = tl.load(xrow + lo, mask=mt, other=0.0).to(tl.float32) * up
-        xh = tl.load(xrow + hi, mask=mt, other=0.0).to(tl.float32) * up
-        tl.store(srow + t, _h2_pack(xl, xh, PTX), mask=mt)
+        xl = tl.load(xrow + lo, mask=mt, other=0.0).to(tl.float32)
+        xh = tl.load(xrow + hi, mask=mt, other=0.0).to(tl.float32)
+        if SCAN:
+            fb = tl.zeros((NB,), dtype=tl.int32) + f_all
+        else:
+            bm = tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1)
+            fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+        up = tl.reshape(tl.broadcast_to((fb << 23).to(tl.float32, bitcast=True)[:, None], (NB, 64)), (XB // 2,))
+        tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
+        bi = c // 64 + tl.arange(0, NB)
+        tl.store(srow + K // 2 + bi, (254 - fb) << 23, mask=bi < b1)  # the bits of 1 / up, exactly
     tl.debug_barrier()  # the program's own pairs visible to all its threads
     acc = tl.zeros((KU, 8, BN), dtype=tl.float32)
     for b in range(b0, b1, KU):
@@ -548,6 +559,7 @@ def _wo_gemv16_kernel(
             cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
         pa = srow + ub[:, None] * 64 + offs_r[None, :] * 4  # [KU, 8]: pairs of rows 0..7; rows 8..15 at + 32
         mp = mu[:, None]
+        dn = tl.load(srow + K // 2 + ub, mask=mu, other=0).to(tl.float32, bitcast=True)  # [KU]: 1 / prescale
         a0 = tl.load(pa, mask=mp, other=0)
         a1 = tl.load(pa + 1, mask=mp, other=0)
         a2 = tl.load(pa + 2, mask=mp, other=0)
@@ -588,7 +600,7 @@ def _wo_gemv16_kernel(
                         + _fp4_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
                                      _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False),
                                      f0, f1, f2, f3, f4, f5, f6, f7))
-            acc += part
+            acc += part * dn[:, None, None]
         else:
             g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -614,8 +626,8 @@ def _wo_gemv16_kernel(
                                   _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False), zf)
                         + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
                                     _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
-            acc += part * s[:, None, :]
-    y = tl.sum(tl.sum(acc, axis=1), axis=0) * (1.0 / up)
+            acc += part * (s * dn[:, None])[:, None, :]
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (tl.load(gs_ptr) * 16384.0)
     optrs = out_ptr + row * stride_om + offs_n
@@ -925,6 +937,7 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
     (64, 8, 1, 4), (64, 2, 4, 4), (64, 4, 4, 8), (128, 1, 2, 4), (128, 2, 2, 4), (128, 4, 2, 8), (128, 8, 1, 4),
     (128, 4, 1, 4), (256, 2, 1, 8), (256, 4, 1, 8), (16, 1, 8, 2), (16, 2, 4, 2), (32, 16, 1, 4),
     (256, 8, 1, 4), (256, 16, 1, 4), (512, 8, 1, 4), (512, 16, 1, 8), (256, 4, 2, 4), (512, 4, 1, 4),
+    (64, 8, 4, 4), (128, 8, 4, 4), (32, 8, 4, 4), (64, 16, 2, 4), (256, 16, 2, 4), (512, 8, 2, 4),
 ]]
 # the packed-fp16 GEMV for M = 1 (QTOOL_GEMV16=0 keeps the fp32 one); split-K partials summed by the last
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
@@ -951,7 +964,8 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
     return c
 
 
-def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True) -> torch.Tensor:
+def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
+                   scan: bool = False) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = triton.cdiv(st.n, bn)
@@ -959,13 +973,13 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     part = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     fused = fused and sk > 1
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
-    scr = torch.empty((m, st.k // 2), dtype=torch.int32, device=x2.device)
+    scr = torch.empty((m, st.k // 2 + st.k // 128), dtype=torch.int32, device=x2.device)
     _wo_gemv16_kernel[(m, tiles, sk)](
         x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
         out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
-        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, num_warps=cfg.get("num_warps", 4),
+        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -1135,9 +1149,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
-        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE, prefetch=path != "gemv16-nopf")  # noqa: E731
+        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan")
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
     elif path in ("dot4", "dot4-plain", "tc4", "tc4t"):
         ptx = None if path == "dot4" else False
