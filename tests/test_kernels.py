@@ -241,6 +241,10 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
         assert rel_err(y3, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
     if st.perm is None:
         assert int(st._counters.abs().sum()) == 0
+    # fp32 activations take the same path (fp32 out)
+    x32 = x_of(1, k).float()
+    y32 = weight_only.matmul(x32, st)
+    assert y32.dtype == torch.float32 and rel_err(y32, x32 @ ref_w.t()) < 2e-3
     # no inline PTX under the interpreter: the self-check says so
     assert weight_only._h2_ok(torch.device("cpu")) is False
     # 32-channel groups and 8-bit weights take the fp32 GEMV
