@@ -137,6 +137,23 @@ def _int_code(words, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_f32(q):
+    """e2m1 codes (int32, 0..15) -> value * 2^-14 as fp32: the three low bits placed at fp16 bits 9..11 and
+    the sign at 15 (sign<<15 | e<<10 | m<<9), exact for subnormals too."""
+    h = ((q & 7) << 9) | ((q & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e4m3_f32(bits):
+    """e4m3 bits (int32) -> fp32 value, plain Triton."""
+    e = (bits >> 3) & 15
+    m = (bits & 7).to(tl.float32)
+    v = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2(e.to(tl.float32) - 10.0))
+    return tl.where((bits & 128) != 0, -v, v)
+
+
+@triton.jit
 def _dequant_slot(words, i: tl.constexpr, s_ptr, z_ptr, gs, g, offs_n, mask_n, N,
                   BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_AFTER: tl.constexpr):
     """Slot i of a [16, BN] word tile -> (values [16, BN] fp32, scale [BN] fp32, zero [BN] fp32).
@@ -151,17 +168,10 @@ def _dequant_slot(words, i: tl.constexpr, s_ptr, z_ptr, gs, g, offs_n, mask_n, N
             z = tl.zeros_like(s) + (1 << (BITS - 1))
         v = _int_code(words, i, BITS)
     else:
-        q = (words >> (i * BITS)) & ((1 << BITS) - 1)
-        # e2m1 -> fp16 bit pattern (sign<<15 | e<<10 | m<<9), value * 2^-14 exactly (subnormals too)
-        h = ((q & 7) << 9) | ((q & 8) << 12)
-        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = _e2m1_f32((words >> (i * BITS)) & ((1 << BITS) - 1))
         b = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.int32)
         if WTYPE == 1:  # e4m3 block scale * global scale
-            e = (b >> 3) & 15
-            m = (b & 7).to(tl.float32)
-            sv = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2(e.to(tl.float32) - 10.0))
-            sv = tl.where((b & 128) != 0, -sv, sv)
-            s = sv * 16384.0  # the global scale is applied by the caller
+            s = _e4m3_f32(b) * 16384.0  # the global scale is applied by the caller
         else:  # e8m0
             s = tl.exp2(b.to(tl.float32) - 127.0) * 16384.0
         z = tl.zeros_like(s)
@@ -262,13 +272,10 @@ def _wo_gemv_kernel(
                     z = tl.zeros_like(s) + (1 << (BITS - 1))
                 v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             else:
-                h = ((q & 7) << 9) | ((q & 8) << 12)
-                v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                v = _e2m1_f32(q)
                 bsc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mu[:, None] & mask_n[None, :], other=0).to(tl.int32)
                 if WTYPE == 1:
-                    e = (bsc >> 3) & 15
-                    mm = (bsc & 7).to(tl.float32)
-                    s = tl.where(e == 0, mm * 0.001953125, (8.0 + mm) * tl.exp2(e.to(tl.float32) - 10.0)) * 16384.0
+                    s = _e4m3_f32(bsc) * 16384.0
                 else:
                     s = tl.exp2(bsc.to(tl.float32) - 127.0) * 16384.0
                 z = tl.zeros_like(s)
@@ -421,15 +428,6 @@ def _e4m3x2_f16x2(lo, hi):
 
 
 @triton.jit
-def _e4m3_f32(bits):
-    """e4m3 bits (int32) -> fp32 value, plain Triton."""
-    e = (bits >> 3) & 15
-    m = (bits & 7).to(tl.float32)
-    v = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2(e.to(tl.float32) - 10.0))
-    return tl.where((bits & 128) != 0, -v, v)
-
-
-@triton.jit
 def _fp4_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, s4, s5, s6, s7):
     """The FP4 PTX word sum in plain Triton: e2m1 value * 2^-14 * block scale * x, fp32."""
     return (_e2m1_h(w, 0) * s0 * x0[:, :, None] + _e2m1_h(w, 1) * s1 * x1[:, :, None]
@@ -440,9 +438,7 @@ def _fp4_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, s0, s1, s2, s3, s4, s5, s6, s7
 
 @triton.jit
 def _e2m1_h(w, i: tl.constexpr):
-    q = (w >> (4 * i)) & 15
-    h = ((q & 7) << 9) | ((q & 8) << 12)
-    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return _e2m1_f32((w >> (4 * i)) & 15)
 
 
 @triton.jit
