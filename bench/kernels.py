@@ -192,8 +192,8 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
                 rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
                 checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
                 note = f"  err {rel:.1e}"
-                if path == "dot4":
-                    note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
+                if path in ("dot4", "dot4t"):
+                    note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device, path) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
                 if path == "gemv16":
                     note += f"  (packed-fp16 PTX {'on' if weight_only._h2_ok(xs.device) else 'off: ' + weight_only._H2_OK.get('why', '')})"
             pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
@@ -321,9 +321,16 @@ def main():
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-scan") if m == 1 else ("dot4", "dot4-plain", "tc4", "tc4t") if m <= 16
-                         else ("tiled", "dequant") if m >= 128 else ())
-                path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=m <= 16)
+                paths = (("gemv16", "gemv16-scan", "dot4t") if m == 1 else ("dot4", "dot4t", "dot4t-plain") if m <= 16
+                         else ("dequant", "dot4t") if m >= 128 else ())
+                path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
+                if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
+                    from runtime.kernels import weight_only
+
+                    cps = preps["w4a16-g128"][0]
+                    t = time_graph([lambda c=c: weight_only.dequantize(c.state, torch.bfloat16) for c in cps])
+                    print(f"  {'w4a16-g128[dequant alone]':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
+                          f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
         del preps, bf16_copies
         torch.cuda.empty_cache()
     # summary: geometric mean over the four shapes of the ratio to bf16

@@ -282,10 +282,11 @@ def test_gemv16_nvfp4(dtype):
 
 @pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, True, False), (256, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t"])
+@pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t", "dot4t"])
 def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
     """int4 through tl.dot for M <= 16: codes decoded by the magic OR (128 + q in bf16, 1024 + q in fp16),
-    zero point and scale once per 128-channel block (the default for 2 <= M <= 16; tc4 and tc4t: one tl.dot per block); M = 17
+    zero point and scale once per 128-channel block (the default for 2 <= M <= 16; tc4 and tc4t: one tl.dot per block;
+    dot4t: swapped operands, the zero point taken off in the decode); M = 17
     spans two row tiles. (Under the interpreter the plain-Triton decode runs; the PTX decode is checked at
     full size on the GPU by bench/kernels.py.)"""
     n, k = 40, 512
@@ -298,12 +299,12 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         y = weight_only.matmul(x, st, path=path)
         assert y.dtype == dtype and rel_err(y, x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     for sk in (1, 2, 4):  # split-K partial sums equal one pass
-        kw = dict(tc=path != "dot4", swap=path == "tc4t")
+        kw = dict(tc=path.startswith("tc4"), swap=path in ("tc4t", "dot4t"))
         y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1), **kw)
         y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), **kw)
         assert rel_err(y2, y1) < 1e-2
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
-    assert weight_only._ptx_ok(torch.device("cpu")) is False
+    assert weight_only._ptx_ok(torch.device("cpu"), "dot4t" if path == "dot4t" else "dot4") is False
     # 32-channel groups do not fit one group per packed block: another kernel takes them
     assert not weight_only.dot4_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
 

@@ -785,6 +785,128 @@ def _wo_dot4_kernel(
         tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
 
 
+def _dec4z_asm(fp16: bool, i: int) -> str:
+    """PTX for slot i of two words (word rows 2c, 2c + 1 of a block: a K pair of wgmma's register operand)
+    -> one 16-bit float pair q - z: prmt pairs the half-words, lop3 ORs the nibble pair into the magic
+    exponent (MAGIC + q, exact), one packed FMA adds -(MAGIC + z) (exact: small integers). One output per
+    call: Triton moves the layout conversion of a single-output asm back to the load (the decoded tile
+    stays in registers), not of a multi-output one."""
+    one, ty = ("0x3C003C00", "f16x2") if fp16 else ("0x3F803F80", "bf16x2")
+    out = [".reg .b32 t, one;", f"mov.b32 one, {one};", f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};"]
+    if i % 4:
+        out.append(f"shr.b32 t, t, {4 * (i % 4)};")
+    out += ["lop3.b32 t, t, 0x000F000F, $3, 0xEA;", f"fma.rn.{ty} $0, t, one, $5;"]
+    return "{\n" + "\n".join(out) + "\n}"
+
+
+_DEC4Z_F16 = tl.constexpr(tuple(_dec4z_asm(True, i) for i in range(8)))
+_DEC4Z_BF16 = tl.constexpr(tuple(_dec4z_asm(False, i) for i in range(8)))
+
+
+@triton.jit
+def _dec4z_ptx(words, i: tl.constexpr, magic, zneg, DT: tl.constexpr):
+    """[BN, 16] of DT: slot i of each word minus its zero point."""
+    if DT == tl.float16:
+        return tl.inline_asm_elementwise(asm=_DEC4Z_F16[i], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(asm=_DEC4Z_BF16[i], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _dec4z_slot(words, i: tl.constexpr, zq, DT: tl.constexpr, INTERP: tl.constexpr):
+    v = ((words >> (i * 4)) & 15).to(tl.float32) - zq[:, None]
+    if not INTERP:
+        v = v.to(DT)
+    return v
+
+
+@triton.jit
+def _tdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
+    """blk [BN, BM] += v [BN, 16] . x[:, k0:k0+16]^T"""
+    kk = k0 + tl.arange(0, 16)
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk)
+    xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
+    if INTERP:
+        xs = xs.to(tl.float32)
+    return tl.dot(v, xs, blk)
+
+
+@triton.jit
+def _wo_dot4t_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok,
+    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
+    are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
+    memory). Word row r of a block is K position r of every slot's [BN, 16] tile, so the [BN, 16] word
+    tile, loaded once per block, gives the eight 16-channel slices in place; a thread holds the K pairs
+    (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
+    group scale multiplies the block's fp32 result."""
+    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
+    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
+    ZNEG8: tl.constexpr = 0xE408 if FP16 else 0xC308  # -(MAGIC + 8)
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    offs_r = tl.arange(0, 16)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
+    for b in range(b0, b1):
+        words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+        g = tl.load(gblk_ptr + b * 8)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        else:
+            zq = tl.full((BN,), 8.0, tl.float32)
+        blk = tl.zeros((BN, BM), dtype=tl.float32)
+        k0 = b * 128
+        if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
+            # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
+            if HAS_ZERO:
+                zt = tl.load(z_ptr + g * N + offs_n[:, None] + 0 * offs_r[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+                zb = (-(zt + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                zneg = zb * 65537
+            else:
+                zneg = tl.full((BN, 16), ZNEG8 * 65537, tl.int32)
+            v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
+            v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
+            v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
+            v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
+            v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
+            v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
+            v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
+            v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
+        else:
+            v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
+            v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
+            v2 = _dec4z_slot(words, 2, zq, DT, INTERP)
+            v3 = _dec4z_slot(words, 3, zq, DT, INTERP)
+            v4 = _dec4z_slot(words, 4, zq, DT, INTERP)
+            v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
+            v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
+            v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
+        blk = _tdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
+        blk = _tdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
+        blk = _tdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
+        blk = _tdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
+        blk = _tdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
+        blk = _tdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
+        blk = _tdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
+        blk = _tdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
+        acc += blk * s[:, None]
+    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    omask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
+        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+
+
 @triton.jit
 def _wo_tc4_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
@@ -894,6 +1016,16 @@ DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, 
     (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3),
     (128, 8, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3), (32, 2, 2, 4), (32, 4, 2, 4), (64, 4, 4, 5), (128, 4, 8, 4),
     (256, 2, 8, 3), (256, 4, 8, 3), (64, 16, 4, 3), (32, 16, 2, 3),
+]]
+# dot4t: BN rows of weights per program (wgmma's M: 64 per warp group), BM tokens (its N)
+DOT4T_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, w, st in [
+    (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3),
+    (128, 8, 4, 3), (128, 16, 4, 3), (256, 2, 8, 3), (256, 4, 8, 3), (128, 4, 8, 3), (64, 16, 4, 3), (128, 4, 4, 4),
+    (256, 4, 4, 3), (256, 8, 4, 3),
+]]
+DOT4T_LARGE = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
+    (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4),
+    (256, 128, 8, 3),
 ]]
 DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
 # the tensor-core int4 path for 2 <= M <= 16 (H100, bench/kernels.py --ms 1,16, CUDA-graph time, geometric
@@ -1036,42 +1168,52 @@ def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
 _PTX_OK: dict = {}
 
 
-def _ptx_ok(device: torch.device) -> bool:
-    """Once per device: the PTX decode compiles and gives the plain decode's result (else the plain one runs)."""
-    key = (device.type, device.index)
+def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
+    """Once per device and kernel (dot4 | dot4t): the PTX decode compiles and gives the plain decode's result
+    (else the plain one runs)."""
+    key = (kind, device.type, device.index)
     if key not in _PTX_OK:
         _PTX_OK[key] = False
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
             codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
             zeros = torch.randint(0, 16, (64, 2), generator=g, dtype=torch.uint8)
-            qt = QTensor("int", 4, codes.to(device), (torch.rand(64, 2, generator=g) + 0.5).half().to(device), zeros.to(device), 128)
-            st = prepare(qt)
-            for dt in (torch.bfloat16, torch.float16):
-                x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
-                cfg = dict(BN=32, SPLIT_K=1)
-                a, b = _launch_dot4(x, st, cfg, True), _launch_dot4(x, st, cfg, False)
-                if not torch.equal(a, b):
-                    _PTX_OK["why"] = f"differs from the plain decode by {float((a.float() - b.float()).abs().max())}"
-                    return False
+            scales = (torch.rand(64, 2, generator=g) + 0.5).half()
+            for qt in (QTensor("int", 4, codes.to(device), scales.to(device), zeros.to(device), 128),
+                       QTensor("int", 4, (codes.to(torch.int8) - 8).to(device), scales.to(device), None, 128)):
+                st = prepare(qt)
+                for dt in (torch.bfloat16, torch.float16):
+                    x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
+                    cfg = dict(BN=64 if kind == "dot4t" else 32, SPLIT_K=1)
+                    a, b = _launch_dot4(x, st, cfg, True, swap=kind == "dot4t"), _launch_dot4(x, st, cfg, False, swap=kind == "dot4t")
+                    if not torch.equal(a, b):
+                        _PTX_OK["why"] = f"{kind} differs from the plain decode by {float((a.float() - b.float()).abs().max())}"
+                        return False
             _PTX_OK[key] = True
         except Exception as e:  # noqa: BLE001 - no PTX decode on this device / Triton: the plain decode runs
             text = " ".join(str(e).split())  # Triton puts the source first and the cause last
-            _PTX_OK["why"] = f"{type(e).__name__}: {text[-400:]}"
+            _PTX_OK["why"] = f"{kind}: {type(e).__name__}: {text[-400:]}"
             return False
     return _PTX_OK[key]
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False, swap: bool = False) -> torch.Tensor:
     m = x2.shape[0]
-    sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], 16
+    sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
-        ptx = not interp and _ptx_ok(x2.device)
+        ptx = not interp and _ptx_ok(x2.device, "dot4t" if swap and not tc else "dot4")
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
-    if tc:
+    if swap and not tc:
+        _wo_dot4t_kernel[grid](
+            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
+            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+            HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
+            BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
+    elif tc:
         _wo_tc4_kernel[grid](
             x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
             m, st.n, st.k, x2.stride(0), st.n, m * st.n,
@@ -1154,6 +1296,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         ptx = None if path == "dot4" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=_dot4_default(st.n)))
+    elif path in ("dot4t", "dot4t-plain"):
+        ptx = None if path == "dot4t" else False
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, swap=True)  # noqa: E731
+        y = run(tuning.pick(_key(st, path, m), DOT4T_CONFIGS if m <= 16 else DOT4T_LARGE, run, default=_dot4t_default(st.n, st.k, m)))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
         xp = x2 if st.perm is None else x2[:, st.perm.long()]
@@ -1197,6 +1343,15 @@ def _dot4_default(n: int) -> dict:
     if tuning.interpreting():
         return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
     return dict(BN=128, SPLIT_K=8 if n <= 16384 else 2, num_warps=4, num_stages=3)
+
+
+def _dot4t_default(n: int, k: int, m: int) -> dict:
+    """Untuned dot4t config (not yet tuned on a GPU: BN 128 x split-K 4, one warp group)."""
+    if tuning.interpreting():
+        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
+    if m > 16:
+        return dict(BM=128 if m >= 128 else 64, BN=128, SPLIT_K=1, num_warps=8 if m >= 128 else 4, num_stages=3)
+    return dict(BN=128, SPLIT_K=4 if n <= 16384 else 2, num_warps=4, num_stages=3)
 
 
 def _default(path: str, n: int) -> dict:
