@@ -313,14 +313,12 @@ def test_tuning_pick_warms_then_keeps_the_fastest_of_a_second_round(monkeypatch)
     """The config tuner (GPU only; here its timer is replaced): the default is run first to warm the clocks,
     every candidate is timed, the best FINALISTS again, and the fastest of that second round is kept;
     configs that fail to launch are skipped, and the choice is cached per key."""
-    import triton.testing
-
     from runtime.kernels import tuning
 
     calls = []
     second = {"a": 5.0, "b": 2.0, "c": 3.0}  # 'a' looked fastest first (a clock ramp), 'b' is really faster
 
-    def fake_bench(fn, warmup, rep, return_mode):
+    def fake_bench(fn, rep):
         cfg = fn()
         calls.append((cfg, rep))
         if cfg == "bad":
@@ -329,7 +327,7 @@ def test_tuning_pick_warms_then_keeps_the_fastest_of_a_second_round(monkeypatch)
             return second[cfg]
         return {"dflt": 9.0, "a": 1.0, "b": 1.5, "c": 1.6, "d": 4.0}[cfg]
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tuning, "_bench", fake_bench)
     monkeypatch.setattr(tuning, "_enabled", True)
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "_cache", {})
