@@ -192,7 +192,7 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
                 rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
                 checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
                 note = f"  err {rel:.1e}"
-                if path in ("dot4", "dot4t"):
+                if path in ("dot4", "dot4t", "dot4s"):
                     note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device, path) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
                 if path == "gemv16":
                     note += f"  (packed-fp16 PTX {'on' if weight_only._h2_ok(xs.device) else 'off: ' + weight_only._H2_OK.get('why', '')})"
@@ -321,7 +321,7 @@ def main():
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-scan", "dot4t") if m == 1 else ("dot4", "dot4t", "dot4t-plain") if m <= 16
+                paths = (("gemv16", "dot4s") if m == 1 else ("dot4", "dot4t", "dot4s") if m <= 16
                          else ("dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

@@ -835,70 +835,177 @@ def _tdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.c
 
 
 @triton.jit
+def _dot4t_block(acc, b, x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
+                 N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
+                 INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b."""
+    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
+    ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+    g = tl.load(gblk_ptr + b * 8)
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    k0 = b * 128
+    if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
+        # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
+        if HAS_ZERO:
+            zt = tl.load(z_ptr + g * N + offs_n[:, None] + 0 * offs_r[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+            zneg = ((-(zt + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+        else:
+            zneg = tl.full((BN, 16), ZNEG8, tl.int32)
+        v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
+        v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
+        v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
+        v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
+        v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
+        v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
+        v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
+        v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
+    else:
+        if HAS_ZERO:
+            zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        else:
+            zq = tl.full((BN,), 8.0, tl.float32)
+        v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
+        v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
+        v2 = _dec4z_slot(words, 2, zq, DT, INTERP)
+        v3 = _dec4z_slot(words, 3, zq, DT, INTERP)
+        v4 = _dec4z_slot(words, 4, zq, DT, INTERP)
+        v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
+        v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
+        v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
+    blk = tl.zeros((BN, BM), dtype=tl.float32)
+    blk = _tdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
+    blk = _tdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
+    blk = _tdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
+    blk = _tdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
+    blk = _tdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
+    blk = _tdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
+    blk = _tdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
+    blk = _tdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
+    return acc + blk * s[:, None]
+
+
+@triton.jit
 def _wo_dot4t_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
     memory). Word row r of a block is K position r of every slot's [BN, 16] tile, so the [BN, 16] word
     tile, loaded once per block, gives the eight 16-channel slices in place; a thread holds the K pairs
     (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
-    group scale multiplies the block's fp32 result."""
+    group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
+    is a multiple of KU: the launcher checks)."""
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
-    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
-    ZNEG8: tl.constexpr = 0xE408 if FP16 else 0xC308  # -(MAGIC + 8)
-    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
-    for b in range(b0, b1):
-        words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-        g = tl.load(gblk_ptr + b * 8)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    for bb in range(b0, b1, KU):
+        for u in tl.static_range(KU):
+            acc = _dot4t_block(acc, bb + u, x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
+                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM)
+    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    omask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
+        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+
+
+def _dec4s_asm(fp16: bool, i: int) -> str:
+    """As _dec4z_asm, then times the group scale (a 16-bit float pair): one rounding, as a dequantize to
+    the activations' dtype (Marlin's)."""
+    one, ty = ("0x3C003C00", "f16x2") if fp16 else ("0x3F803F80", "bf16x2")
+    out = [".reg .b32 t, one, nz;", f"mov.b32 one, {one};", "mov.b32 nz, 0x80008000;",
+           f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};"]
+    if i % 4:
+        out.append(f"shr.b32 t, t, {4 * (i % 4)};")
+    out += ["lop3.b32 t, t, 0x000F000F, $3, 0xEA;", f"fma.rn.{ty} t, t, one, $5;", f"fma.rn.{ty} $0, t, $7, nz;"]
+    return "{\n" + "\n".join(out) + "\n}"
+
+
+_DEC4S_F16 = tl.constexpr(tuple(_dec4s_asm(True, i) for i in range(8)))
+_DEC4S_BF16 = tl.constexpr(tuple(_dec4s_asm(False, i) for i in range(8)))
+
+
+@triton.jit
+def _dec4s_ptx(words, i: tl.constexpr, magic, zneg, spair, DT: tl.constexpr):
+    if DT == tl.float16:
+        return tl.inline_asm_elementwise(asm=_DEC4S_F16[i], constraints="=r,r,r,r,r,r,r,r,r", args=[words, magic, zneg, spair],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(asm=_DEC4S_BF16[i], constraints="=r,r,r,r,r,r,r,r,r", args=[words, magic, zneg, spair],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _dec4s(words, i: tl.constexpr, magic, zneg, spair, zq, sq, DT: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr):
+    if PTX:
+        v = _dec4s_ptx(words, i, magic, zneg, spair, DT)
+    else:
+        v = (((words >> (i * 4)) & 15).to(tl.float32) - zq) * sq
+        if not INTERP:
+            v = v.to(DT)
+    return v
+
+
+@triton.jit
+def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
+    """acc [BN, BM] += v [BN, KC] . x[:, kk]^T"""
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk)
+    xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
+    if INTERP:
+        xs = xs.to(tl.float32)
+    return tl.dot(v, xs, acc)
+
+
+@triton.jit
+def _wo_dot4s_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok,
+    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KB: tl.constexpr,
+):
+    """dot4t with the group scale applied in the decode ((q - z) * s rounded once to the activations'
+    dtype, as a dequantize would): every dot accumulates straight into one fp32 accumulator, so KB
+    consecutive 128-channel blocks (their [BN, 16 * KB] word rows are contiguous) make one dot of
+    K = 16 * KB per slot: fewer, longer wgmma chains. The split's block count is a multiple of KB."""
+    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
+    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
+    ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    KC: tl.constexpr = 16 * KB
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    offs_c = tl.arange(0, KC)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    magic = tl.full((BN, KC), MAGIC16 * 65537, tl.int32)
+    for b in range(b0, b1, KB):
+        words = tl.load(qw_ptr + (b * 16 + offs_c)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+        g = tl.load(gblk_ptr + (b + offs_c // 16) * 8)  # the group of each column's block
+        st = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0.0)
+        sq = st.to(DT).to(tl.float32)
         if HAS_ZERO:
-            zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        else:
-            zq = tl.full((BN,), 8.0, tl.float32)
-        blk = tl.zeros((BN, BM), dtype=tl.float32)
-        k0 = b * 128
-        if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
-            # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
-            if HAS_ZERO:
-                zt = tl.load(z_ptr + g * N + offs_n[:, None] + 0 * offs_r[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-                zb = (-(zt + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                zneg = zb * 65537
-            else:
-                zneg = tl.full((BN, 16), ZNEG8 * 65537, tl.int32)
-            v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
-            v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
-            v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
-            v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
-            v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
-            v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
-            v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
-            v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
-        else:
-            v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
-            v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
-            v2 = _dec4z_slot(words, 2, zq, DT, INTERP)
-            v3 = _dec4z_slot(words, 3, zq, DT, INTERP)
-            v4 = _dec4z_slot(words, 4, zq, DT, INTERP)
-            v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
-            v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
-            v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
-        blk = _tdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
-        blk = _tdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
-        blk = _tdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
-        blk = _tdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
-        blk = _tdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
-        blk = _tdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
-        blk = _tdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
-        blk = _tdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
-        acc += blk * s[:, None]
+            zq = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.float32)
+            zneg = ((-(zq + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+        else:  # a constant (arithmetic on a constant tile would keep Triton from moving the layout conversion)
+            zq = tl.full((BN, KC), 8.0, tl.float32)
+            zneg = tl.full((BN, KC), ZNEG8, tl.int32)
+        spair = (st.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+        kk = (b + offs_c // 16) * 128 + offs_c % 16
+        acc = _sdot(acc, _dec4s(words, 0, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 1, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 16, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 2, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 32, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 3, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 48, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 4, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 64, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 5, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 80, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 6, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 96, HAS_PERM, INTERP)
+        acc = _sdot(acc, _dec4s(words, 7, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 112, HAS_PERM, INTERP)
     optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     omask = mask_m[None, :] & mask_n[:, None]
     if SPLIT_K == 1:
@@ -1022,6 +1129,13 @@ DOT4T_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk,
     (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3),
     (128, 8, 4, 3), (128, 16, 4, 3), (256, 2, 8, 3), (256, 4, 8, 3), (128, 4, 8, 3), (64, 16, 4, 3), (128, 4, 4, 4),
     (256, 4, 4, 3), (256, 8, 4, 3), (128, 4, 4, 5), (128, 8, 4, 5), (256, 2, 4, 4), (256, 4, 4, 4), (128, 2, 4, 5),
+]] + [dict(BN=bn, SPLIT_K=sk, KU=2, num_warps=4, num_stages=st) for bn, sk, st in [
+    (64, 2, 3), (64, 4, 3), (64, 8, 3), (128, 2, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4), (256, 4, 3),
+]]
+DOT4S_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KB=kb, num_warps=4, num_stages=st) for bn, sk, kb, st in [
+    (64, 1, 1, 3), (64, 2, 1, 3), (64, 4, 1, 3), (64, 8, 1, 3), (64, 16, 1, 3), (128, 4, 1, 3), (128, 8, 1, 3),
+    (64, 1, 2, 3), (64, 2, 2, 3), (64, 4, 2, 3), (64, 8, 2, 3), (128, 2, 2, 3), (128, 4, 2, 3), (64, 4, 2, 4),
+    (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 2, 4, 2), (128, 2, 4, 2), (128, 1, 2, 3),
 ]]
 DOT4T_LARGE = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
     (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4),
@@ -1169,7 +1283,7 @@ _PTX_OK: dict = {}
 
 
 def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
-    """Once per device and kernel (dot4 | dot4t): the PTX decode compiles and gives the plain decode's result
+    """Once per device and kernel (dot4 | dot4t | dot4s): the PTX decode compiles and gives the plain decode's result
     (else the plain one runs)."""
     key = (kind, device.type, device.index)
     if key not in _PTX_OK:
@@ -1184,8 +1298,9 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
                 st = prepare(qt)
                 for dt in (torch.bfloat16, torch.float16):
                     x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
-                    cfg = dict(BN=64 if kind == "dot4t" else 32, SPLIT_K=1)
-                    a, b = _launch_dot4(x, st, cfg, True, swap=kind == "dot4t"), _launch_dot4(x, st, cfg, False, swap=kind == "dot4t")
+                    cfg = dict(BN=32 if kind == "dot4" else 64, SPLIT_K=1)
+                    kw = dict(swap=kind != "dot4", scaled=kind == "dot4s")
+                    a, b = _launch_dot4(x, st, cfg, True, **kw), _launch_dot4(x, st, cfg, False, **kw)
                     if not torch.equal(a, b):
                         _PTX_OK["why"] = f"{kind} differs from the plain decode by {float((a.float() - b.float()).abs().max())}"
                         return False
@@ -1197,21 +1312,37 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
     return _PTX_OK[key]
 
 
-def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False, swap: bool = False) -> torch.Tensor:
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False, swap: bool = False,
+                 scaled: bool = False) -> torch.Tensor:
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
-        ptx = not interp and _ptx_ok(x2.device, "dot4t" if swap and not tc else "dot4")
+        ptx = not interp and _ptx_ok(x2.device, "dot4s" if scaled else "dot4t" if swap and not tc else "dot4")
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
-    if swap and not tc:
+    if scaled:
+        kb = cfg.get("KB", 1)
+        nblk = st.k // 128
+        if nblk % (sk * kb):
+            raise ValueError(f"dot4s: {nblk} blocks do not split into {sk} x {kb}")
+        _wo_dot4s_kernel[grid](
+            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
+            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+            HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
+            BM=bm, BN=bn, SPLIT_K=sk, KB=kb, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
+    elif swap and not tc:
+        ku = cfg.get("KU", 1)
+        nblk = st.k // 128
+        if ku > 1 and (nblk % sk or (nblk // sk) % ku):
+            raise ValueError(f"dot4t: {nblk} blocks do not split into {sk} x {ku}")
         _wo_dot4t_kernel[grid](
             x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
             m, st.n, st.k, x2.stride(0), st.n, m * st.n,
             HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
-            BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+            BM=bm, BN=bn, SPLIT_K=sk, KU=ku, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
     elif tc:
         _wo_tc4_kernel[grid](
@@ -1296,6 +1427,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         ptx = None if path == "dot4" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=_dot4_default(st.n)))
+    elif path in ("dot4s", "dot4s-plain"):
+        ptx = None if path == "dot4s" else False
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, swap=True, scaled=True)  # noqa: E731
+        y = run(tuning.pick(_key(st, path, m), DOT4S_CONFIGS if m <= 16 else DOT4T_LARGE, run, default=_dot4s_default(st.n, st.k, m)))
     elif path in ("dot4t", "dot4t-plain"):
         ptx = None if path == "dot4t" else False
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, swap=True)  # noqa: E731
@@ -1352,6 +1487,15 @@ def _dot4t_default(n: int, k: int, m: int) -> dict:
     if m > 16:
         return dict(BM=128 if m >= 128 else 64, BN=128, SPLIT_K=1, num_warps=8 if m >= 128 else 4, num_stages=3)
     return dict(BN=128, SPLIT_K=4 if n <= 16384 else 2, num_warps=4, num_stages=3)
+
+
+def _dot4s_default(n: int, k: int, m: int) -> dict:
+    """Untuned dot4s config (not yet tuned on a GPU)."""
+    if tuning.interpreting():
+        return dict(BN=64, SPLIT_K=2, KB=2, num_warps=4, num_stages=3)
+    if m > 16:
+        return dict(BM=128 if m >= 128 else 64, BN=128, SPLIT_K=1, num_warps=8 if m >= 128 else 4, num_stages=3)
+    return dict(BN=64, SPLIT_K=2, KB=2, num_warps=4, num_stages=3)
 
 
 def _default(path: str, n: int) -> dict:
