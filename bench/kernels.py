@@ -322,7 +322,7 @@ def main():
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
                 paths = (("gemv16", "dot4s") if m == 1 else ("dot4", "dot4t", "dot4s") if m <= 16
-                         else ("dequant", "dot4t") if m >= 128 else ())
+                         else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only

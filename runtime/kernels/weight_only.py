@@ -835,16 +835,16 @@ def _tdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.c
 
 
 @triton.jit
-def _dot4t_block(acc, b, x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
+def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
                  N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
                  INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b."""
+    """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b (s: the block's scales, [BN] fp32)."""
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
     words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-    g = tl.load(gblk_ptr + b * 8)
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        g = tl.load(gblk_ptr + b * 8)
     k0 = b * 128
     if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
         # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
@@ -905,9 +905,15 @@ def _wo_dot4t_kernel(
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
+    # the group scales are read one block ahead (a load whose address comes from another load: on the step's
+    # critical path it was the top stall, "long scoreboard", in Nsight Compute)
+    s_next = tl.load(s_ptr + tl.load(gblk_ptr + b0 * 8) * N + offs_n, mask=mask_n, other=0.0)
     for bb in range(b0, b1, KU):
         for u in tl.static_range(KU):
-            acc = _dot4t_block(acc, bb + u, x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
+            s = s_next.to(tl.float32)
+            g_next = tl.load(gblk_ptr + tl.minimum(bb + u + 1, b1 - 1) * 8)
+            s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
+            acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
                                offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM)
     optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     omask = mask_m[None, :] & mask_n[:, None]
@@ -1141,7 +1147,7 @@ DOT4T_LARGE = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm,
     (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4),
     (256, 128, 8, 3),
 ]]
-DEQUANT_MIN_M = 512  # at or above: dequantize + cuBLAS
+DEQUANT_MIN_M = 128  # at or above: dequantize + cuBLAS (H100, M = 128: 0.45x bf16 vs 0.31x for the fused tiled kernel)
 # the tensor-core int4 path for 2 <= M <= 16 (H100, bench/kernels.py --ms 1,16, CUDA-graph time, geometric
 # mean of the four Llama-3-8B shapes: dot4 1.14x bf16 at M = 16 vs 0.92x for the fused dequant "small"
 # kernel; at M = 1 the GEMV stays: 1.87x vs 1.17x). QTOOL_DOT4=0 turns it off.
@@ -1415,7 +1421,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 tuning.interpreting() or _h2_ok(x2.device, "nvfp4" if st.wtype == WTYPE_NVFP4 else "int4")):
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
-            path = "dot4"
+            path = "dot4t"
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan"):
@@ -1456,19 +1462,17 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
 
 def _gemv16_default(n: int, k: int, fp4: bool = False) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
-    (bench/kernels.py, session 7): wide N 512 columns x split-K 8, long K 32 x 16, 4096 x 4096 64 x 8,
-    qkv 256 x 16; one block per step, 4 warps. The interpreter (CPU tests) keeps small tiles."""
+    (bench/kernels.py, sessions 7 and 8): wide N 512 columns x split-K 8, long K 256 x 16 (two blocks per
+    step), qkv and o 256 x 16; 4 warps. The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
     if fp4 and k >= 8192:  # NVFP4 (more registers per word): the tuner's choice for down
         return dict(BN=32, SPLIT_K=8, KU=2, num_warps=4)
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4)
-    if k >= 8192:
-        return dict(BN=32, SPLIT_K=16, KU=1, num_warps=4)
-    if n * k <= 20 << 20:
-        return dict(BN=64, SPLIT_K=8, KU=1, num_warps=4)
-    return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)
+    if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
+        return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4)
+    return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)  # qkv and o (session 8: o took 256 x 16 on both)
 
 
 def _dot4_default(n: int) -> dict:
@@ -1481,12 +1485,23 @@ def _dot4_default(n: int) -> dict:
 
 
 def _dot4t_default(n: int, k: int, m: int) -> dict:
-    """Untuned dot4t config (not yet tuned on a GPU: BN 128 x split-K 4, one warp group)."""
+    """Untuned dot4t config: what the CUDA-graph tuner chose on an H100 for the Llama-3-8B shapes at M = 16
+    (bench/kernels.py, session 8): 64 rows x split-K 8 for 4096 x 4096, 2 for gate_up's 28672 rows, 4 (two
+    blocks per step) for qkv; down's long K 128 rows x split-K 16. One warp group, 3 stages."""
     if tuning.interpreting():
         return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
     if m > 16:
         return dict(BM=128 if m >= 128 else 64, BN=128, SPLIT_K=1, num_warps=8 if m >= 128 else 4, num_stages=3)
-    return dict(BN=128, SPLIT_K=4 if n <= 16384 else 2, num_warps=4, num_stages=3)
+    nblk = k // 128
+    if k >= 8192:
+        cfg = dict(BN=128, SPLIT_K=16)
+    elif n >= 16384:
+        cfg = dict(BN=64, SPLIT_K=2)
+    elif n * k <= 20 << 20:
+        cfg = dict(BN=64, SPLIT_K=8)
+    else:
+        cfg = dict(BN=64, SPLIT_K=4, KU=2 if nblk % 8 == 0 else 1)
+    return dict(cfg, num_warps=4, num_stages=3)
 
 
 def _dot4s_default(n: int, k: int, m: int) -> dict:
