@@ -305,6 +305,10 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         assert rel_err(y2, y1) < 1e-2
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path if path in ("dot4t", "dot4s") else "dot4") is False
+    if path == "dot4t":  # the large-M tiles (M = 128 on wide N by default on the GPU): 70 rows in two 64-row tiles
+        x = x_of(70, k).to(dtype)
+        y = weight_only._launch_dot4(x, st, dict(BM=64, BN=64, SPLIT_K=1), swap=True)
+        assert rel_err(y, x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     if path == "dot4s":  # two blocks per dot, and the block count not a multiple of split-K x KB: refused
         y3 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=2, KB=2), **kw)
         assert rel_err(y3, y1) < 1e-2
