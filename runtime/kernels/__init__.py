@@ -8,11 +8,12 @@ weight_only  int4/int8 weights (GPTQ/AWQ groups, sym/asym, act order), NVFP4 and
 w8a8         FP8 (per-tensor, row-wise) via torch._scaled_mm, block-FP8 and INT8 via Triton
 act_quant    fused per-token / per-group activation quantizers, NVFP4 activation fake-quant
 
-Switches (environment, read at import): QTOOL_TUNE=1 times the candidate configs once per shape and keeps
-the fastest (else the H100 tuner's choices are the defaults); QTOOL_GEMV16=0 keeps the fp32 GEMV at M = 1;
+Switches (environment, read at import): QTOOL_TUNE=1 times the candidate configs once per shape (CUDA graph,
+cold L2) and keeps the fastest (else the H100 tuner's choices are the defaults); QTOOL_GEMV16=0 keeps the fp32 GEMV at M = 1;
 QTOOL_FUSED_REDUCE=0 sums split-K partials in a second kernel; QTOOL_DOT4=0 leaves int4 at 2 <= M <= 16 to
-the fused dequant kernel; QTOOL_FP8_FAST_ACCUM=0 makes FP8 _scaled_mm promote its accumulator every block.
-Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed).
+the fused dequant kernel (and wide layers at M <= 128 to dequantize + cuBLAS); QTOOL_FP8_FAST_ACCUM=0 makes FP8 _scaled_mm promote its accumulator every block.
+Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed),
+`python bench/stalls.py` (one call for Nsight Compute).
 """
 
 from __future__ import annotations

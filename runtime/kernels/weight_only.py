@@ -11,9 +11,11 @@ MX e8m0 as raw bytes); `gblk[j]` is the group of the 16-channel run j. Act order
 is handled by sorting K by g_idx at load time and gathering x through the same permutation.
 
 Paths: M = 1 the packed-fp16 GEMV (`gemv16`: int4 with one group per 128-channel block, NVFP4; inline
-PTX decodes two codes per instruction) or the fp32 GEMV (the other layouts), 2 <= M <= 16 int4 through
-tensor cores (`dot4`) or a fused dequant + tl.dot kernel (split-K for small M), medium M the fused
-kernel, large M a dequantize kernel followed by cuBLAS.
+PTX decodes two codes per instruction) or the fp32 GEMV (the other layouts); 2 <= M <= 16 int4 through
+wgmma with the decoded weights as its register operand (`dot4t`: out^T = W x^T, also wide-N layers at
+64 < M <= 128), else a fused dequant + tl.dot kernel (split-K for small M); M >= 128 a dequantize kernel
+followed by cuBLAS. `dot4` (x as the left operand: the decoded tile goes through shared memory), `dot4s`
+(the scale in the decode) and `tc4`/`tc4t` are kept as measured alternatives (bench/kernels.py rows).
 """
 
 from __future__ import annotations
@@ -1148,9 +1150,9 @@ DOT4T_LARGE = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm,
     (256, 128, 8, 3),
 ]]
 DEQUANT_MIN_M = 128  # at or above: dequantize + cuBLAS (H100, M = 128: 0.45x bf16 vs 0.31x for the fused tiled kernel)
-# the tensor-core int4 path for 2 <= M <= 16 (H100, bench/kernels.py --ms 1,16, CUDA-graph time, geometric
-# mean of the four Llama-3-8B shapes: dot4 1.14x bf16 at M = 16 vs 0.92x for the fused dequant "small"
-# kernel; at M = 1 the GEMV stays: 1.87x vs 1.17x). QTOOL_DOT4=0 turns it off.
+# the tensor-core int4 path for 2 <= M <= 16 (H100, bench/kernels.py --no-tune --ms 16, CUDA-graph time,
+# geometric mean of the four Llama-3-8B shapes, session 8: dot4t 1.69-1.75x bf16, dot4 1.14x, the fused
+# dequant "small" kernel 0.92x). QTOOL_DOT4=0 turns it off.
 DOT4_DEFAULT = os.environ.get("QTOOL_DOT4", "1") == "1"
 
 
@@ -1448,14 +1450,14 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         y = run(tuning.pick(_key(st, path, m), DOT4T_CONFIGS if m <= 16 else DOT4T_LARGE, run, default=_dot4t_default(st.n, st.k, m)))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
-        xp = x2 if st.perm is None else x2[:, st.perm.long()]
+        xp = x2 if st.perm is None else x2.index_select(1, st.perm)
         y = torch.nn.functional.linear(xp, w)
     else:
         configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "tiled": TILED_CONFIGS}[path]
         dot = path != "gemv"
         use_perm = True
         if st.perm is not None and m > 16:  # gather x once (coalesced tiles) instead of per tile
-            x2, use_perm = x2[:, st.perm.long()], False
+            x2, use_perm = x2.index_select(1, st.perm), False
         if path == "gemv":  # one row of x per program row
             run = lambda cfg: _launch_gemv(x2, st, cfg)  # noqa: E731
         else:
