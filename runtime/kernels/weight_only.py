@@ -825,15 +825,14 @@ def _dec4z_slot(words, i: tl.constexpr, zq, DT: tl.constexpr, INTERP: tl.constex
 
 
 @triton.jit
-def _tdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
-    """blk [BN, BM] += v [BN, 16] . x[:, k0:k0+16]^T"""
-    kk = k0 + tl.arange(0, 16)
+def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
+    """acc [BN, BM] += v [BN, KC] . x[:, kk]^T"""
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk)
     xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
     if INTERP:
         xs = xs.to(tl.float32)
-    return tl.dot(v, xs, blk)
+    return tl.dot(v, xs, acc)
 
 
 @triton.jit
@@ -877,14 +876,14 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
         v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
         v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
     blk = tl.zeros((BN, BM), dtype=tl.float32)
-    blk = _tdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
-    blk = _tdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
-    blk = _tdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
-    blk = _tdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
-    blk = _tdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
-    blk = _tdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
-    blk = _tdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
-    blk = _tdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
+    blk = _sdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112 + offs_r, HAS_PERM, INTERP)
     return acc + blk * s[:, None]
 
 
@@ -960,17 +959,6 @@ def _dec4s(words, i: tl.constexpr, magic, zneg, spair, zq, sq, DT: tl.constexpr,
         if not INTERP:
             v = v.to(DT)
     return v
-
-
-@triton.jit
-def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
-    """acc [BN, BM] += v [BN, KC] . x[:, kk]^T"""
-    if HAS_PERM:
-        kk = tl.load(perm_ptr + kk)
-    xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
-    if INTERP:
-        xs = xs.to(tl.float32)
-    return tl.dot(v, xs, acc)
 
 
 @triton.jit
