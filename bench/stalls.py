@@ -51,7 +51,7 @@ def main():
         if a.path.startswith("gemv16"):
             run = lambda cfg=cfg: wo._launch_gemv16(x, st, dict(dict(KU=1, num_warps=4), **cfg), True)  # noqa: E731
         else:
-            run = lambda cfg=cfg: wo._launch_dot4(x, st, cfg, swap=a.path != "dot4", scaled=a.path == "dot4s")  # noqa: E731
+            run = lambda cfg=cfg: wo._launch_dot4(x, st, cfg, kind=a.path)  # noqa: E731
         run()
         torch.cuda.synchronize()
         print(f"{a.path} {a.shape} M={a.m} {cfg}: {tuning.graph_time(run, 40) * 1e3:.1f} us", flush=True)

@@ -282,11 +282,11 @@ def test_gemv16_nvfp4(dtype):
 
 @pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (128, False, True), (-1, True, False), (256, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["dot4", "tc4", "tc4t", "dot4t", "dot4s"])
+@pytest.mark.parametrize("path", ["dot4", "dot4t", "dot4s"])
 def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
     """int4 through tl.dot for M <= 16: codes decoded by the magic OR (128 + q in bf16, 1024 + q in fp16),
-    zero point and scale once per 128-channel block (the default for 2 <= M <= 16; tc4 and tc4t: one tl.dot per block;
-    dot4t: swapped operands, the zero point taken off in the decode); M = 17
+    zero point and scale once per 128-channel block (dot4t, the default for 2 <= M <= 16: swapped operands, the zero
+    point taken off in the decode; dot4s: the scale too); M = 17
     spans two row tiles. (Under the interpreter the plain-Triton decode runs; the PTX decode is checked at
     full size on the GPU by bench/kernels.py.)"""
     n, k = 40, 512
@@ -299,15 +299,15 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         y = weight_only.matmul(x, st, path=path)
         assert y.dtype == dtype and rel_err(y, x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     for sk in (1, 2, 4):  # split-K partial sums equal one pass
-        kw = dict(tc=path.startswith("tc4"), swap=path in ("tc4t", "dot4t", "dot4s"), scaled=path == "dot4s")
+        kw = dict(kind=path)
         y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1), **kw)
         y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), **kw)
         assert rel_err(y2, y1) < 1e-2
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
-    assert weight_only._ptx_ok(torch.device("cpu"), path if path in ("dot4t", "dot4s") else "dot4") is False
+    assert weight_only._ptx_ok(torch.device("cpu"), path) is False
     if path == "dot4t":  # the large-M tiles (M = 128 on wide N by default on the GPU): 70 rows in two 64-row tiles
         x = x_of(70, k).to(dtype)
-        y = weight_only._launch_dot4(x, st, dict(BM=64, BN=64, SPLIT_K=1), swap=True)
+        y = weight_only._launch_dot4(x, st, dict(BM=64, BN=64, SPLIT_K=1), kind="dot4t")
         assert rel_err(y, x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     if path == "dot4s":  # two blocks per dot, and the block count not a multiple of split-K x KB: refused
         y3 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=2, KB=2), **kw)

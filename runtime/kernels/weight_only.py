@@ -15,7 +15,8 @@ PTX decodes two codes per instruction) or the fp32 GEMV (the other layouts); 2 <
 wgmma with the decoded weights as its register operand (`dot4t`: out^T = W x^T, also wide-N layers at
 64 < M <= 128), else a fused dequant + tl.dot kernel (split-K for small M); M >= 128 a dequantize kernel
 followed by cuBLAS. `dot4` (x as the left operand: the decoded tile goes through shared memory), `dot4s`
-(the scale in the decode) and `tc4`/`tc4t` are kept as measured alternatives (bench/kernels.py rows).
+(the scale in the decode) are kept as measured alternatives (bench/kernels.py rows); `tc4`/`tc4t` (one
+K=128 dot per block, slower: NOTES.md, sessions 5-6) were removed in session 8.
 """
 
 from __future__ import annotations
@@ -1011,65 +1012,6 @@ def _wo_dot4s_kernel(
 
 
 @triton.jit
-def _wo_tc4_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, stride_ok,
-    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, INTERP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-):
-    """int4 through tensor cores, one tl.dot per 128-channel block: the code tile is read from the packed
-    words row by row (channel k of the block is slot k // 16 of word row k % 16; the eight reads of a word
-    hit L1) and decoded by one shift, mask and OR with the magic exponent per code. SWAP computes
-    out^T = W x^T (the weights as the left operand, which Hopper's wgmma can take from registers)."""
-    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
-    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
-    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
-    offs_k = tl.arange(0, 128)
-    row = offs_k % 16
-    shift = (offs_k // 16) * 4
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b in range(b0, b1):
-        kk = b * 128 + offs_k
-        if HAS_PERM:
-            kk = tl.load(perm_ptr + kk)
-        s, z = _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO, MAGIC)
-        if SWAP:
-            words = tl.load(qw_ptr + (b * 16 + row)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-            v = (((words >> shift[None, :]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
-            xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
-            if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
-                v = v.to(tl.float32)
-                xs = xs.to(tl.float32)
-            blk = tl.dot(v, xs)
-            xsum = tl.sum(xs.to(tl.float32), axis=0)
-            acc += (blk - z[:, None] * xsum[None, :]) * s[:, None]
-        else:
-            words = tl.load(qw_ptr + (b * 16 + row)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            v = (((words >> shift[:, None]) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
-            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-            if INTERP:
-                v = v.to(tl.float32)
-                xs = xs.to(tl.float32)
-            blk = tl.dot(xs, v)
-            xsum = tl.sum(xs.to(tl.float32), axis=1)
-            acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if SWAP:
-        res = tl.trans(acc)
-    else:
-        res = acc
-    if SPLIT_K == 1:
-        tl.store(optrs, res.to(out_ptr.dtype.element_ty), mask=omask)
-    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
-        tl.store(optrs + pid_k * stride_ok, res, mask=omask)
-
-
-@triton.jit
 def _wo_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
     BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
@@ -1295,8 +1237,7 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
                 for dt in (torch.bfloat16, torch.float16):
                     x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
                     cfg = dict(BN=32 if kind == "dot4" else 64, SPLIT_K=1)
-                    kw = dict(swap=kind != "dot4", scaled=kind == "dot4s")
-                    a, b = _launch_dot4(x, st, cfg, True, **kw), _launch_dot4(x, st, cfg, False, **kw)
+                    a, b = _launch_dot4(x, st, cfg, True, kind), _launch_dot4(x, st, cfg, False, kind)
                     if not torch.equal(a, b):
                         _PTX_OK["why"] = f"{kind} differs from the plain decode by {float((a.float() - b.float()).abs().max())}"
                         return False
@@ -1308,55 +1249,33 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
     return _PTX_OK[key]
 
 
-def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, tc: bool = False, swap: bool = False,
-                 scaled: bool = False) -> torch.Tensor:
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4") -> torch.Tensor:
+    """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
+    wgmma's register operand) or dot4s (dot4t with the scale in the decode)."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
-        ptx = not interp and _ptx_ok(x2.device, "dot4s" if scaled else "dot4t" if swap and not tc else "dot4")
+        ptx = not interp and _ptx_ok(x2.device, kind)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
     has_perm = st.perm is not None
-    if has_perm and swap and not tc:  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
+    if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
         x2, has_perm = x2.index_select(1, st.perm), False
-    if scaled:
-        kb = cfg.get("KB", 1)
-        nblk = st.k // 128
-        if nblk % (sk * kb):
-            raise ValueError(f"dot4s: {nblk} blocks do not split into {sk} x {kb}")
-        _wo_dot4s_kernel[grid](
-            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if has_perm else st.gblk, dst,
-            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-            HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
-            BM=bm, BN=bn, SPLIT_K=sk, KB=kb, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-        )
-    elif swap and not tc:
-        ku = cfg.get("KU", 1)
-        nblk = st.k // 128
-        if ku > 1 and (nblk % sk or (nblk // sk) % ku):
-            raise ValueError(f"dot4t: {nblk} blocks do not split into {sk} x {ku}")
-        _wo_dot4t_kernel[grid](
-            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if has_perm else st.gblk, dst,
-            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-            HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
-            BM=bm, BN=bn, SPLIT_K=sk, KU=ku, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-        )
-    elif tc:
-        _wo_tc4_kernel[grid](
-            x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
-            m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-            HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, INTERP=interp,
-            BM=bm, BN=bn, SPLIT_K=sk, SWAP=swap, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-        )
+    nblk, ku = st.k // 128, cfg.get("KB", cfg.get("KU", 1))
+    if ku > 1 and nblk % (sk * ku):
+        raise ValueError(f"{kind}: {nblk} blocks do not split into {sk} x {ku}")
+    args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if has_perm else st.gblk, dst,
+            m, st.n, st.k, x2.stride(0), st.n, m * st.n)
+    kw = dict(HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
+              BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    if kind == "dot4s":
+        _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
+    elif kind == "dot4t":
+        _wo_dot4t_kernel[grid](*args, KU=ku, **kw)
     else:
-      _wo_dot4_kernel[grid](
-        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk, dst,
-        m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-        HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
-        BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-    )
+        _wo_dot4_kernel[grid](*args, **kw)
     if sk > 1:
         total = m * st.n
         _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
@@ -1402,8 +1321,8 @@ def _key(st: WeightOnlyState, path: str, m: int):
 
 
 def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> torch.Tensor:
-    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces gemv16 | gemv16-plain | gemv16-sep | dot4 | dot4-plain |
-    gemv | small | tiled | dequant."""
+    """y = x @ W^T for x [..., K] in fp16/bf16. `path` forces gemv16 | gemv16-plain | gemv16-sep | gemv16-nopf |
+    gemv16-scan | dot4t | dot4t-plain | dot4 | dot4-plain | dot4s | dot4s-plain | gemv | small | tiled | dequant."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -1424,18 +1343,15 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan")
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "tc4", "tc4t"):
-        ptx = None if path == "dot4" else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, tc=path.startswith("tc4"), swap=path == "tc4t")  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), DOT4_CONFIGS, run, default=_dot4_default(st.n)))
-    elif path in ("dot4s", "dot4s-plain"):
-        ptx = None if path == "dot4s" else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, swap=True, scaled=True)  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), DOT4S_CONFIGS if m <= 16 else DOT4T_LARGE, run, default=_dot4s_default(st.n, st.k, m)))
-    elif path in ("dot4t", "dot4t-plain"):
-        ptx = None if path == "dot4t" else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, swap=True)  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), DOT4T_CONFIGS if m <= 16 else DOT4T_LARGE, run, default=_dot4t_default(st.n, st.k, m)))
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4s", "dot4s-plain"):
+        kind, ptx = path.removesuffix("-plain"), None if "-plain" not in path else False
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind)  # noqa: E731
+        if kind == "dot4":
+            configs, default = DOT4_CONFIGS, _dot4_default(st.n)
+        else:
+            configs = DOT4T_LARGE if m > 16 else DOT4S_CONFIGS if kind == "dot4s" else DOT4T_CONFIGS
+            default = (_dot4s_default if kind == "dot4s" else _dot4t_default)(st.n, st.k, m)
+        y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
         xp = x2 if st.perm is None else x2.index_select(1, st.perm)
