@@ -837,6 +837,17 @@ def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.c
 
 
 @triton.jit
+def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K: tl.constexpr):
+    """Store acc [BN, BM] (out^T) into out [M, N], or as fp32 partial sums [SPLIT_K, M, N] for _splitk_reduce."""
+    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    omask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+
+
+@triton.jit
 def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
                  N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
                  INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
@@ -855,36 +866,18 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
             zneg = ((-(zt + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
         else:
             zneg = tl.full((BN, 16), ZNEG8, tl.int32)
-        v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
-        v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
-        v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
-        v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
-        v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
-        v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
-        v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
-        v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
     else:
         if HAS_ZERO:
             zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         else:
             zq = tl.full((BN,), 8.0, tl.float32)
-        v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
-        v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
-        v2 = _dec4z_slot(words, 2, zq, DT, INTERP)
-        v3 = _dec4z_slot(words, 3, zq, DT, INTERP)
-        v4 = _dec4z_slot(words, 4, zq, DT, INTERP)
-        v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
-        v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
-        v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
     blk = tl.zeros((BN, BM), dtype=tl.float32)
-    blk = _sdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112 + offs_r, HAS_PERM, INTERP)
+    for i in tl.static_range(8):
+        if PTX:
+            v = _dec4z_ptx(words, i, magic, zneg, DT)
+        else:
+            v = _dec4z_slot(words, i, zq, DT, INTERP)
+        blk = _sdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + i * 16 + offs_r, HAS_PERM, INTERP)
     return acc + blk * s[:, None]
 
 
@@ -917,12 +910,7 @@ def _wo_dot4t_kernel(
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
                                offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM)
-    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    omask = mask_m[None, :] & mask_n[:, None]
-    if SPLIT_K == 1:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
-        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K)
 
 
 def _dec4s_asm(fp16: bool, i: int) -> str:
@@ -995,20 +983,10 @@ def _wo_dot4s_kernel(
             zneg = tl.full((BN, KC), ZNEG8, tl.int32)
         spair = (st.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
         kk = (b + offs_c // 16) * 128 + offs_c % 16
-        acc = _sdot(acc, _dec4s(words, 0, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 1, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 16, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 2, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 32, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 3, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 48, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 4, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 64, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 5, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 80, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 6, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 96, HAS_PERM, INTERP)
-        acc = _sdot(acc, _dec4s(words, 7, magic, zneg, spair, zq, sq, DT, PTX, INTERP), x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + 112, HAS_PERM, INTERP)
-    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    omask = mask_m[None, :] & mask_n[:, None]
-    if SPLIT_K == 1:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
-        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+        for i in tl.static_range(8):
+            v = _dec4s(words, i, magic, zneg, spair, zq, sq, DT, PTX, INTERP)
+            acc = _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk + i * 16, HAS_PERM, INTERP)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K)
 
 
 @triton.jit
