@@ -871,13 +871,34 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
             zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         else:
             zq = tl.full((BN,), 8.0, tl.float32)
+    # all eight slots decoded before the first dot (slot by slot between the dots: 1.70x vs 1.75x at M=16, same H100)
+    if PTX:
+        v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
+        v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
+        v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
+        v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
+        v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
+        v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
+        v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
+        v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
+    else:
+        v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
+        v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
+        v2 = _dec4z_slot(words, 2, zq, DT, INTERP)
+        v3 = _dec4z_slot(words, 3, zq, DT, INTERP)
+        v4 = _dec4z_slot(words, 4, zq, DT, INTERP)
+        v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
+        v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
+        v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
     blk = tl.zeros((BN, BM), dtype=tl.float32)
-    for i in tl.static_range(8):
-        if PTX:
-            v = _dec4z_ptx(words, i, magic, zneg, DT)
-        else:
-            v = _dec4z_slot(words, i, zq, DT, INTERP)
-        blk = _sdot(blk, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + i * 16 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96 + offs_r, HAS_PERM, INTERP)
+    blk = _sdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112 + offs_r, HAS_PERM, INTERP)
     return acc + blk * s[:, None]
 
 
