@@ -15,7 +15,8 @@ _cache: dict = {}
 FINALISTS = 3  # candidates timed a second time
 FLUSH_BYTES = 64 << 20  # more than an H100's / H200's L2 (50 / 60 MB)
 _enabled = os.environ.get("QTOOL_TUNE", "0") == "1"
-_flush: dict = {}
+_flush_buf: dict = {}  # device -> the buffer written before every timed call
+_flush_ms: dict = {}  # (device, repetitions) -> milliseconds of the flushes alone
 
 
 def interpreting() -> bool:
@@ -64,18 +65,17 @@ def graph_time(fn, rep: int = 20) -> float:
 
     dev = torch.cuda.current_device()
     n = max(4, rep // 2)
-    if (dev, n) not in _flush:
-        buf = _flush.get(dev)
-        if buf is None:
-            buf = _flush[dev] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-        _flush[(dev, n)] = _replay_ms(buf.zero_, n)
-    buf = _flush[dev]
+    if dev not in _flush_buf:
+        _flush_buf[dev] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    buf = _flush_buf[dev]
+    if (dev, n) not in _flush_ms:
+        _flush_ms[(dev, n)] = _replay_ms(buf.zero_, n)
 
     def body():
         buf.zero_()
         fn()
 
-    return max(_replay_ms(body, n) - _flush[(dev, n)], 1e-6)
+    return max(_replay_ms(body, n) - _flush_ms[(dev, n)], 1e-6)
 
 
 def _bench(fn, rep: int) -> float:

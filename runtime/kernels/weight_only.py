@@ -788,17 +788,22 @@ def _wo_dot4_kernel(
         tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
 
 
-def _dec4z_asm(fp16: bool, i: int) -> str:
+def _dec4z_asm(fp16: bool, i: int, scaled: bool = False) -> str:
     """PTX for slot i of two words (word rows 2c, 2c + 1 of a block: a K pair of wgmma's register operand)
     -> one 16-bit float pair q - z: prmt pairs the half-words, lop3 ORs the nibble pair into the magic
-    exponent (MAGIC + q, exact), one packed FMA adds -(MAGIC + z) (exact: small integers). One output per
-    call: Triton moves the layout conversion of a single-output asm back to the load (the decoded tile
-    stays in registers), not of a multi-output one."""
+    exponent (MAGIC + q, exact), one packed FMA adds -(MAGIC + z) (exact: small integers); scaled (dot4s):
+    then times the group scale pair $7, one rounding, as a dequantize to the activations' dtype (Marlin's).
+    One output per call: Triton moves the layout conversion of a single-output asm back to the load (the
+    decoded tile stays in registers), not of a multi-output one."""
     one, ty = ("0x3C003C00", "f16x2") if fp16 else ("0x3F803F80", "bf16x2")
-    out = [".reg .b32 t, one;", f"mov.b32 one, {one};", f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};"]
+    out = [".reg .b32 t, one, nz;" if scaled else ".reg .b32 t, one;", f"mov.b32 one, {one};"]
+    if scaled:
+        out.append("mov.b32 nz, 0x80008000;")
+    out.append(f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};")
     if i % 4:
         out.append(f"shr.b32 t, t, {4 * (i % 4)};")
-    out += ["lop3.b32 t, t, 0x000F000F, $3, 0xEA;", f"fma.rn.{ty} $0, t, one, $5;"]
+    out.append("lop3.b32 t, t, 0x000F000F, $3, 0xEA;")
+    out += [f"fma.rn.{ty} t, t, one, $5;", f"fma.rn.{ty} $0, t, $7, nz;"] if scaled else [f"fma.rn.{ty} $0, t, one, $5;"]
     return "{\n" + "\n".join(out) + "\n}"
 
 
@@ -823,6 +828,12 @@ def _dec4z_slot(words, i: tl.constexpr, zq, DT: tl.constexpr, INTERP: tl.constex
     if not INTERP:
         v = v.to(DT)
     return v
+
+
+@triton.jit
+def _h16_pair(v, DT: tl.constexpr):
+    """A float tile as DT bits in both halves of an int32 (the packed-pair operand of the PTX decodes)."""
+    return (v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
 
 
 @triton.jit
@@ -863,7 +874,7 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
         # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
         if HAS_ZERO:
             zt = tl.load(z_ptr + g * N + offs_n[:, None] + 0 * offs_r[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-            zneg = ((-(zt + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+            zneg = _h16_pair(-(zt + MAGIC), DT)
         else:
             zneg = tl.full((BN, 16), ZNEG8, tl.int32)
     else:
@@ -934,20 +945,8 @@ def _wo_dot4t_kernel(
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K)
 
 
-def _dec4s_asm(fp16: bool, i: int) -> str:
-    """As _dec4z_asm, then times the group scale (a 16-bit float pair): one rounding, as a dequantize to
-    the activations' dtype (Marlin's)."""
-    one, ty = ("0x3C003C00", "f16x2") if fp16 else ("0x3F803F80", "bf16x2")
-    out = [".reg .b32 t, one, nz;", f"mov.b32 one, {one};", "mov.b32 nz, 0x80008000;",
-           f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};"]
-    if i % 4:
-        out.append(f"shr.b32 t, t, {4 * (i % 4)};")
-    out += ["lop3.b32 t, t, 0x000F000F, $3, 0xEA;", f"fma.rn.{ty} t, t, one, $5;", f"fma.rn.{ty} $0, t, $7, nz;"]
-    return "{\n" + "\n".join(out) + "\n}"
-
-
-_DEC4S_F16 = tl.constexpr(tuple(_dec4s_asm(True, i) for i in range(8)))
-_DEC4S_BF16 = tl.constexpr(tuple(_dec4s_asm(False, i) for i in range(8)))
+_DEC4S_F16 = tl.constexpr(tuple(_dec4z_asm(True, i, scaled=True) for i in range(8)))
+_DEC4S_BF16 = tl.constexpr(tuple(_dec4z_asm(False, i, scaled=True) for i in range(8)))
 
 
 @triton.jit
@@ -998,11 +997,11 @@ def _wo_dot4s_kernel(
         sq = st.to(DT).to(tl.float32)
         if HAS_ZERO:
             zq = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.float32)
-            zneg = ((-(zq + MAGIC)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+            zneg = _h16_pair(-(zq + MAGIC), DT)
         else:  # a constant (arithmetic on a constant tile would keep Triton from moving the layout conversion)
             zq = tl.full((BN, KC), 8.0, tl.float32)
             zneg = tl.full((BN, KC), ZNEG8, tl.int32)
-        spair = (st.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+        spair = _h16_pair(st, DT)
         kk = (b + offs_c // 16) * 128 + offs_c % 16
         for i in tl.static_range(8):
             v = _dec4s(words, i, magic, zneg, spair, zq, sq, DT, PTX, INTERP)
@@ -1394,6 +1393,11 @@ def _dot4_default(n: int) -> dict:
     return dict(BN=128, SPLIT_K=8 if n <= 16384 else 2, num_warps=4, num_stages=3)
 
 
+def _dot4t_large_default(m: int) -> dict:
+    """dot4t / dot4s above 16 rows: 128 x 128 tiles, two warp groups (gate_up at M=128, H100: 0.71-0.73x bf16)."""
+    return dict(BM=128 if m > 64 else 64, BN=128, SPLIT_K=1, num_warps=8 if m > 64 else 4, num_stages=3)
+
+
 def _dot4t_default(n: int, k: int, m: int) -> dict:
     """Untuned dot4t config: what the CUDA-graph tuner chose on an H100 for the Llama-3-8B shapes at M = 16
     (bench/kernels.py, session 8): 64 rows x split-K 8 for 4096 x 4096, 2 for gate_up's 28672 rows, 4 (two
@@ -1401,7 +1405,7 @@ def _dot4t_default(n: int, k: int, m: int) -> dict:
     if tuning.interpreting():
         return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
     if m > 16:
-        return dict(BM=128 if m > 64 else 64, BN=128, SPLIT_K=1, num_warps=8 if m > 64 else 4, num_stages=3)
+        return _dot4t_large_default(m)
     nblk = k // 128
     if k >= 8192:
         cfg = dict(BN=128, SPLIT_K=16)
@@ -1420,7 +1424,7 @@ def _dot4s_default(n: int, k: int, m: int) -> dict:
     if tuning.interpreting():
         return dict(BN=64, SPLIT_K=2, KB=2, num_warps=4, num_stages=3)
     if m > 16:
-        return dict(BM=128 if m > 64 else 64, BN=128, SPLIT_K=1, num_warps=8 if m > 64 else 4, num_stages=3)
+        return _dot4t_large_default(m)
     return dict(BN=64, SPLIT_K=8, KB=1, num_warps=4, num_stages=3)
 
 
