@@ -230,6 +230,10 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
             for _ in range(2):  # the second call finds the counters reset
                 y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, prefetch=sk != 2)
                 assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+            # the group from the table instead of b >> gshift, scales loaded in their own step: the same sums
+            for gshift, spre in ((True, True), (False, True), (True, False)):
+                y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre)
+                assert torch.equal(y4, weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused))
     # blocks of very different magnitude: each 128-channel block has its own prescale (or, SCAN, one for the
     # program's range, found by a first pass over x)
     xw = x_of(1, k).float()
@@ -303,6 +307,13 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1), **kw)
         y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), **kw)
         assert rel_err(y2, y1) < 1e-2
+        if path == "dot4t":  # partials summed by the last program (twice: the counters reset) or by a second
+            # kernel; the group of a block from the shift or from the table: the same sums
+            for fused, gshift in ((True, True), (True, True), (False, True), (True, False), (False, False)):
+                y3 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), kind=path, fused=fused, gshift=gshift)
+                assert torch.equal(y3, y2)
+            if sk > 1:
+                assert int(st._counters.abs().sum()) == 0
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path) is False
     if path == "dot4t":  # the large-M tiles (M = 128 on wide N by default on the GPU): 70 rows in two 64-row tiles
@@ -316,6 +327,26 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
             weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=2, KB=4), **kw)
     # 32-channel groups do not fit one group per packed block: another kernel takes them
     assert not weight_only.dot4_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
+
+
+def test_group_shift_of_the_packed_blocks():
+    """The kernels take the group of 128-channel block b as b >> gshift when that holds for every block (no
+    table lookup): 0 for g128 (act order too: sorted into equal groups), 1 for g256, 30 for one group per
+    channel; unequal groups (a hand-made g_idx) keep the table (-1), and the kernels still match."""
+    n, k = 24, 1024
+    for group, act_order, want in ((128, False, 0), (128, True, 0), (256, False, 1), (-1, False, 30), (512, True, 2)):
+        st = kernels.prepare(int_qt(n, k, 4, group, True, act_order)).state
+        assert st.uniform and st.gshift == want, (group, act_order, st.gshift)
+    qt = int_qt(n, k, 4, 128, True)
+    g = torch.cat([torch.zeros(256), torch.ones(128), torch.full((384,), 2), torch.full((256,), 3)]).to(torch.int32)
+    qt = QTensor(qt.dtype, qt.bits, qt.codes, torch.rand(n, 4) + 0.5, None, 128, g_idx=g)
+    st = kernels.prepare(qt).state
+    assert st.uniform and st.gshift == -1
+    x = x_of(3, k)
+    ref = x.float() @ qt.dequantize(torch.float32).t()
+    assert rel_err(weight_only.matmul(x, st, path="dot4t"), ref) < 1e-2
+    assert rel_err(weight_only.matmul(x[:1], st, path="gemv16"), ref[:1]) < 1e-2
+    assert weight_only.prepare(int_qt(n, k, 4, 32, True)).gshift == -1  # not uniform: no shift
 
 
 def test_tuning_pick_warms_then_keeps_the_fastest_of_a_second_round(monkeypatch):

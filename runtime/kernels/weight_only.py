@@ -50,6 +50,7 @@ class WeightOnlyState:
     bits: int
     wtype: int
     uniform: bool = False  # int weights whose every 16*PER-channel block lies in one group (g >= 128, per channel)
+    gshift: int = -1  # uniform int weights whose block b is group b >> gshift (no gblk lookup in the kernels), else -1
 
     def nbytes(self) -> int:
         b = self.qw.numel() * 4 + self.scales.numel() * self.scales.element_size()
@@ -59,7 +60,7 @@ class WeightOnlyState:
 
     def clone(self) -> "WeightOnlyState":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return WeightOnlyState(self.qw.clone(), self.scales.clone(), c(self.zeros), self.gblk, self.perm, self.global_scale, self.n, self.k, self.bits, self.wtype, self.uniform)
+        return WeightOnlyState(self.qw.clone(), self.scales.clone(), c(self.zeros), self.gblk, self.perm, self.global_scale, self.n, self.k, self.bits, self.wtype, self.uniform, self.gshift)
 
 
 def supports(qt: QTensor) -> str | None:
@@ -127,8 +128,28 @@ def prepare(qt: QTensor) -> WeightOnlyState | None:
     uniform = wtype == WTYPE_INT and bool((gblk.reshape(-1, per) == gblk.reshape(-1, per)[:, :1]).all())
     return WeightOnlyState(
         qw.contiguous(), scales.contiguous(), None if zeros is None else zeros.to(torch.uint8).contiguous(),
-        gblk, perm, gs.float().contiguous(), n, k, bits, wtype, uniform,
+        gblk, perm, gs.float().contiguous(), n, k, bits, wtype, uniform, _group_shift(gblk, per) if uniform else -1,
     )
+
+
+def _group_shift(gblk: torch.Tensor, per: int) -> int:
+    """s where block b (16 * per channels) is group b >> s for every block: 0 for g128, 1 for g256, 30 for one
+    group (per channel; act order sorted into equal groups too); -1 when only the table says (unequal groups)."""
+    gb = gblk.reshape(-1, per)[:, 0].long()
+    if not bool(gb.any()):
+        return 30
+    idx = torch.arange(gb.numel(), device=gb.device)
+    return next((sh for sh in range(16) if torch.equal(gb, idx >> sh)), -1)
+
+
+@triton.jit
+def _group(gblk_ptr, b, GSH: tl.constexpr):
+    """The group of 128-channel block b (a scalar or a tensor of them): b >> GSH, or gblk's entry when GSH < 0
+    (one dependent load fewer on the kernels' critical path, and their scale loads become affine in b)."""
+    if GSH >= 0:
+        return b >> GSH
+    else:
+        return tl.load(gblk_ptr + b * 8)
 
 
 @triton.jit
@@ -464,6 +485,21 @@ def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N):
 
 
 @triton.jit
+def _h2_sz(s_ptr, z_ptr, gblk_ptr, b, b1, offs_u, offs_n, mask_n, N, HAS_ZERO: tl.constexpr, GSH: tl.constexpr):
+    """[KU, BN] scales (as stored) and zero points (int32; 8 when symmetric) of blocks b .. b + KU - 1."""
+    ub = b + offs_u
+    mu = ub < b1
+    g = _group(gblk_ptr, tl.where(mu, ub, 0), GSH)
+    m2 = mu[:, None] & mask_n[None, :]
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.int32)
+    else:
+        z = tl.zeros_like(offs_u)[:, None] + tl.zeros_like(offs_n)[None, :] + 8
+    return s, z
+
+
+@triton.jit
 def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
     """The PTX word sum in plain Triton (fp32 products)."""
     return (((w & 15).to(tl.float32) - zf) * x0[:, :, None] + (((w >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
@@ -485,13 +521,14 @@ def _wo_gemv16_kernel(
     N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
-    FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False,
+    FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
-    back in the loop: programs of the same row and K range write the same values there."""
+    back in the loop: programs of the same row and K range write the same values there. GSH: group of block b
+    is b >> GSH (else the gblk table); SPRE (int): the next step's scales and zero points loaded with its words."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -508,6 +545,8 @@ def _wo_gemv16_kernel(
     if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+    if SPRE and not FP4:
+        sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
     # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
@@ -601,12 +640,12 @@ def _wo_gemv16_kernel(
                                      f0, f1, f2, f3, f4, f5, f6, f7))
             acc += part * dn[:, None, None]
         else:
-            g = tl.load(gblk_ptr + ub * 8, mask=mu, other=0)
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.int32)
+            if SPRE:
+                s, z = sa, za
+                sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b + KU, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
             else:
-                z = tl.full((KU, BN), 8, tl.int32)
+                s, z = _h2_sz(s_ptr, z_ptr, gblk_ptr, b, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
+            s = s.to(tl.float32)
             if PTX:
                 zlo = 0x6400 | z  # fp16 1024 + z
                 zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
@@ -848,27 +887,40 @@ def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.c
 
 
 @triton.jit
-def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K: tl.constexpr):
-    """Store acc [BN, BM] (out^T) into out [M, N], or as fp32 partial sums [SPLIT_K, M, N] for _splitk_reduce."""
-    optrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K: tl.constexpr,
+             res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False):
+    """Store acc [BN, BM] (out^T) into out [M, N], or as fp32 partial sums [SPLIT_K, M, N] (out_ptr) summed by
+    _splitk_reduce, or (FUSED) by the last program of the tile to finish, into res [M, N]; it then resets the
+    tile's counter (grid: N tiles, K splits, M tiles)."""
+    offs = offs_m[None, :] * stride_om + offs_n[:, None]
     omask = mask_m[None, :] & mask_n[:, None]
     if SPLIT_K == 1:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
+        tl.store(out_ptr + offs + pid_k * stride_ok, acc, mask=omask)
+        if FUSED:
+            tl.debug_barrier()  # every thread's partial stored before the count goes up
+            tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+            done = tl.atomic_add(cnt_ptr + tile, 1)  # acq_rel, gpu scope
+            if done == SPLIT_K - 1:
+                tot = tl.zeros_like(acc)
+                for i in tl.static_range(SPLIT_K):
+                    tot += tl.load(out_ptr + offs + i * stride_ok, mask=omask, other=0.0, cache_modifier=".cg")
+                tl.store(res_ptr + offs, tot.to(res_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
 def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
                  N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
-                 INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+                 INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GSH: tl.constexpr):
     """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b (s: the block's scales, [BN] fp32)."""
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
     words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
     if HAS_ZERO:
-        g = tl.load(gblk_ptr + b * 8)
+        g = _group(gblk_ptr, b, GSH)
     k0 = b * 128
     if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
         # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
@@ -918,7 +970,8 @@ def _wo_dot4t_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -934,15 +987,15 @@ def _wo_dot4t_kernel(
     magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
     # the group scales are read one block ahead (a load whose address comes from another load: on the step's
     # critical path it was the top stall, "long scoreboard", in Nsight Compute)
-    s_next = tl.load(s_ptr + tl.load(gblk_ptr + b0 * 8) * N + offs_n, mask=mask_n, other=0.0)
+    s_next = tl.load(s_ptr + _group(gblk_ptr, b0, GSH) * N + offs_n, mask=mask_n, other=0.0)
     for bb in range(b0, b1, KU):
         for u in tl.static_range(KU):
             s = s_next.to(tl.float32)
-            g_next = tl.load(gblk_ptr + tl.minimum(bb + u + 1, b1 - 1) * 8)
+            g_next = _group(gblk_ptr, tl.minimum(bb + u + 1, b1 - 1), GSH)
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
-                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM)
-    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K)
+                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
 
 
 _DEC4S_F16 = tl.constexpr(tuple(_dec4z_asm(True, i, scaled=True) for i in range(8)))
@@ -1121,6 +1174,10 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
 GEMV16_DEFAULT = os.environ.get("QTOOL_GEMV16", "1") == "1"
 FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
+# Written in session 9 without device time, not yet timed on a GPU (bench rows gemv16-sp, dot4t-fr), so off
+# by default: the group of a block as b >> gshift (no table load), gemv16's scales loaded a step ahead with
+# its words, dot4t's split-K partials summed by the tile's last program instead of a second kernel.
+KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
@@ -1143,7 +1200,10 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False) -> torch.Tensor:
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None) -> torch.Tensor:
+    """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT."""
+    gshift = KERNEL_NEXT if gshift is None else gshift
+    spre = KERNEL_NEXT and prefetch if spre is None else spre
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = triton.cdiv(st.n, bn)
@@ -1157,7 +1217,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n,
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
-        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan, num_warps=cfg.get("num_warps", 4),
+        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
+        GSH=st.gshift if gshift else -1, SPRE=spre, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -1247,14 +1308,18 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
     return _PTX_OK[key]
 
 
-def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4") -> torch.Tensor:
+def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
+                 gshift: bool | None = None) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
-    wgmma's register operand) or dot4s (dot4t with the scale in the decode)."""
+    wgmma's register operand) or dot4s (dot4t with the scale in the decode). dot4t sums split-K partials in
+    the kernel (fused) and takes the group of a block as b >> st.gshift (gshift); both default to KERNEL_NEXT."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
         ptx = not interp and _ptx_ok(x2.device, kind)
+    fused = KERNEL_NEXT and FUSED_REDUCE if fused is None else fused
+    gshift = KERNEL_NEXT if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
@@ -1268,13 +1333,15 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
             m, st.n, st.k, x2.stride(0), st.n, m * st.n)
     kw = dict(HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
               BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    fused = fused and kind == "dot4t" and sk > 1
     if kind == "dot4s":
         _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
     elif kind == "dot4t":
-        _wo_dot4t_kernel[grid](*args, KU=ku, **kw)
+        cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
+        _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
     else:
         _wo_dot4_kernel[grid](*args, **kw)
-    if sk > 1:
+    if sk > 1 and not fused:
         total = m * st.n
         _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
     return out
@@ -1336,14 +1403,19 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4t"  # wide N (gate_up) at M = 128, H100: 0.71x bf16 vs 0.41x dequantize + cuBLAS
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
+        # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
+        nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan")
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4s", "dot4s-plain"):
-        kind, ptx = path.removesuffix("-plain"), None if "-plain" not in path else False
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind)  # noqa: E731
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4s", "dot4s-plain"):
+        kind, ptx = path.split("-")[0], None if "-plain" not in path else False
+        # -fr: split-K partials summed in the kernel and group b >> gshift (KERNEL_NEXT); -sh: the shift only;
+        # -v0: neither (session 8's dot4t)
+        fused, gsh = {"dot4t-fr": (True, True), "dot4t-sh": (False, True), "dot4t-v0": (False, False)}.get(path, (None, None))
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
         else:
