@@ -177,7 +177,7 @@ def tinygemm(n, k, group=128):
     return (wp, sz), lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, group, sz), wp.numel() * wp.element_size() + sz.numel() * 2
 
 
-def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check):
+def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check, name="w4a16-g128"):
     """Time weight_only.matmul through each forced path on the rotated copies; with check, also its error."""
     from runtime.kernels import weight_only
 
@@ -190,20 +190,20 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
                 yv = weight_only.matmul(xs, st_copies[0], path)
                 rv = xs.float() @ qt.dequantize(torch.float32).t()
                 rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
-                checks.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
+                checks.append(dict(kernel=f"{name}[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
                 note = f"  err {rel:.1e}"
-                if path in ("dot4", "dot4t", "dot4s"):
+                if path in ("dot4", "dot4t", "dot4s", "dot4f"):
                     note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device, path) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
                 if path == "gemv16":
                     note += f"  (packed-fp16 PTX {'on' if weight_only._h2_ok(xs.device) else 'off: ' + weight_only._H2_OK.get('why', '')})"
             pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
             te = time_calls(pf)
             t = time_graph(pf)
-            rows.append(dict(kernel=f"w4a16-g128[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
+            rows.append(dict(kernel=f"{name}[{path}]", shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
                              peak_share=(wbytes + io) / t / peak, us_eager=te * 1e6, ratio_eager=e_bf / te))
-            print(f"  {'w4a16-g128[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16{note}", flush=True)
+            print(f"  {name + '[' + path + ']':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16{note}", flush=True)
         except Exception as e:
-            print(f"  w4a16 {path} M={m}: failed {str(e)[:300]}", flush=True)
+            print(f"  {name} {path} M={m}: failed {str(e)[:300]}", flush=True)
 
 
 def nbytes_of(prep) -> int:
@@ -331,6 +331,9 @@ def main():
                     t = time_graph([lambda c=c: weight_only.dequantize(c.state, torch.bfloat16) for c in cps])
                     print(f"  {'w4a16-g128[dequant alone]':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
                           f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
+            if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, behind QTOOL_KERNEL_NEXT)
+                path_rows(("dot4f",), preps["nvfp4(w only)"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True,
+                          name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()
     # summary: geometric mean over the four shapes of the ratio to bf16

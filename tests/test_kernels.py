@@ -329,6 +329,34 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
     assert not weight_only.dot4_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dot4f_nvfp4_tensor_core_path(dtype):
+    """NVFP4 weights at 2 <= M <= 16 through tensor cores (dot4f, behind QTOOL_KERNEL_NEXT): each 16-channel
+    slot is one group, its e2m1 values (exact in fp16 / bf16) one dot, the e4m3 scale and the global scale
+    on the fp32 result; equal to x @ dequantized W for M = 2, 5 and 17 (two row tiles), split-K summed in the
+    kernel (twice: the counters reset) or by a second kernel. (Plain decode under the interpreter; the PTX
+    decode is checked against it on the GPU, once per device.)"""
+    n, k = 40, 512
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(5))
+    bs, gs = nm.nvfp4_qparams(w, 16)
+    qt = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, 16), bs, None, 16, global_scale=gs)
+    st = kernels.prepare(qt).state
+    assert weight_only.dot4f_fits(st, x_of(2, k).to(dtype)) and not weight_only.dot4_fits(st, x_of(2, k).to(dtype))
+    ref_w = qt.dequantize(torch.float32)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for m in (2, 5, 17):
+        x = x_of(m, k).to(dtype)
+        y = weight_only.matmul(x, st, path="dot4f")
+        assert y.dtype == dtype and rel_err(y, x.float() @ ref_w.t()) < tol
+    x = x_of(3, k).to(dtype)
+    ref = x.float() @ ref_w.t()
+    for sk, fused in ((2, True), (2, True), (4, False), (4, True)):
+        y = weight_only._launch_dot4(x, st, dict(BN=32, SPLIT_K=sk), False, "dot4f", fused=fused)
+        assert rel_err(y, ref) < tol
+    assert int(st._counters.abs().sum()) == 0
+    assert weight_only._ptx_ok(torch.device("cpu"), "dot4f") is False
+
+
 def test_group_shift_of_the_packed_blocks():
     """The kernels take the group of 128-channel block b as b >> gshift when that holds for every block (no
     table lookup): 0 for g128 (act order too: sorted into equal groups), 1 for g256, 30 for one group per

@@ -1062,6 +1062,71 @@ def _wo_dot4s_kernel(
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K)
 
 
+def _decf_asm(fp16: bool, i: int) -> str:
+    """PTX for slot i of two NVFP4 words (a K pair of wgmma's register operand) -> the two e2m1 values, exactly,
+    as a 16-bit float pair: prmt pairs the half-words, the three magnitude bits go to the top of the exponent
+    field's low end (fp16 bits 9..11: value x 2^-14; bf16 bits 6..8: value x 2^-126, subnormals included)
+    and the sign to bit 15, one packed multiply by 2^14 / 2^126 (exact) gives the value."""
+    q = i % 4
+    mag, hi = (9, "0x0E000E00") if fp16 else (6, "0x01C001C0")
+    sh = mag - 4 * q
+    out = [".reg .b32 t, a, b, c;", f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'};",
+           f"shl.b32 a, t, {sh};" if sh >= 0 else f"shr.u32 a, t, {-sh};", f"and.b32 a, a, {hi};"]
+    out.append(f"shl.b32 b, t, {12 - 4 * q};" if q < 3 else "mov.b32 b, t;")
+    out.append("lop3.b32 a, b, 0x80008000, a, 0xEA;")
+    out += ["mov.b32 c, 0x74007400;", "mul.rn.f16x2 $0, a, c;"] if fp16 else ["mov.b32 c, 0x7E807E80;", "mul.rn.bf16x2 $0, a, c;"]
+    return "{\n" + "\n".join(out) + "\n}"
+
+
+_DECF_F16 = tl.constexpr(tuple(_decf_asm(True, i) for i in range(8)))
+_DECF_BF16 = tl.constexpr(tuple(_decf_asm(False, i) for i in range(8)))
+
+
+@triton.jit
+def _decf_slot(words, i: tl.constexpr, DT: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr):
+    """[BN, 16]: the e2m1 values of slot i of each word, in DT (fp32 under the interpreter)."""
+    if PTX:
+        if DT == tl.float16:
+            return tl.inline_asm_elementwise(asm=_DECF_F16[i], constraints="=r,r,r", args=[words],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(asm=_DECF_BF16[i], constraints="=r,r,r", args=[words],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        v = _e2m1_f32((words >> (i * 4)) & 15) * 16384.0
+        if not INTERP:
+            v = v.to(DT)
+        return v
+
+
+@triton.jit
+def _wo_dot4f_kernel(
+    x_ptr, qw_ptr, s_ptr, gs_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok,
+    FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False,
+):
+    """NVFP4 weights at 2 <= M <= 16 as dot4t does int4 (out^T = W x^T, the decoded weights wgmma's register
+    operand): each 16-channel slot of a 128-channel block is one NVFP4 group, so its e2m1 values (exact in
+    fp16 / bf16) make one dot and the group's e4m3 scale multiplies that dot's fp32 result; the global scale
+    at the end."""
+    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    offs_r = tl.arange(0, 16)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for b in range(b0, b1):
+        words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+        for i in tl.static_range(8):
+            v = _decf_slot(words, i, DT, PTX, INTERP)
+            sc = _e4m3_f32(tl.load(s_ptr + (b * 8 + i) * N + offs_n, mask=mask_n, other=0).to(tl.int32))
+            blk = _sdot(tl.zeros((BN, BM), dtype=tl.float32), v, x_ptr, x_ptr, offs_m, mask_m, stride_xm,
+                        b * 128 + i * 16 + offs_r, False, INTERP)
+            acc += blk * sc[:, None]
+    acc = acc * tl.load(gs_ptr)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
+
+
 @triton.jit
 def _wo_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
@@ -1276,6 +1341,11 @@ def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def dot4f_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
+    """The tensor-core NVFP4 path (dot4f): e4m3 scales per 16 channels, fp16 / bf16 activations."""
+    return st.wtype == WTYPE_NVFP4 and st.scales.shape[0] * 16 == st.k and x.dtype in (torch.float16, torch.bfloat16)
+
+
 _PTX_OK: dict = {}
 
 
@@ -1290,8 +1360,13 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
             codes = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8)
             zeros = torch.randint(0, 16, (64, 2), generator=g, dtype=torch.uint8)
             scales = (torch.rand(64, 2, generator=g) + 0.5).half()
-            for qt in (QTensor("int", 4, codes.to(device), scales.to(device), zeros.to(device), 128),
-                       QTensor("int", 4, (codes.to(torch.int8) - 8).to(device), scales.to(device), None, 128)):
+            fs = torch.tensor([0.25, 1.0, 448.0, 0.001953125])[torch.randint(0, 4, (64, 16), generator=g)]
+            qts = ((QTensor("int", 4, codes.to(device), scales.to(device), zeros.to(device), 128),
+                    QTensor("int", 4, (codes.to(torch.int8) - 8).to(device), scales.to(device), None, 128))
+                   if kind != "dot4f" else  # every e2m1 code, scales from the smallest e4m3 subnormal to the largest
+                   (QTensor("e2m1", 4, codes.to(device), fs.to(torch.float8_e4m3fn).to(device), None, 16,
+                            global_scale=torch.tensor(0.5, device=device)),))
+            for qt in qts:
                 st = prepare(qt)
                 for dt in (torch.bfloat16, torch.float16):
                     x = torch.randn(3, 256, generator=g).to(device=device, dtype=dt)
@@ -1321,6 +1396,8 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
     fused = KERNEL_NEXT and FUSED_REDUCE if fused is None else fused
     gshift = KERNEL_NEXT if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
+    if kind == "dot4f":
+        return _launch_dot4f(x2, st, cfg, ptx, fused, out)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
     has_perm = st.perm is not None
@@ -1341,6 +1418,22 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
         _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
     else:
         _wo_dot4_kernel[grid](*args, **kw)
+    if sk > 1 and not fused:
+        total = m * st.n
+        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
+    return out
+
+
+def _launch_dot4f(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool, out: torch.Tensor) -> torch.Tensor:
+    m, sk, bn, bm = x2.shape[0], cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
+    fused = fused and sk > 1
+    dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
+    cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
+    _wo_dot4f_kernel[grid](x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+                           FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=tuning.interpreting(), BM=bm, BN=bn, SPLIT_K=sk,
+                           res_ptr=out, cnt_ptr=cnt, FUSED=fused, num_warps=cfg.get("num_warps", 4),
+                           num_stages=cfg.get("num_stages", 3))
     if sk > 1 and not fused:
         total = m * st.n
         _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
@@ -1399,6 +1492,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4t"
+        elif 1 < m <= 16 and KERNEL_NEXT and dot4f_fits(st, x2):
+            path = "dot4f"
         elif 64 < m <= 128 and st.n >= 16384 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4t"  # wide N (gate_up) at M = 128, H100: 0.71x bf16 vs 0.41x dequantize + cuBLAS
         else:
@@ -1410,7 +1505,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4s", "dot4s-plain"):
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4s", "dot4s-plain",
+                  "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel and group b >> gshift (KERNEL_NEXT); -sh: the shift only;
         # -v0: neither (session 8's dot4t)
@@ -1418,6 +1514,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
+        elif kind == "dot4f":  # dot4t's configs of one block per step; its untuned default (not yet tuned for NVFP4)
+            configs = [c for c in (DOT4T_LARGE if m > 16 else DOT4T_CONFIGS) if c.get("KU", 1) == 1]
+            default = dict(_dot4t_default(st.n, st.k, m))
+            default.pop("KU", None)
         else:
             configs = DOT4T_LARGE if m > 16 else DOT4S_CONFIGS if kind == "dot4s" else DOT4T_CONFIGS
             default = (_dot4s_default if kind == "dot4s" else _dot4t_default)(st.n, st.k, m)
