@@ -321,7 +321,7 @@ def main():
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-sp", "dot4s") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4s") if m <= 16
+                paths = (("gemv16", "gemv16-sp", "dot4s") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-sh", "dot4t-mma", "dot4s") if m <= 16
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

@@ -316,6 +316,9 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
                 assert int(st._counters.abs().sum()) == 0
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path) is False
+    if path == "dot4t":  # 32-row tiles of two warps (mma.sync on the GPU instead of wgmma): the same sums
+        x = x_of(5, k).to(dtype)
+        assert rel_err(weight_only.matmul(x, st, path="dot4t-mma"), x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     if path == "dot4t":  # the large-M tiles (M = 128 on wide N by default on the GPU): 70 rows in two 64-row tiles
         x = x_of(70, k).to(dtype)
         y = weight_only._launch_dot4(x, st, dict(BM=64, BN=64, SPLIT_K=1), kind="dot4t")

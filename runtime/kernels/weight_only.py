@@ -1185,7 +1185,8 @@ DOT4T_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk,
     (256, 4, 4, 3), (256, 8, 4, 3), (128, 4, 4, 5), (128, 8, 4, 5), (256, 2, 4, 4), (256, 4, 4, 4), (128, 2, 4, 5),
 ]] + [dict(BN=bn, SPLIT_K=sk, KU=2, num_warps=4, num_stages=st) for bn, sk, st in [
     (64, 2, 3), (64, 4, 3), (64, 8, 3), (128, 2, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4), (256, 4, 3),
-]]
+]] + [dict(BN=32, SPLIT_K=sk, num_warps=2, num_stages=3) for sk in (2, 4, 8, 16)]  # 32 rows: mma.sync (HMMA), no wgmma
+# wait after each dot (session 9's SASS read; not yet timed: the bench row dot4t-mma)
 DOT4S_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KB=kb, num_warps=4, num_stages=st) for bn, sk, kb, st in [
     (64, 1, 1, 3), (64, 2, 1, 3), (64, 4, 1, 3), (64, 8, 1, 3), (64, 16, 1, 3), (128, 4, 1, 3), (128, 8, 1, 3),
     (64, 1, 2, 3), (64, 2, 2, 3), (64, 4, 2, 3), (64, 8, 2, 3), (128, 2, 2, 3), (128, 4, 2, 3), (64, 4, 2, 4),
@@ -1505,8 +1506,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4s", "dot4s-plain",
-                  "dot4f", "dot4f-plain"):
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4t-mma", "dot4s",
+                  "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel and group b >> gshift (KERNEL_NEXT); -sh: the shift only;
         # -v0: neither (session 8's dot4t)
@@ -1521,6 +1522,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             configs = DOT4T_LARGE if m > 16 else DOT4S_CONFIGS if kind == "dot4s" else DOT4T_CONFIGS
             default = (_dot4s_default if kind == "dot4s" else _dot4t_default)(st.n, st.k, m)
+            if path == "dot4t-mma" and m <= 16:  # 32 rows, two warps: mma.sync instead of wgmma
+                default = dict(default, BN=32, num_warps=2, KU=1)
+                configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
     elif path == "dequant":
         w = dequantize(st, x2.dtype)
