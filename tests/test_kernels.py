@@ -278,6 +278,8 @@ def test_gemv16_nvfp4(dtype):
         for sk in (1, 4) if scale == 1.0 else ():
             y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False)
             assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+            for spre in (True, False):  # the scales loaded a step ahead or in their own step: the same sums
+                assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, spre=spre), y2)
     # MXFP4 (e8m0 scales, groups of 32) stays on the fp32 GEMV
     e = nm.e8m0_scales(w, 32, 2)
     mx = QTensor("e2m1", 4, nm.e2m1_round(w / nm.expand_to_columns(nm.e8m0_to_float(e), k, 32)), e, None, 32)

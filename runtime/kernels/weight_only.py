@@ -500,6 +500,19 @@ def _h2_sz(s_ptr, z_ptr, gblk_ptr, b, b1, offs_u, offs_n, mask_n, N, HAS_ZERO: t
 
 
 @triton.jit
+def _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N):
+    """NVFP4: the eight e4m3 group scales (int32 bits, [KU, BN] each) of blocks b .. b + KU - 1 (slot j of
+    block b is group b * 8 + j)."""
+    ub = b + offs_u
+    m2 = (ub < b1)[:, None] & mask_n[None, :]
+    gp = s_ptr + (ub[:, None] * 8) * N + offs_n[None, :]
+    return (tl.load(gp, mask=m2, other=0).to(tl.int32), tl.load(gp + N, mask=m2, other=0).to(tl.int32),
+            tl.load(gp + 2 * N, mask=m2, other=0).to(tl.int32), tl.load(gp + 3 * N, mask=m2, other=0).to(tl.int32),
+            tl.load(gp + 4 * N, mask=m2, other=0).to(tl.int32), tl.load(gp + 5 * N, mask=m2, other=0).to(tl.int32),
+            tl.load(gp + 6 * N, mask=m2, other=0).to(tl.int32), tl.load(gp + 7 * N, mask=m2, other=0).to(tl.int32))
+
+
+@triton.jit
 def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
     """The PTX word sum in plain Triton (fp32 products)."""
     return (((w & 15).to(tl.float32) - zf) * x0[:, :, None] + (((w >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
@@ -528,7 +541,7 @@ def _wo_gemv16_kernel(
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
     back in the loop: programs of the same row and K range write the same values there. GSH: group of block b
-    is b >> GSH (else the gblk table); SPRE (int): the next step's scales and zero points loaded with its words."""
+    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -547,6 +560,8 @@ def _wo_gemv16_kernel(
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
     if SPRE and not FP4:
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
+    if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b0, b1, offs_u, offs_n, mask_n, N)
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
     # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
@@ -609,15 +624,11 @@ def _wo_gemv16_kernel(
         m2 = mu[:, None] & mask_n[None, :]
         S: tl.constexpr = (KU, 8, BN)
         if FP4:  # eight block scales per word (slot j of block b: group b * 8 + j), one f16 pair per (j, j + 4)
-            gp = s_ptr + (ub[:, None] * 8) * N + offs_n[None, :]
-            e0 = tl.load(gp, mask=m2, other=0).to(tl.int32)
-            e1 = tl.load(gp + N, mask=m2, other=0).to(tl.int32)
-            e2 = tl.load(gp + 2 * N, mask=m2, other=0).to(tl.int32)
-            e3 = tl.load(gp + 3 * N, mask=m2, other=0).to(tl.int32)
-            e4 = tl.load(gp + 4 * N, mask=m2, other=0).to(tl.int32)
-            e5 = tl.load(gp + 5 * N, mask=m2, other=0).to(tl.int32)
-            e6 = tl.load(gp + 6 * N, mask=m2, other=0).to(tl.int32)
-            e7 = tl.load(gp + 7 * N, mask=m2, other=0).to(tl.int32)
+            if SPRE:
+                e0, e1, e2, e3, e4, e5, e6, e7 = n0, n1, n2, n3, n4, n5, n6, n7
+                n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b + KU, b1, offs_u, offs_n, mask_n, N)
+            else:
+                e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
             if PTX:
                 part = tl.inline_asm_elementwise(
                     asm=_FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
