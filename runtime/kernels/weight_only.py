@@ -1251,9 +1251,10 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
 GEMV16_DEFAULT = os.environ.get("QTOOL_GEMV16", "1") == "1"
 FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
-# Written in session 9 without device time, not yet timed on a GPU (bench rows gemv16-sp, dot4t-fr), so off
-# by default: the group of a block as b >> gshift (no table load), gemv16's scales loaded a step ahead with
-# its words, dot4t's split-K partials summed by the tile's last program instead of a second kernel.
+# Written in session 9 without device time, not yet timed on a GPU (bench rows gemv16-sp, dot4t-fr, dot4t-mma,
+# nvfp4[dot4f]), so off by default: the group of a block as b >> gshift (no table load), gemv16's scales
+# loaded a step ahead with its words, dot4t's split-K partials summed by the tile's last program instead of
+# a second kernel, NVFP4 at 2 <= M <= 16 through dot4f (else the fused dequant kernel).
 KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
 
 
