@@ -1399,54 +1399,41 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
                  gshift: bool | None = None) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
-    wgmma's register operand) or dot4s (dot4t with the scale in the decode). dot4t sums split-K partials in
-    the kernel (fused) and takes the group of a block as b >> st.gshift (gshift); both default to KERNEL_NEXT."""
+    wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
+    and dot4f sum split-K partials in the kernel (fused), dot4t takes the group of a block as b >> st.gshift
+    (gshift); both default to KERNEL_NEXT."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
         ptx = not interp and _ptx_ok(x2.device, kind)
-    fused = KERNEL_NEXT and FUSED_REDUCE if fused is None else fused
+    fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4t", "dot4f") and sk > 1
     gshift = KERNEL_NEXT if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
-    if kind == "dot4f":
-        return _launch_dot4f(x2, st, cfg, ptx, fused, out)
-    dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
-    has_perm = st.perm is not None
-    if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
-        x2, has_perm = x2.index_select(1, st.perm), False
-    nblk, ku = st.k // 128, cfg.get("KB", cfg.get("KU", 1))
-    if ku > 1 and nblk % (sk * ku):
-        raise ValueError(f"{kind}: {nblk} blocks do not split into {sk} x {ku}")
-    args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if has_perm else st.gblk, dst,
-            m, st.n, st.k, x2.stride(0), st.n, m * st.n)
-    kw = dict(HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm, FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp,
-              BM=bm, BN=bn, SPLIT_K=sk, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    fused = fused and kind == "dot4t" and sk > 1
-    if kind == "dot4s":
-        _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
-    elif kind == "dot4t":
-        cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
-        _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
-    else:
-        _wo_dot4_kernel[grid](*args, **kw)
-    if sk > 1 and not fused:
-        total = m * st.n
-        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
-    return out
-
-
-def _launch_dot4f(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool, out: torch.Tensor) -> torch.Tensor:
-    m, sk, bn, bm = x2.shape[0], cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
-    fused = fused and sk > 1
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
     cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
-    _wo_dot4f_kernel[grid](x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-                           FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=tuning.interpreting(), BM=bm, BN=bn, SPLIT_K=sk,
-                           res_ptr=out, cnt_ptr=cnt, FUSED=fused, num_warps=cfg.get("num_warps", 4),
-                           num_stages=cfg.get("num_stages", 3))
+    kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk,
+              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    if kind == "dot4f":
+        _wo_dot4f_kernel[grid](x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n,
+                               res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
+    else:
+        has_perm = st.perm is not None
+        if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
+            x2, has_perm = x2.index_select(1, st.perm), False
+        nblk, ku = st.k // 128, cfg.get("KB", cfg.get("KU", 1))
+        if ku > 1 and nblk % (sk * ku):
+            raise ValueError(f"{kind}: {nblk} blocks do not split into {sk} x {ku}")
+        args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if has_perm else st.gblk,
+                dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n)
+        kw.update(HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm)
+        if kind == "dot4s":
+            _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
+        elif kind == "dot4t":
+            _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
+        else:
+            _wo_dot4_kernel[grid](*args, **kw)
     if sk > 1 and not fused:
         total = m * st.n
         _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
