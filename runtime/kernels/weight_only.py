@@ -133,8 +133,8 @@ def prepare(qt: QTensor) -> WeightOnlyState | None:
 
 
 def _group_shift(gblk: torch.Tensor, per: int) -> int:
-    """s where block b (16 * per channels) is group b >> s for every block: 0 for g128, 1 for g256, 30 for one
-    group (per channel; act order sorted into equal groups too); -1 when only the table says (unequal groups)."""
+    """s where block b (16 * per channels) is group b >> s for every block: 0 for g128 (act order too, once
+    sorted into equal groups), 1 for g256, 30 for one group per channel; -1 (the table) for unequal groups."""
     gb = gblk.reshape(-1, per)[:, 0].long()
     if not bool(gb.any()):
         return 30
