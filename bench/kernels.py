@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from qtensor import ActQuant, QTensor  # noqa: E402
 from runtime import kernels  # noqa: E402
@@ -162,7 +164,9 @@ def call_of(name: str, prep):
     if name == "nvfp4(w only)":
         from runtime.kernels import weight_only
 
-        return lambda x: weight_only.matmul(x, prep.state)
+        f = lambda x: weight_only.matmul(x, prep.state)  # noqa: E731
+        f.state = prep.state  # (path_rows forces other paths on the same weights)
+        return f
     if name == "int8-w8a8(_int_mm)":
         return lambda x: w8a8.matmul(x, prep.state, "int_mm")
     return prep
@@ -175,6 +179,39 @@ def tinygemm(n, k, group=128):
     wp = torch._convert_weight_to_int4pack(packed, 8)
     sz = torch.stack([torch.rand(k // group, n, device="cuda"), torch.rand(k // group, n, device="cuda")], -1).to(torch.bfloat16).contiguous()
     return (wp, sz), lambda x, wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, group, sz), wp.numel() * wp.element_size() + sz.numel() * 2
+
+
+@triton.jit
+def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: tl.constexpr):
+    """Each program reads PER x BLOCK int32 words (all loads independent) and stores their sum: the time to
+    stream the bytes once, the ceiling of any kernel that must read them."""
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * PER)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in tl.static_range(PER):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        if CG:  # L2 only, first out
+            acc += tl.load(src + offs, mask=offs < nwords, other=0, cache_modifier=".cg", eviction_policy="evict_first")
+        else:
+            acc += tl.load(src + offs, mask=offs < nwords, other=0)
+    tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+READ_CONFIGS = [(blk, per, w, cg) for blk in (512, 1024, 2048, 4096) for per in (1, 2, 4, 8, 16) for w in (4, 8)
+                for cg in (False, True) if blk * per <= 32768 and blk >= 128 * w]
+
+
+def read_time(nbytes: int) -> tuple[float, tuple]:
+    """The fastest time (CUDA graph, rotated copies past L2) over READ_CONFIGS to read nbytes once."""
+    nw = nbytes // 4
+    bufs = [torch.randint(0, 1 << 30, (nw,), dtype=torch.int32, device="cuda") for _ in range(max(2, math.ceil(L2_ROTATE / nbytes)))]
+    best = (float("inf"), None)
+    for blk, per, w, cg in READ_CONFIGS:
+        grid = (triton.cdiv(nw, blk * per),)
+        out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+        fns = [lambda b=b: _read_kernel[grid](b, out, nw, BLOCK=blk, PER=per, CG=cg, num_warps=w) for b in bufs]
+        best = min(best, (time_graph(fns), (blk, per, w, cg)))
+    del bufs
+    return best
 
 
 def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check, name="w4a16-g128"):
@@ -238,7 +275,7 @@ def main():
         bf16_copies = [wb.clone() for _ in range(nb)]
         preps = {}
         for name in names:
-            if name in ("bf16",):
+            if name in ("bf16", "roofline"):
                 continue
             try:
                 if name == "tinygemm":
@@ -320,8 +357,15 @@ def main():
                             print(f"  {label:<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
+            if "roofline" in names and m == ms[0]:  # reading the weight bytes once, nothing else (any M: the same bytes)
+                for label, nbytes in (("read(int4 g128 bytes)", n * k // 2 + n * k // 128 * 2), ("read(bf16 bytes)", n * k * 2)):
+                    t, cfg = read_time(nbytes)
+                    rows.append(dict(kernel=label, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=nbytes / t / 1e9,
+                                     peak_share=nbytes / t / peak, us_eager=t * 1e6, ratio_eager=e_bf / t))
+                    print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
+                          f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-sp", "dot4s") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-sh", "dot4t-mma", "dot4s") if m <= 16
+                paths = (("gemv16", "gemv16-pf2", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4s") if m <= 16
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
@@ -331,7 +375,7 @@ def main():
                     t = time_graph([lambda c=c: weight_only.dequantize(c.state, torch.bfloat16) for c in cps])
                     print(f"  {'w4a16-g128[dequant alone]':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
                           f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
-            if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, behind QTOOL_KERNEL_NEXT)
+            if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, the default there)
                 path_rows(("dot4f",), preps["nvfp4(w only)"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True,
                           name="nvfp4(w only)")
         del preps, bf16_copies

@@ -231,8 +231,9 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
                 y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, prefetch=sk != 2)
                 assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
             # the group from the table instead of b >> gshift, scales loaded in their own step: the same sums
-            for gshift, spre in ((True, True), (False, True), (True, False)):
-                y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre)
+            # (and the words read two steps ahead)
+            for gshift, spre, pf2 in ((True, True, False), (False, True, False), (True, False, False), (False, False, True)):
+                y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre, pf2=pf2)
                 assert torch.equal(y4, weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused))
     # blocks of very different magnitude: each 128-channel block has its own prescale (or, SCAN, one for the
     # program's range, found by a first pass over x)
@@ -336,7 +337,7 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dot4f_nvfp4_tensor_core_path(dtype):
-    """NVFP4 weights at 2 <= M <= 16 through tensor cores (dot4f, behind QTOOL_KERNEL_NEXT): each 16-channel
+    """NVFP4 weights at 2 <= M <= 16 through tensor cores (dot4f, the default path there): each 16-channel
     slot is one group, its e2m1 values (exact in fp16 / bf16) one dot, the e4m3 scale and the global scale
     on the fp32 result; equal to x @ dequantized W for M = 2, 5 and 17 (two row tiles), split-K summed in the
     kernel (twice: the counters reset) or by a second kernel. (Plain decode under the interpreter; the PTX
@@ -353,6 +354,8 @@ def test_dot4f_nvfp4_tensor_core_path(dtype):
         x = x_of(m, k).to(dtype)
         y = weight_only.matmul(x, st, path="dot4f")
         assert y.dtype == dtype and rel_err(y, x.float() @ ref_w.t()) < tol
+        if m <= 16:  # the default path at 2 <= M <= 16
+            assert torch.equal(weight_only.matmul(x, st), y)
     x = x_of(3, k).to(dtype)
     ref = x.float() @ ref_w.t()
     for sk, fused in ((2, True), (2, True), (4, False), (4, True)):

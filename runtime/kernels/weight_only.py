@@ -535,13 +535,15 @@ def _wo_gemv16_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
+    PF2: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
     back in the loop: programs of the same row and K range write the same values there. GSH: group of block b
-    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words."""
+    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words; PF2: the
+    words read two steps ahead (else one)."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -558,6 +560,9 @@ def _wo_gemv16_kernel(
     if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+        if PF2:
+            wa2 = _h2_words(qw_ptr, b0 + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+            wb2 = _h2_words(qw_ptr, b0 + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
     if SPRE and not FP4:
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
@@ -605,8 +610,13 @@ def _wo_gemv16_kernel(
         mu = ub < b1
         if PREFETCH:  # the next step's words in flight during this step's arithmetic
             ca, cb = wa, wb
-            wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
-            wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+            if PF2:
+                wa, wb = wa2, wb2
+                wa2 = _h2_words(qw_ptr, b + 2 * KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+                wb2 = _h2_words(qw_ptr, b + 2 * KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+            else:
+                wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+                wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
         else:
             ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
             cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
@@ -1111,6 +1121,15 @@ def _decf_slot(words, i: tl.constexpr, DT: tl.constexpr, PTX: tl.constexpr, INTE
 
 
 @triton.jit
+def _f_slot(acc, words, i: tl.constexpr, e, x_ptr, offs_m, mask_m, stride_xm, kk, DT: tl.constexpr, PTX: tl.constexpr,
+            INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """acc [BN, BM] += (slot i's e2m1 values . x^T) * the slot's e4m3 scales e ([1, BN] int32 bits)."""
+    v = _decf_slot(words, i, DT, PTX, INTERP)
+    blk = _sdot(tl.zeros((BN, BM), dtype=tl.float32), v, x_ptr, x_ptr, offs_m, mask_m, stride_xm, kk, False, INTERP)
+    return acc + blk * tl.reshape(_e4m3_f32(e), (BN,))[:, None]
+
+
+@triton.jit
 def _wo_dot4f_kernel(
     x_ptr, qw_ptr, s_ptr, gs_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok,
@@ -1126,14 +1145,22 @@ def _wo_dot4f_kernel(
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    # the eight group scales of a block read one block ahead (in the loop they were a dependent round trip
+    # before each slot's multiply: 0.91x bf16 at M=16 against dot4t's 1.9x for int4, H100 session 10)
+    n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b0, b1, tl.zeros((1,), tl.int32), offs_n, mask_n, N)
     for b in range(b0, b1):
+        e0, e1, e2, e3, e4, e5, e6, e7 = n0, n1, n2, n3, n4, n5, n6, n7
+        n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b + 1, b1, tl.zeros((1,), tl.int32), offs_n, mask_n, N)
         words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-        for i in tl.static_range(8):
-            v = _decf_slot(words, i, DT, PTX, INTERP)
-            sc = _e4m3_f32(tl.load(s_ptr + (b * 8 + i) * N + offs_n, mask=mask_n, other=0).to(tl.int32))
-            blk = _sdot(tl.zeros((BN, BM), dtype=tl.float32), v, x_ptr, x_ptr, offs_m, mask_m, stride_xm,
-                        b * 128 + i * 16 + offs_r, False, INTERP)
-            acc += blk * sc[:, None]
+        k0 = b * 128 + offs_r
+        acc = _f_slot(acc, words, 0, e0, x_ptr, offs_m, mask_m, stride_xm, k0, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 1, e1, x_ptr, offs_m, mask_m, stride_xm, k0 + 16, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 2, e2, x_ptr, offs_m, mask_m, stride_xm, k0 + 32, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 3, e3, x_ptr, offs_m, mask_m, stride_xm, k0 + 48, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 4, e4, x_ptr, offs_m, mask_m, stride_xm, k0 + 64, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 5, e5, x_ptr, offs_m, mask_m, stride_xm, k0 + 80, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 6, e6, x_ptr, offs_m, mask_m, stride_xm, k0 + 96, DT, PTX, INTERP, BN, BM)
+        acc = _f_slot(acc, words, 7, e7, x_ptr, offs_m, mask_m, stride_xm, k0 + 112, DT, PTX, INTERP, BN, BM)
     acc = acc * tl.load(gs_ptr)
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
 
@@ -1197,7 +1224,8 @@ DOT4T_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk,
 ]] + [dict(BN=bn, SPLIT_K=sk, KU=2, num_warps=4, num_stages=st) for bn, sk, st in [
     (64, 2, 3), (64, 4, 3), (64, 8, 3), (128, 2, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4), (256, 4, 3),
 ]] + [dict(BN=32, SPLIT_K=sk, num_warps=2, num_stages=3) for sk in (2, 4, 8, 16)]  # 32 rows: mma.sync (HMMA), no wgmma
-# wait after each dot (session 9's SASS read; not yet timed: the bench row dot4t-mma)
+# wait after each dot (session 9's SASS read). Session 10, H100: slower for int4 (bench row dot4t-mma 1.44x vs
+# dot4t's 1.76x at M=16), the tuner's choice for NVFP4 (dot4f) on three of the four shapes
 DOT4S_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KB=kb, num_warps=4, num_stages=st) for bn, sk, kb, st in [
     (64, 1, 1, 3), (64, 2, 1, 3), (64, 4, 1, 3), (64, 8, 1, 3), (64, 16, 1, 3), (128, 4, 1, 3), (128, 8, 1, 3),
     (64, 1, 2, 3), (64, 2, 2, 3), (64, 4, 2, 3), (64, 8, 2, 3), (128, 2, 2, 3), (128, 4, 2, 3), (64, 4, 2, 4),
@@ -1251,10 +1279,12 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
 GEMV16_DEFAULT = os.environ.get("QTOOL_GEMV16", "1") == "1"
 FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
-# Written in session 9 without device time, not yet timed on a GPU (bench rows gemv16-sp, dot4t-fr, dot4t-mma,
-# nvfp4[dot4f]), so off by default: the group of a block as b >> gshift (no table load), gemv16's scales
-# loaded a step ahead with its words, dot4t's split-K partials summed by the tile's last program instead of
-# a second kernel, NVFP4 at 2 <= M <= 16 through dot4f (else the fused dequant kernel).
+# Written in session 9 without device time, timed in session 10 on an H100 and not faster, so off by default
+# (QTOOL_KERNEL_NEXT=1 turns them on): gemv16's scales loaded a step ahead with its words and the group of a
+# block as b >> gshift (bench row gemv16-sp: 2.36x = gemv16's 2.36x at M=1), dot4t's split-K partials summed by
+# the tile's last program instead of a second kernel (dot4t-fr 1.80x vs 1.91x with the second kernel at M=16).
+# What won there is on by default: dot4t's group shift (M=16 1.76x -> 1.91x untuned), NVFP4 at 2 <= M <= 16
+# through dot4f (0.57x -> 0.91x).
 KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
 
 
@@ -1278,7 +1308,7 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None) -> torch.Tensor:
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pf2: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
@@ -1296,7 +1326,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, num_warps=cfg.get("num_warps", 4),
+        GSH=st.gshift if gshift else -1, SPRE=spre, PF2=pf2 and prefetch, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -1400,15 +1430,15 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
                  gshift: bool | None = None) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
     wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
-    and dot4f sum split-K partials in the kernel (fused), dot4t takes the group of a block as b >> st.gshift
-    (gshift); both default to KERNEL_NEXT."""
+    and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
+    dot4t takes the group of a block as b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16)."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
         ptx = not interp and _ptx_ok(x2.device, kind)
     fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4t", "dot4f") and sk > 1
-    gshift = KERNEL_NEXT if gshift is None else gshift
+    gshift = True if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
@@ -1492,32 +1522,33 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4t"
-        elif 1 < m <= 16 and KERNEL_NEXT and dot4f_fits(st, x2):
+        elif 1 < m <= 16 and DOT4_DEFAULT and dot4f_fits(st, x2):
             path = "dot4f"
         elif 64 < m <= 128 and st.n >= 16384 and DOT4_DEFAULT and dot4_fits(st, x2):
             path = "dot4t"  # wide N (gate_up) at M = 128, H100: 0.71x bf16 vs 0.41x dequantize + cuBLAS
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
+                "gemv16-pf2"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
+                                         pf2=path == "gemv16-pf2")
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-sh", "dot4t-v0", "dot4t-mma", "dot4s",
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
-        # -fr: split-K partials summed in the kernel and group b >> gshift (KERNEL_NEXT); -sh: the shift only;
-        # -v0: neither (session 8's dot4t)
-        fused, gsh = {"dot4t-fr": (True, True), "dot4t-sh": (False, True), "dot4t-v0": (False, False)}.get(path, (None, None))
+        # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
+        # second kernel (session 8's dot4t)
+        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False)}.get(path, (None, None))
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
-        elif kind == "dot4f":  # dot4t's configs of one block per step; its untuned default (not yet tuned for NVFP4)
+        elif kind == "dot4f":  # dot4t's configs of one block per step
             configs = [c for c in (DOT4T_LARGE if m > 16 else DOT4T_CONFIGS) if c.get("KU", 1) == 1]
-            default = dict(_dot4t_default(st.n, st.k, m))
-            default.pop("KU", None)
+            default = _dot4f_default(st.n, st.k, m)
         else:
             configs = DOT4T_LARGE if m > 16 else DOT4S_CONFIGS if kind == "dot4s" else DOT4T_CONFIGS
             default = (_dot4s_default if kind == "dot4s" else _dot4t_default)(st.n, st.k, m)
@@ -1550,8 +1581,12 @@ def _gemv16_default(n: int, k: int, fp4: bool = False) -> dict:
     step), qkv and o 256 x 16; 4 warps. The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
-    if fp4 and k >= 8192:  # NVFP4 (more registers per word): the tuner's choice for down
-        return dict(BN=32, SPLIT_K=8, KU=2, num_warps=4)
+    if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned)
+        if n >= 16384:
+            return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4)
+        if k < 8192 and n > 4096:
+            return dict(BN=128, SPLIT_K=8, KU=1, num_warps=4)
+        return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4)
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
@@ -1575,22 +1610,29 @@ def _dot4t_large_default(m: int) -> dict:
 
 def _dot4t_default(n: int, k: int, m: int) -> dict:
     """Untuned dot4t config: what the CUDA-graph tuner chose on an H100 for the Llama-3-8B shapes at M = 16
-    (bench/kernels.py, session 8): 64 rows x split-K 8 for 4096 x 4096, 2 for gate_up's 28672 rows, 4 (two
-    blocks per step) for qkv; down's long K 128 rows x split-K 16. One warp group, 3 stages."""
+    with the group shift (bench/kernels.py, session 10): 128 rows x split-K 4 for qkv, x 8 for o and down's
+    long K, 256 rows x split-K 2 (4 stages) for gate_up's 28672 rows. One warp group."""
     if tuning.interpreting():
         return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
     if m > 16:
         return _dot4t_large_default(m)
-    nblk = k // 128
-    if k >= 8192:
-        cfg = dict(BN=128, SPLIT_K=16)
-    elif n >= 16384:
-        cfg = dict(BN=64, SPLIT_K=2)
-    elif n * k <= 20 << 20:
-        cfg = dict(BN=64, SPLIT_K=8)
-    else:
-        cfg = dict(BN=64, SPLIT_K=4, KU=2 if nblk % 8 == 0 else 1)
-    return dict(cfg, num_warps=4, num_stages=3)
+    if n >= 16384:
+        return dict(BN=256, SPLIT_K=2, num_warps=4, num_stages=4)
+    if k >= 8192 or n * k <= 20 << 20:
+        return dict(BN=128, SPLIT_K=8, num_warps=4, num_stages=3)
+    return dict(BN=128, SPLIT_K=4, num_warps=4, num_stages=3)
+
+
+def _dot4f_default(n: int, k: int, m: int) -> dict:
+    """Untuned dot4f (NVFP4, M <= 16) config: the tuner's choice on an H100 (session 10): 32 rows x split-K 8 on
+    two warps (mma.sync) for qkv, o and down, 64 x 4 for gate_up's 28672 rows."""
+    if tuning.interpreting():
+        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
+    if m > 16:
+        return _dot4t_large_default(m)
+    if n >= 16384:
+        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
+    return dict(BN=32, SPLIT_K=8, num_warps=2, num_stages=3)
 
 
 def _dot4s_default(n: int, k: int, m: int) -> dict:
