@@ -7,6 +7,8 @@ time per call (mean of >= 20 back-to-back calls, cycling through enough weight c
 weights come from HBM, not L2; median of 3 such means), the ratio bf16 time / kernel time, and the
 achieved bandwidth (weights + activations + output bytes / time) as a share of the card's peak.
 Correctness first: each kernel against the torch reference (dequantize + fp32 matmul) at full size.
+`--kernels ...,roofline,...` adds the speed of light for M <= 16: the fastest of READ_CONFIGS reading just the
+int4 g128 weight bytes (and the bf16 ones) once, nothing else computed, timed the same way (rows read(...)).
 Imports only torch, triton, qtensor and runtime (no transformers).
 """
 

@@ -1608,31 +1608,29 @@ def _dot4t_large_default(m: int) -> dict:
     return dict(BM=128 if m > 64 else 64, BN=128, SPLIT_K=1, num_warps=8 if m > 64 else 4, num_stages=3)
 
 
+def _tc_small_default(m: int, cfg: dict) -> dict:
+    """cfg at 2 <= M <= 16 on a GPU; small tiles under the interpreter (CPU tests), the large-M tiles above 16."""
+    if tuning.interpreting():
+        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
+    return _dot4t_large_default(m) if m > 16 else cfg
+
+
 def _dot4t_default(n: int, k: int, m: int) -> dict:
     """Untuned dot4t config: what the CUDA-graph tuner chose on an H100 for the Llama-3-8B shapes at M = 16
     with the group shift (bench/kernels.py, session 10): 128 rows x split-K 4 for qkv, x 8 for o and down's
     long K, 256 rows x split-K 2 (4 stages) for gate_up's 28672 rows. One warp group."""
-    if tuning.interpreting():
-        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
-    if m > 16:
-        return _dot4t_large_default(m)
     if n >= 16384:
-        return dict(BN=256, SPLIT_K=2, num_warps=4, num_stages=4)
-    if k >= 8192 or n * k <= 20 << 20:
-        return dict(BN=128, SPLIT_K=8, num_warps=4, num_stages=3)
-    return dict(BN=128, SPLIT_K=4, num_warps=4, num_stages=3)
+        cfg = dict(BN=256, SPLIT_K=2, num_stages=4)
+    else:
+        cfg = dict(BN=128, SPLIT_K=8 if k >= 8192 or n * k <= 20 << 20 else 4, num_stages=3)
+    return _tc_small_default(m, dict(cfg, num_warps=4))
 
 
 def _dot4f_default(n: int, k: int, m: int) -> dict:
     """Untuned dot4f (NVFP4, M <= 16) config: the tuner's choice on an H100 (session 10): 32 rows x split-K 8 on
     two warps (mma.sync) for qkv, o and down, 64 x 4 for gate_up's 28672 rows."""
-    if tuning.interpreting():
-        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
-    if m > 16:
-        return _dot4t_large_default(m)
-    if n >= 16384:
-        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
-    return dict(BN=32, SPLIT_K=8, num_warps=2, num_stages=3)
+    cfg = dict(BN=64, SPLIT_K=4, num_warps=4) if n >= 16384 else dict(BN=32, SPLIT_K=8, num_warps=2)
+    return _tc_small_default(m, dict(cfg, num_stages=3))
 
 
 def _dot4s_default(n: int, k: int, m: int) -> dict:
