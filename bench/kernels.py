@@ -191,8 +191,8 @@ def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: t
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for i in tl.static_range(PER):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        if CG:  # L2 only, first out
-            acc += tl.load(src + offs, mask=offs < nwords, other=0, cache_modifier=".cg", eviction_policy="evict_first")
+        if CG:  # L2 only
+            acc += tl.load(src + offs, mask=offs < nwords, other=0, cache_modifier=".cg")
         else:
             acc += tl.load(src + offs, mask=offs < nwords, other=0)
     tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
@@ -367,7 +367,7 @@ def main():
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-pf2", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4s") if m <= 16
+                paths = (("gemv16", "gemv16-sp", "dot4s") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4s") if m <= 16
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

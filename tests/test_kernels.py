@@ -231,9 +231,8 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
                 y2 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, prefetch=sk != 2)
                 assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
             # the group from the table instead of b >> gshift, scales loaded in their own step: the same sums
-            # (and the words read two steps ahead)
-            for gshift, spre, pf2 in ((True, True, False), (False, True, False), (True, False, False), (False, False, True)):
-                y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre, pf2=pf2)
+            for gshift, spre in ((True, True), (False, True), (True, False)):
+                y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre)
                 assert torch.equal(y4, weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused))
     # blocks of very different magnitude: each 128-channel block has its own prescale (or, SCAN, one for the
     # program's range, found by a first pass over x)

@@ -535,15 +535,13 @@ def _wo_gemv16_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
-    PF2: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
     back in the loop: programs of the same row and K range write the same values there. GSH: group of block b
-    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words; PF2: the
-    words read two steps ahead (else one)."""
+    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -560,9 +558,6 @@ def _wo_gemv16_kernel(
     if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
-        if PF2:
-            wa2 = _h2_words(qw_ptr, b0 + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
-            wb2 = _h2_words(qw_ptr, b0 + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
     if SPRE and not FP4:
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
@@ -610,13 +605,8 @@ def _wo_gemv16_kernel(
         mu = ub < b1
         if PREFETCH:  # the next step's words in flight during this step's arithmetic
             ca, cb = wa, wb
-            if PF2:
-                wa, wb = wa2, wb2
-                wa2 = _h2_words(qw_ptr, b + 2 * KU, b1, offs_u, offs_r, offs_n, mask_n, N)
-                wb2 = _h2_words(qw_ptr, b + 2 * KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
-            else:
-                wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
-                wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+            wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
+            wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
         else:
             ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
             cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
@@ -1308,7 +1298,7 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pf2: bool = False) -> torch.Tensor:
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
@@ -1326,7 +1316,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PF2=pf2 and prefetch, num_warps=cfg.get("num_warps", 4),
+        GSH=st.gshift if gshift else -1, SPRE=spre, num_warps=cfg.get("num_warps", 4),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -1528,14 +1518,12 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4t"  # wide N (gate_up) at M = 128, H100: 0.71x bf16 vs 0.41x dequantize + cuBLAS
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pf2"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
-                                         pf2=path == "gemv16-pf2")
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
