@@ -535,13 +535,19 @@ def _wo_gemv16_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
     column summed in fp16, one conversion to fp32. The x pairs each word needs are packed once per program
     into a scratch row (`scr`, [M, K/2] int32: pair j of row r of block b at b * 64 + r * 4 + j) and read
     back in the loop: programs of the same row and K range write the same values there. GSH: group of block b
-    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words."""
+    is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words.
+    PDL (launched as a programmatic dependent launch, Hopper): the next kernel may launch once every program has
+    started, and this one's first weight loads go out before it waits for the previous kernel (griddepcontrol):
+    only the weights, which no kernel writes, are touched before the wait."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -562,6 +568,8 @@ def _wo_gemv16_kernel(
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
         n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b0, b1, offs_u, offs_n, mask_n, N)
+    if PDL:  # x, the scratch, the outputs and the counters only after the previous kernel is done
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
     # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
@@ -1298,8 +1306,9 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None) -> torch.Tensor:
-    """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT."""
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: bool = False) -> torch.Tensor:
+    """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
+    programmatic dependent launch (GPU only)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     m = x2.shape[0]
@@ -1316,7 +1325,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, num_warps=cfg.get("num_warps", 4),
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=pdl, num_warps=cfg.get("num_warps", 4),
+        **(dict(launch_pdl=True) if pdl else {}),
     )
     if sk > 1 and not fused:
         total = m * st.n
@@ -1518,12 +1528,14 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "dot4t"  # wide N (gate_up) at M = 128, H100: 0.71x bf16 vs 0.41x dequantize + cuBLAS
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
-    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0"):
+    if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
+                "gemv16-pdl"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt)
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
+                                         pdl=path == "gemv16-pdl" and not tuning.interpreting())
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
