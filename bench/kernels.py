@@ -367,7 +367,7 @@ def main():
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-pdl", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4s") if m <= 16
+                paths = (("gemv16", "gemv16-pdl", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4t-pdl") if m <= 16
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

@@ -990,7 +990,7 @@ def _wo_dot4t_kernel(
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
-    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -998,7 +998,9 @@ def _wo_dot4t_kernel(
     tile, loaded once per block, gives the eight 16-channel slices in place; a thread holds the K pairs
     (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
     group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
-    is a multiple of KU: the launcher checks)."""
+    is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait)."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
@@ -1007,6 +1009,8 @@ def _wo_dot4t_kernel(
     # the group scales are read one block ahead (a load whose address comes from another load: on the step's
     # critical path it was the top stall, "long scoreboard", in Nsight Compute)
     s_next = tl.load(s_ptr + _group(gblk_ptr, b0, GSH) * N + offs_n, mask=mask_n, other=0.0)
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     for bb in range(b0, b1, KU):
         for u in tl.static_range(KU):
             s = s_next.to(tl.float32)
@@ -1427,7 +1431,7 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
-                 gshift: bool | None = None) -> torch.Tensor:
+                 gshift: bool | None = None, pdl: bool = False) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
     wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
     and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
@@ -1461,7 +1465,8 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
         if kind == "dot4s":
             _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
         elif kind == "dot4t":
-            _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
+            _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused,
+                                   PDL=pdl, **kw, **(dict(launch_pdl=True) if pdl else {}))
         else:
             _wo_dot4_kernel[grid](*args, **kw)
     if sk > 1 and not fused:
@@ -1537,13 +1542,15 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                          pdl=path == "gemv16-pdl" and not tuning.interpreting())
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-mma", "dot4s",
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
-        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False)}.get(path, (None, None))
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh)  # noqa: E731
+        # -pdl: -fr as a programmatic dependent launch (one kernel per call)
+        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True)}.get(path, (None, None))
+        pdl = path == "dot4t-pdl" and not tuning.interpreting()
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
         elif kind == "dot4f":  # dot4t's configs of one block per step
