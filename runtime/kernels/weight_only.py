@@ -529,6 +529,18 @@ def _h2_unpack(pk, lo: tl.constexpr):
 
 
 @triton.jit
+def _gdc_launch_dependents():
+    """Programmatic dependent launch (Hopper): the next kernel may launch once every program has run this."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gdc_wait():
+    """Wait for the previous kernel to finish, its writes visible (a no-op without a dependent launch)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _wo_gemv16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
     N, K, stride_xm, stride_om, stride_ok,
@@ -547,7 +559,7 @@ def _wo_gemv16_kernel(
     started, and this one's first weight loads go out before it waits for the previous kernel (griddepcontrol):
     only the weights, which no kernel writes, are touched before the wait."""
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_launch_dependents()
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -569,7 +581,7 @@ def _wo_gemv16_kernel(
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
         n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b0, b1, offs_u, offs_n, mask_n, N)
     if PDL:  # x, the scratch, the outputs and the counters only after the previous kernel is done
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_wait()
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
     # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
@@ -1000,7 +1012,7 @@ def _wo_dot4t_kernel(
     group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
     is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait)."""
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
@@ -1010,7 +1022,7 @@ def _wo_dot4t_kernel(
     # critical path it was the top stall, "long scoreboard", in Nsight Compute)
     s_next = tl.load(s_ptr + _group(gblk_ptr, b0, GSH) * N + offs_n, mask=mask_n, other=0.0)
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_wait()
     for bb in range(b0, b1, KU):
         for u in tl.static_range(KU):
             s = s_next.to(tl.float32)
