@@ -368,15 +368,18 @@ def main():
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
                 paths = (("gemv16", "gemv16-pdl", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4t-pdl") if m <= 16
-                         else ("tiled", "dequant", "dot4t") if m >= 128 else ())
+                         else ("dequant", "dequant-v0", "dot4t") if m >= 4096 else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only
 
                     cps = preps["w4a16-g128"][0]
-                    t = time_graph([lambda c=c: weight_only.dequantize(c.state, torch.bfloat16) for c in cps])
-                    print(f"  {'w4a16-g128[dequant alone]':<22} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
-                          f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
+                    # the slot-by-slot store (v0) and the row-contiguous one (the default) at a few tile sizes
+                    for rws, bn, nw in ((False, 64, 4), (True, 64, 4), (True, 32, 4), (True, 64, 8), (True, 128, 8)):
+                        t = time_graph([lambda c=c: weight_only.dequantize(c.state, torch.bfloat16, rws, bn, nw) for c in cps])
+                        label = f"dequant{'' if rws else '-v0'} alone BN={bn} w={nw}"
+                        print(f"  {label:<32} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
+                              f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
             if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, the default there)
                 path_rows(("dot4f",), preps["nvfp4(w only)"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True,
                           name="nvfp4(w only)")

@@ -77,6 +77,22 @@ def test_weight_only_split_k_and_dequant_exact():
     assert rel_err(y1, ref) < 2e-3 and rel_err(y4, ref) < 2e-3
 
 
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 128, True, False), (4, 32, False, False), (4, 64, True, True),
+                                                     (8, -1, True, False), (8, 64, False, True)])
+def test_dequantize_kernels_bit_exact(bits, group, sym, act_order):
+    """Both dequantize kernels (slot by slot, and the [BN, 128] row tile stored at once) give QTensor.dequantize
+    bit for bit, in the kernels' permuted channel order under act order, at two tile sizes."""
+    qt = int_qt(40, 512, bits, group, sym, act_order)
+    st = weight_only.prepare(qt)
+    ref = qt.dequantize(torch.float32)
+    if st.perm is not None:
+        ref = ref[:, st.perm.long()]
+    for rows, bn in ((False, 64), (True, 64), (True, 32)):
+        assert torch.equal(weight_only.dequantize(st, torch.float32, rows=rows, bn=bn), ref), (rows, bn)
+    # in bf16 the two kernels agree (the interpreter's fp32 -> bf16 cast truncates, the GPU's rounds to nearest)
+    assert torch.equal(weight_only.dequantize(st, torch.bfloat16, rows=True), weight_only.dequantize(st, torch.bfloat16, rows=False))
+
+
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("m", [1, 6, 20])
 def test_fp4_weights(scheme, m):
@@ -92,7 +108,8 @@ def test_fp4_weights(scheme, m):
         qt = QTensor("e2m1", 4, codes, e, None, 32)
     prep = kernels.prepare(qt)
     st = prep.state
-    assert torch.equal(weight_only.dequantize(st, torch.float32), qt.dequantize(torch.float32))
+    for rows in (False, True):
+        assert torch.equal(weight_only.dequantize(st, torch.float32, rows=rows), qt.dequantize(torch.float32))
     x = x_of(m, k)
     y = prep(x)
     assert rel_err(y, ref_linear(x, qt)) < 3e-3

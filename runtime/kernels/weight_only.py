@@ -1203,6 +1203,43 @@ def _wo_dequant_kernel(
 
 
 @triton.jit
+def _wo_dequant_rows_kernel(
+    qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
+    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
+):
+    """As _wo_dequant_kernel, but all PER slots decoded at once as a [PER, 16, BN] tile and stored as the
+    [BN, 16 * PER] tile of out, so each row's 16 * PER channels go out as one contiguous run (the slot-by-slot
+    store writes 32 bytes per row and instruction, strided by K)."""
+    PER: tl.constexpr = 32 // BITS
+    BLK: tl.constexpr = 16 * PER
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_i = tl.arange(0, PER)
+    mask_n = offs_n < N
+    words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    q = (words[None, :, :] >> (offs_i * BITS)[:, None, None]) & ((1 << BITS) - 1)  # [PER, 16, BN]
+    g = tl.load(gblk_ptr + b * PER + offs_i)  # the group of each slot
+    sidx = g[:, None] * N + offs_n[None, :]  # [PER, BN]
+    if WTYPE == 0:
+        sc = tl.load(s_ptr + sidx, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + sidx, mask=mask_n[None, :], other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(sc) + (1 << (BITS - 1))
+        v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - z[:, None, :]) * sc[:, None, :]
+    else:
+        e = tl.load(s_ptr + sidx, mask=mask_n[None, :], other=0).to(tl.int32)
+        if WTYPE == 1:  # e4m3 block scale * global scale
+            v = _e2m1_f32(q) * (_e4m3_f32(e) * 16384.0)[:, None, :] * tl.load(gs_ptr)
+        else:  # e8m0
+            v = _e2m1_f32(q) * (tl.exp2(e.to(tl.float32) - 127.0) * 16384.0)[:, None, :]
+    t = tl.reshape(tl.permute(v.to(out_ptr.dtype.element_ty), (2, 0, 1)), (BN, BLK))
+    kk = b * BLK + tl.arange(0, BLK)
+    tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], t, mask=mask_n[:, None])
+
+
+@triton.jit
 def _splitk_reduce(part_ptr, out_ptr, total, SK: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
@@ -1509,14 +1546,18 @@ def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool, use_perm: bool =
     return out if sk == 1 else out.to(x2.dtype)
 
 
-def dequantize(st: WeightOnlyState, dtype: torch.dtype) -> torch.Tensor:
+DEQUANT_ROWS = os.environ.get("QTOOL_DEQUANT_ROWS", "1") != "0"  # the row-contiguous store (bench: dequant-v0 without)
+
+
+def dequantize(st: WeightOnlyState, dtype: torch.dtype, rows: bool | None = None, bn: int = 64,
+               num_warps: int = 4) -> torch.Tensor:
     """The full weight [N, K] (channels in the permuted order when act order)."""
     out = torch.empty((st.n, st.k), dtype=dtype, device=st.qw.device)
-    bn = 64
     grid = (st.k // (16 * (32 // st.bits)), triton.cdiv(st.n, bn))
-    _wo_dequant_kernel[grid](
+    kern = _wo_dequant_rows_kernel if (DEQUANT_ROWS if rows is None else rows) else _wo_dequant_kernel
+    kern[grid](
         st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.global_scale, out,
-        st.n, st.k, BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, BN=bn, num_warps=4,
+        st.n, st.k, BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, BN=bn, num_warps=num_warps,
     )
     return out
 
@@ -1575,8 +1616,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
-    elif path == "dequant":
-        w = dequantize(st, x2.dtype)
+    elif path in ("dequant", "dequant-v0"):
+        w = dequantize(st, x2.dtype, rows=False if path == "dequant-v0" else None)
         xp = x2 if st.perm is None else x2.index_select(1, st.perm)
         y = torch.nn.functional.linear(xp, w)
     else:
