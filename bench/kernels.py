@@ -184,9 +184,12 @@ def tinygemm(n, k, group=128):
 
 
 @triton.jit
-def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: tl.constexpr):
+def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: tl.constexpr, PDL: tl.constexpr = False):
     """Each program reads PER x BLOCK int32 words (all loads independent) and stores their sum: the time to
-    stream the bytes once, the ceiling of any kernel that must read them."""
+    stream the bytes once, the ceiling of any kernel that must read them. PDL: launched as a programmatic
+    dependent launch, the next call's programs start at once and read before they wait to store (as gemv16-pdl)."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     base = tl.program_id(0).to(tl.int64) * (BLOCK * PER)
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for i in tl.static_range(PER):
@@ -195,6 +198,8 @@ def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: t
             acc += tl.load(src + offs, mask=offs < nwords, other=0, cache_modifier=".cg")
         else:
             acc += tl.load(src + offs, mask=offs < nwords, other=0)
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
 
 
@@ -202,15 +207,17 @@ READ_CONFIGS = [(blk, per, w, cg) for blk in (512, 1024, 2048, 4096) for per in 
                 for cg in (False, True) if blk * per <= 32768 and blk >= 128 * w]
 
 
-def read_time(nbytes: int) -> tuple[float, tuple]:
-    """The fastest time (CUDA graph, rotated copies past L2) over READ_CONFIGS to read nbytes once."""
+def read_time(nbytes: int, pdl: bool = False) -> tuple[float, tuple]:
+    """The fastest time (CUDA graph, rotated copies past L2) over READ_CONFIGS to read nbytes once (pdl: as
+    programmatic dependent launches, back-to-back calls overlapping)."""
     nw = nbytes // 4
     bufs = [torch.randint(0, 1 << 30, (nw,), dtype=torch.int32, device="cuda") for _ in range(max(2, math.ceil(L2_ROTATE / nbytes)))]
     best = (float("inf"), None)
     for blk, per, w, cg in READ_CONFIGS:
         grid = (triton.cdiv(nw, blk * per),)
         out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-        fns = [lambda b=b: _read_kernel[grid](b, out, nw, BLOCK=blk, PER=per, CG=cg, num_warps=w) for b in bufs]
+        kw = dict(launch_pdl=True) if pdl else {}
+        fns = [lambda b=b: _read_kernel[grid](b, out, nw, BLOCK=blk, PER=per, CG=cg, PDL=pdl, num_warps=w, **kw) for b in bufs]
         best = min(best, (time_graph(fns), (blk, per, w, cg)))
     del bufs
     return best
@@ -360,14 +367,20 @@ def main():
                     except Exception as e:
                         print(f"  {name} extra rows M={m}: failed {str(e)[:300]}", flush=True)
             if "roofline" in names and m == ms[0]:  # reading the weight bytes once, nothing else (any M: the same bytes)
-                for label, nbytes in (("read(int4 g128 bytes)", n * k // 2 + n * k // 128 * 2), ("read(bf16 bytes)", n * k * 2)):
-                    t, cfg = read_time(nbytes)
+                i4 = n * k // 2 + n * k // 128 * 2
+                for label, nbytes, pdl in (("read(int4 g128 bytes)", i4, False), ("read(bf16 bytes)", n * k * 2, False),
+                                           ("read(int4 g128, pdl)", i4, True)):
+                    try:
+                        t, cfg = read_time(nbytes, pdl)
+                    except Exception as e:
+                        print(f"  {label} failed: {str(e)[:200]}", flush=True)
+                        continue
                     rows.append(dict(kernel=label, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=nbytes / t / 1e9,
                                      peak_share=nbytes / t / peak, us_eager=t * 1e6, ratio_eager=e_bf / t))
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-pdl", "gemv16-sp") if m == 1 else ("dot4t", "dot4t-v0", "dot4t-fr", "dot4t-pdl") if m <= 16
+                paths = (("gemv16", "gemv16-pdl", "gemv16-pdl2") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl", "dot4t-pdl2") if m <= 16
                          else ("dequant", "dequant-v0", "dot4t") if m >= 4096 else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

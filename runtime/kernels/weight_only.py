@@ -564,7 +564,7 @@ def _wo_gemv16_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -574,8 +574,9 @@ def _wo_gemv16_kernel(
     is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words.
     PDL (launched as a programmatic dependent launch, Hopper): the next kernel may launch once every program has
     started, and this one's first weight loads go out before it waits for the previous kernel (griddepcontrol):
-    only the weights, which no kernel writes, are touched before the wait."""
-    if PDL:
+    only the weights, which no kernel writes, are touched before the wait. PDL 2: the next kernel may launch
+    only once every program has left its loop (its programs then wait on fewer resident ones)."""
+    if PDL == 1:
         _gdc_launch_dependents()
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -713,6 +714,8 @@ def _wo_gemv16_kernel(
                         + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
                                     _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
             acc += part * (s * dn[:, None])[:, None, :]
+    if PDL == 2:
+        _gdc_launch_dependents()
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (tl.load(gs_ptr) * 16384.0)
@@ -1019,7 +1022,7 @@ def _wo_dot4t_kernel(
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
-    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = False,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -1028,7 +1031,7 @@ def _wo_dot4t_kernel(
     (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
     group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
     is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait)."""
-    if PDL:
+    if PDL == 1:
         _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
@@ -1047,6 +1050,8 @@ def _wo_dot4t_kernel(
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
                                offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH)
+    if PDL == 2:
+        _gdc_launch_dependents()
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
 
 
@@ -1376,7 +1381,7 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: bool = False) -> torch.Tensor:
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
@@ -1395,7 +1400,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=pdl, num_warps=cfg.get("num_warps", 4),
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=cfg.get("num_warps", 4),
         **(dict(launch_pdl=True) if pdl else {}),
     )
     if sk > 1 and not fused:
@@ -1497,7 +1502,7 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
-                 gshift: bool | None = None, pdl: bool = False) -> torch.Tensor:
+                 gshift: bool | None = None, pdl: int = 0) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
     wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
     and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
@@ -1532,7 +1537,7 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
             _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
         elif kind == "dot4t":
             _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused,
-                                   PDL=pdl, **kw, **(dict(launch_pdl=True) if pdl else {}))
+                                   PDL=int(pdl), **kw, **(dict(launch_pdl=True) if pdl else {}))
         else:
             _wo_dot4_kernel[grid](*args, **kw)
     if sk > 1 and not fused:
@@ -1604,22 +1609,24 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl"):
+                "gemv16-pdl", "gemv16-pdl2"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
-                                         pdl=path == "gemv16-pdl" and not tuning.interpreting())
+                                         pdl=0 if tuning.interpreting() else {"gemv16-pdl": 1, "gemv16-pdl2": 2}.get(path, 0))
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-pdl2", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
         # -pdl: -fr as a programmatic dependent launch (one kernel per call)
-        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True)}.get(path, (None, None))
-        pdl = path == "dot4t-pdl" and not tuning.interpreting()
+        # -pdl2: the next kernel launched only once every program has left its loop
+        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True),
+                      "dot4t-pdl2": (True, True)}.get(path, (None, None))
+        pdl = 0 if tuning.interpreting() else {"dot4t-pdl": 1, "dot4t-pdl2": 2}.get(path, 0)
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
