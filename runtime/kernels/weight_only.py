@@ -437,26 +437,9 @@ def _fp4_word_asm(w: str, xs: list, first: bool) -> str:
     return out
 
 
-def _fp4_pair_asm() -> str:
-    """PTX for two words of e2m1 codes (rows r and r + 8: the same groups): pair j of both words times its x
-    pair summed first, then one multiply-add by the scale pair $11 + j (one fp16 rounding less and one
-    instruction less per pair and word than _fp4_word_asm's scale per word)."""
-    shifts = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
-              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))
-    out = ""
-    for j, (ma, mb) in enumerate(shifts):
-        for w, x, op in (("$1", f"${3 + j}", "mul.f16x2 t, v, {x}"), ("$2", f"${7 + j}", "fma.rn.f16x2 t, v, {x}, t")):
-            out += (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
-                    f"    lop3.b32 v, b, 0x80008000, a, 0xEA;\n    {op.format(x=x)};\n")
-        out += f"    mul.f16x2 p, t, ${11 + j};\n" if j == 0 else f"    fma.rn.f16x2 p, t, ${11 + j}, p;\n"
-    return out
-
-
-FP4_PAIR = os.environ.get("QTOOL_FP4_PAIR", "1") != "0"  # the two words' products summed before the scale
 _FP4_ASM = tl.constexpr(
     "{\n    .reg .b32 a, b, v, t, p;\n    .reg .f16 h0, h1;\n"
-    + (_fp4_pair_asm() if FP4_PAIR else
-       _fp4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _fp4_word_asm("$2", ["$7", "$8", "$9", "$10"], False))
+    + _fp4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _fp4_word_asm("$2", ["$7", "$8", "$9", "$10"], False)
     + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 
