@@ -262,6 +262,7 @@ def main():
     ap.add_argument("--ms", default="1,16,128,4096")
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps;... : gemv16 (M = 1, w4a16-g128) at each")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
     names = a.kernels.split(",")
@@ -276,6 +277,8 @@ def main():
     for kind in ("int4", "nvfp4"):
         ok = weight_only._h2_ok(torch.device("cuda"), kind)
         print(f"# packed-fp16 GEMV (M = 1) for {kind}: {'on' if ok else 'off: ' + weight_only._H2_OK.get('why', '')}", flush=True)
+    pdl = weight_only._pdl_ok(torch.device("cuda"))
+    print(f"# gemv16 (M = 1) as programmatic dependent launches: {'on' if pdl and weight_only.PDL_DEFAULT else 'off: ' + weight_only._PDL_OK.get('why', 'QTOOL_PDL=0')}", flush=True)
     rows, checks = [], []
     for sname, k, n in SHAPES:
         # bf16 baseline copies
@@ -380,9 +383,10 @@ def main():
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-pdl", "gemv16-pdl2") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl", "dot4t-pdl2") if m <= 16
+                paths = (("gemv16", "gemv16-nopdl") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl") if m <= 16
                          else ("dequant", "dequant-v0", "dot4t") if m >= 4096 else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
+
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only
 
@@ -393,6 +397,22 @@ def main():
                         label = f"dequant{'' if rws else '-v0'} alone BN={bn} w={nw}"
                         print(f"  {label:<32} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
                               f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
+            for name in ("w4a16-g128", "nvfp4(w only)"):
+                if m == 1 and a.gemv16_configs and name in preps:  # the default gemv16 at other tile configs (set in the tuner's cache)
+                    from runtime.kernels import weight_only
+
+                    st0 = preps[name][0][0].state
+                    key = weight_only._key(st0, "gemv16", 1)
+                    for c in a.gemv16_configs.split(";"):
+                        bn, sk, ku, w = (int(v) for v in c.split(","))
+                        tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w)
+                        pf = [lambda s=s_.state: weight_only.matmul(xs, s) for s_ in preps[name][0]]
+                        try:
+                            t = time_graph(pf)
+                            print(f"  {name[:5] + ' gemv16 ' + c:<24} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
+                        except Exception as e:
+                            print(f"  gemv16 {c}: failed {str(e)[:200]}", flush=True)
+                    tuning._cache.pop(key, None)
             if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, the default there)
                 path_rows(("dot4f",), preps["nvfp4(w only)"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True,
                           name="nvfp4(w only)")

@@ -24,10 +24,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from runtime.kernels import weight_only as wo
 
-pdl = sys.argv[1] == "1"
+pdl, bn, ku = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
 sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*bf16",
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
-c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=True, BN=64, SPLIT_K=8, KU=1, XB=512, PREFETCH=True,
+c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=True, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
          FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None)
 names = list(sig)
 k = triton.compile(ASTSource(fn=wo._wo_gemv16_kernel, signature=dict(sig, **{n: "constexpr" for n in c}), constexprs=c,
@@ -46,21 +46,23 @@ print(" ".join(ops))
 '''
 
 
-def sass_ops(pdl: bool) -> list[str]:
+def sass_ops(pdl: bool, bn: int = 64, ku: int = 1) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.split()
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="no Triton, or Triton without its CUDA tools")
-def test_gemv16_dependent_launch_loads_weights_before_the_wait():
+@pytest.mark.parametrize("bn,ku", [(64, 1), (128, 4)])
+def test_gemv16_dependent_launch_loads_weights_before_the_wait(bn, ku):
     """gemv16-pdl: `griddepcontrol.launch_dependents` (SASS PREEXIT) first, the first words' loads (LDG) before
     `griddepcontrol.wait` (ACQBULK), and no store before it (x, the scratch row, outputs and counters may still be
-    in use by the previous kernel until then). Without PDL neither instruction is there."""
-    ops = sass_ops(True)
+    in use by the previous kernel until then). Without PDL neither instruction is there. (128, 4): the default
+    for o-sized weights, four blocks per step, all of a program's range loaded before the wait."""
+    ops = sass_ops(True, bn, ku)
     assert ops.count("PREEXIT") == 1 and ops.count("ACQBULK") == 1
     wait = ops.index("ACQBULK")
     assert ops.index("PREEXIT") < wait

@@ -430,3 +430,27 @@ def test_tuning_pick_warms_then_keeps_the_fastest_of_a_second_round(monkeypatch)
     n = len(calls)
     assert tuning.pick("k", ["a"], lambda c: c, default="dflt") == "b" and len(calls) == n  # cached
     assert tuning.pick("k2", ["bad"], lambda c: c, default="dflt") == "dflt"  # nothing launched: the default
+
+
+def test_dependent_launch_rule(monkeypatch):
+    """gemv16's programmatic dependent launch (read weights before waiting for the previous kernel) is used only
+    from a weight's second call on, where the check passed, and never under the interpreter or with QTOOL_PDL=0."""
+    from types import SimpleNamespace
+
+    st = weight_only.prepare(int_qt(32, 256, 4, 128, True))
+    x = SimpleNamespace(device=torch.device("cuda", 0))
+    assert weight_only._pdl_for(st, x) == 0  # the interpreter
+    monkeypatch.setattr(weight_only.tuning, "interpreting", lambda: False)
+    monkeypatch.setitem(weight_only._PDL_OK, ("cuda", 0), True)
+    assert [weight_only._pdl_for(st, x) for _ in range(3)] == [0, 1, 1]  # the first call plain
+    assert weight_only._pdl_for(st.clone(), x) == 0  # a new weight (a copy) starts plain again
+    monkeypatch.setitem(weight_only._PDL_OK, ("cuda", 0), False)
+    assert weight_only._pdl_for(st, x) == 0  # the check failed on this device
+    monkeypatch.setitem(weight_only._PDL_OK, ("cuda", 0), True)
+    monkeypatch.setattr(weight_only, "PDL_DEFAULT", False)
+    assert weight_only._pdl_for(st, x) == 0
+    # the default configs: o's programs load their whole K range before the wait (KU x SPLIT_K = blocks), qkv's half
+    c = weight_only._gemv16_default(4096, 4096, pdl=True)
+    assert c["KU"] * c["SPLIT_K"] == 4096 // 128
+    c = weight_only._gemv16_default(6144, 4096, pdl=True)
+    assert 2 * c["KU"] * c["SPLIT_K"] == 4096 // 128

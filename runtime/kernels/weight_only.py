@@ -1342,6 +1342,11 @@ FUSED_REDUCE = os.environ.get("QTOOL_FUSED_REDUCE", "1") == "1"
 # What won there is on by default: dot4t's group shift (M=16 1.76x -> 1.91x untuned), NVFP4 at 2 <= M <= 16
 # through dot4f (0.57x -> 0.91x).
 KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
+# gemv16 (M = 1) as a programmatic dependent launch on Hopper and later (session 11, H100, CUDA-graph geomean of
+# the four Llama-3-8B shapes: 2.34-2.38x -> 2.58-2.63x bf16; dot4t at M <= 16 was slower with it: 2.02 -> 1.62).
+# QTOOL_PDL=0 turns it off. A weight's first call runs without it (see _pdl_for).
+PDL_DEFAULT = os.environ.get("QTOOL_PDL", "1") != "0"
+_PDL_OK: dict = {}
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
@@ -1435,6 +1440,44 @@ def _h2_ok(device: torch.device, kind: str = "int4") -> bool:
             _H2_OK["why"] = f"{kind}: {type(e).__name__}: {text[-1500:]}"
             return False
     return _H2_OK[key]
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Once per device: Hopper or later (griddepcontrol is sm_90 PTX), and gemv16 launched as a dependent launch
+    gives the plain launch's output bit for bit; else plain launches."""
+    key = (device.type, device.index)
+    if key not in _PDL_OK:
+        _PDL_OK[key] = False
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            _PDL_OK["why"] = "needs sm_90 or later"
+            return False
+        try:
+            st = next(_h2_cases("int4", device))
+            x = (torch.randn(1, 512, generator=torch.Generator(device="cpu").manual_seed(2)) * 3).to(device, torch.bfloat16)
+            cfg = dict(BN=32, SPLIT_K=2, KU=2)
+            a, b = _launch_gemv16(x, st, cfg, True, pdl=1), _launch_gemv16(x, st, cfg, True)
+            _PDL_OK[key] = bool(torch.equal(a, b))
+            if not _PDL_OK[key]:
+                _PDL_OK["why"] = "differs from the plain launch"
+        except Exception as e:  # noqa: BLE001 - an older Triton (no launch_pdl) or driver: plain launches
+            _PDL_OK["why"] = f"{type(e).__name__}: {' '.join(str(e).split())[-500:]}"
+    return _PDL_OK[key]
+
+
+def _pdl_for(st: WeightOnlyState, x: torch.Tensor) -> int:
+    """1 when this call may be a programmatic dependent launch. Such a kernel reads its weights before it waits
+    for the kernel before it, so a weight's first call runs plainly: whatever wrote the weights (repacking, a
+    copy) is then ordered before it, and nothing writes them after."""
+    if not PDL_DEFAULT or tuning.interpreting() or x.device.type != "cuda":
+        return 0
+    if (x.device.type, x.device.index) not in _PDL_OK:
+        if torch.cuda.is_current_stream_capturing():  # the check synchronizes: not inside someone's capture
+            return 0
+        _pdl_ok(x.device)
+    if not getattr(st, "_pdl_ready", False):
+        st._pdl_ready = True
+        return 0
+    return 1 if _PDL_OK[(x.device.type, x.device.index)] else 0
 
 
 def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
@@ -1592,14 +1635,15 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl", "gemv16-pdl2"):
+                "gemv16-pdl", "gemv16-pdl2", "gemv16-nopdl"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
+        # the default launches dependently (PDL_DEFAULT); -pdl always, -pdl2 triggering after the loop, -nopdl never
+        pdl = _pdl_for(st, x2) if path == "gemv16" else 0 if tuning.interpreting() else {"gemv16-pdl": 1, "gemv16-pdl2": 2}.get(path, 0)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
-                                         pdl=0 if tuning.interpreting() else {"gemv16-pdl": 1, "gemv16-pdl2": 2}.get(path, 0))
-        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4)))
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl)
+        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0)))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-pdl2", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
@@ -1642,12 +1686,17 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     return y.reshape(*shape[:-1], st.n)
 
 
-def _gemv16_default(n: int, k: int, fp4: bool = False) -> dict:
+def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
     (bench/kernels.py, sessions 7 and 8): wide N 512 columns x split-K 8, long K 256 x 16 (two blocks per
-    step), qkv and o 256 x 16; 4 warps. The interpreter (CPU tests) keeps small tiles."""
+    step), qkv and o 256 x 16; 4 warps. As dependent launches (pdl), qkv and o take more blocks per step, so
+    that more of a program's K range is in flight before it waits (o's all four blocks); session 11's sweep on
+    an H100: qkv 256 x 8 with two blocks per step 8.8 -> 8.1 us, o 128 x 8 with four 7.4 -> 6.6 us. The
+    interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
+    if pdl and not fp4 and n < 16384 and k < 8192:
+        return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
     if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned)
         if n >= 16384:
             return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4)
