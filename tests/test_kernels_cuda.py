@@ -1,0 +1,55 @@
+"""Kernels in a model on the GPU (skipped without CUDA; runs on the GPU machine): the M = 1 GEMV launched as a
+programmatic dependent launch gives the same logits, bit for bit, as plain launches, in a small Llama decoder whose
+linears are int4 QuantLinears, with norms, attention and other GEMVs (q, k, v back to back) interleaved."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+
+
+@torch.inference_mode()
+def test_dependent_launch_decode_matches_plain_launches():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtensor import QTensor
+    from runtime.kernels import weight_only
+    from runtime.qlinear import QuantLinear
+
+    if not weight_only._pdl_ok(torch.device("cuda")):
+        pytest.skip(f"no dependent launches here: {weight_only._PDL_OK.get('why')}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    n, k = lin.weight.shape
+                    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
+                    scales = (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half()
+                    setattr(parent, name, QuantLinear(QTensor("int", 4, codes, scales, None, 128)))
+
+    def decode():
+        ids = torch.randint(0, 1000, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        res = model(ids, use_cache=True)
+        logits = []
+        for _ in range(8):
+            nxt = res.logits[:, -1:].argmax(-1)
+            res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+            logits.append(res.logits[:, -1].float())
+        return torch.stack(logits)
+
+    old = weight_only.PDL_DEFAULT
+    try:
+        weight_only.PDL_DEFAULT = False
+        plain = decode()
+        weight_only.PDL_DEFAULT = True
+        dep = decode()  # every weight has had its first (plain) call: these are dependent launches
+        st = model.model.layers[0].self_attn.q_proj._kernel_prep.state
+        assert getattr(st, "_pdl_ready", False)
+    finally:
+        weight_only.PDL_DEFAULT = old
+    assert torch.isfinite(plain).all()
+    assert torch.equal(plain, dep)
