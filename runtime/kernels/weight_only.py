@@ -1455,7 +1455,8 @@ def _pdl_ok(device: torch.device) -> bool:
             st = next(_h2_cases("int4", device))
             x = (torch.randn(1, 512, generator=torch.Generator(device="cpu").manual_seed(2)) * 3).to(device, torch.bfloat16)
             cfg = dict(BN=32, SPLIT_K=2, KU=2)
-            a, b = _launch_gemv16(x, st, cfg, True, pdl=1), _launch_gemv16(x, st, cfg, True)
+            b = _launch_gemv16(x, st, cfg, True)  # plain first: the weights were just written (the rule of _pdl_for)
+            a = _launch_gemv16(x, st, cfg, True, pdl=1)
             _PDL_OK[key] = bool(torch.equal(a, b))
             if not _PDL_OK[key]:
                 _PDL_OK["why"] = "differs from the plain launch"
