@@ -557,9 +557,8 @@ def _wo_gemv16_kernel(
     is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words.
     PDL (launched as a programmatic dependent launch, Hopper): the next kernel may launch once every program has
     started, and this one's first weight loads go out before it waits for the previous kernel (griddepcontrol):
-    only the weights, which no kernel writes, are touched before the wait. PDL 2: the next kernel may launch
-    only once every program has left its loop (its programs then wait on fewer resident ones)."""
-    if PDL == 1:
+    only the weights, which no kernel writes, are touched before the wait."""
+    if PDL:
         _gdc_launch_dependents()
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -697,8 +696,6 @@ def _wo_gemv16_kernel(
                         + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
                                     _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
             acc += part * (s * dn[:, None])[:, None, :]
-    if PDL == 2:
-        _gdc_launch_dependents()
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (tl.load(gs_ptr) * 16384.0)
@@ -1014,7 +1011,7 @@ def _wo_dot4t_kernel(
     (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
     group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
     is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait)."""
-    if PDL == 1:
+    if PDL:
         _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
@@ -1033,8 +1030,6 @@ def _wo_dot4t_kernel(
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
                                offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH)
-    if PDL == 2:
-        _gdc_launch_dependents()
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
 
 
@@ -1636,25 +1631,25 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl", "gemv16-pdl2", "gemv16-nopdl"):
+                "gemv16-pdl", "gemv16-nopdl"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
-        # the default launches dependently (PDL_DEFAULT); -pdl always, -pdl2 triggering after the loop, -nopdl never
-        pdl = _pdl_for(st, x2) if path == "gemv16" else 0 if tuning.interpreting() else {"gemv16-pdl": 1, "gemv16-pdl2": 2}.get(path, 0)
+        # the default launches dependently (PDL_DEFAULT); -pdl always, -nopdl never (a trigger after the loop instead
+        # of first measured 2.42x against 2.58x, session 11)
+        pdl = _pdl_for(st, x2) if path == "gemv16" else int(path == "gemv16-pdl" and not tuning.interpreting())
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0)))
-    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-pdl2", "dot4t-mma", "dot4s",
+    elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
         # -pdl: -fr as a programmatic dependent launch (one kernel per call)
-        # -pdl2: the next kernel launched only once every program has left its loop
-        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True),
-                      "dot4t-pdl2": (True, True)}.get(path, (None, None))
-        pdl = 0 if tuning.interpreting() else {"dot4t-pdl": 1, "dot4t-pdl2": 2}.get(path, 0)
+        # (slower than dot4t in session 11: 1.62-1.68x against 2.02-2.10x; with the trigger after the loop 1.78x)
+        fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True)}.get(path, (None, None))
+        pdl = int(path == "dot4t-pdl" and not tuning.interpreting())
         run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
