@@ -6,7 +6,9 @@ layers, bf16 vs w4a16 (int4 g128, Triton kernels) vs fp8 (fp8-dynamic: row-wise 
 The decoder layers' seven linears become QuantLinear (the runtime's module, CUDA kernels dispatched
 inside); embeddings and lm_head (128256 x 4096) stay bf16 in every variant. Measured: eval-style
 prefill (batch 8 x 512 tokens, as qtool eval's windows) and greedy decode steps with a KV cache at
-batch 1 and 16 (eager, no CUDA graphs: launch overhead is part of the number)."""
+batch 1 and 16 (eager, no CUDA graphs: launch overhead is part of the number). `w4a16 no PDL`: the same with the
+M = 1 GEMV launched plainly, the in-model measure of its programmatic dependent launch (norms, attention and
+torch ops between the linears do not trigger it early)."""
 
 from __future__ import annotations
 
@@ -111,11 +113,17 @@ def main():
     print("bf16", res["bf16"], flush=True)
     variants = {
         "w4a16-g128": lambda n, k: rand_int(n, k, 4, 128, True),
+        "w4a16 no PDL": lambda n, k: rand_int(n, k, 4, 128, True),  # M = 1 GEMVs as plain launches (QTOOL_PDL=0)
         "fp8-dynamic": lambda n, k: rand_fp8(n, k, "token"),
     }
+    from runtime.kernels import weight_only
+
+    pdl_default = weight_only.PDL_DEFAULT
     for name, make in variants.items():
         orig = swap(model, make)
+        weight_only.PDL_DEFAULT = pdl_default and name != "w4a16 no PDL"
         res[name] = measure(model, vocab)
+        weight_only.PDL_DEFAULT = pdl_default
         q = model.model.layers[0].mlp.down_proj
         assert isinstance(q, QuantLinear) and getattr(q, "_kernel_prep", None) is not None, "kernel not dispatched"
         print(name, res[name], flush=True)
