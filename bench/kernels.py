@@ -33,6 +33,7 @@ import triton.language as tl  # noqa: E402
 from qtensor import ActQuant, QTensor  # noqa: E402
 from runtime import kernels  # noqa: E402
 from runtime.kernels import tuning, w8a8  # noqa: E402
+from runtime.kernels.weight_only import _gdc_launch_dependents, _gdc_wait  # noqa: E402
 from runtime.qlinear import fake_quant_act  # noqa: E402
 
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]  # (K, N)
@@ -189,7 +190,7 @@ def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: t
     stream the bytes once, the ceiling of any kernel that must read them. PDL: launched as a programmatic
     dependent launch, the next call's programs start at once and read before they wait to store (as gemv16-pdl)."""
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_launch_dependents()
     base = tl.program_id(0).to(tl.int64) * (BLOCK * PER)
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for i in tl.static_range(PER):
@@ -199,7 +200,7 @@ def _read_kernel(src, out, nwords, BLOCK: tl.constexpr, PER: tl.constexpr, CG: t
         else:
             acc += tl.load(src + offs, mask=offs < nwords, other=0)
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        _gdc_wait()
     tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
 
 
@@ -386,7 +387,6 @@ def main():
                 paths = (("gemv16", "gemv16-nopdl") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl") if m <= 16
                          else ("dequant", "dequant-v0", "dot4t") if m >= 4096 else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
-
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only
 
@@ -399,8 +399,6 @@ def main():
                               f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
             for name in ("w4a16-g128", "nvfp4(w only)"):
                 if m == 1 and a.gemv16_configs and name in preps:  # the default gemv16 at other tile configs (set in the tuner's cache)
-                    from runtime.kernels import weight_only
-
                     st0 = preps[name][0][0].state
                     key = weight_only._key(st0, "gemv16", 1)
                     for c in a.gemv16_configs.split(";"):

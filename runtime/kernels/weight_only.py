@@ -156,7 +156,12 @@ def _group(gblk_ptr, b, GSH: tl.constexpr):
 def _int_code(words, i: tl.constexpr, BITS: tl.constexpr):
     """Code of slot i as fp32 without an int->float conversion (a quarter-rate instruction): the code
     is OR-ed into the mantissa of 2^23 and 2^23 subtracted, both exact."""
-    q = (words >> (i * BITS)) & ((1 << BITS) - 1)
+    return _code_f32((words >> (i * BITS)) & ((1 << BITS) - 1))
+
+
+@triton.jit
+def _code_f32(q):
+    """Unsigned codes (int32, < 2^23) as fp32, OR-ed into the mantissa of 2^23 and 2^23 subtracted (exact)."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
@@ -1227,7 +1232,7 @@ def _wo_dequant_rows_kernel(
             z = tl.load(z_ptr + sidx, mask=mask_n[None, :], other=0).to(tl.float32)
         else:
             z = tl.zeros_like(sc) + (1 << (BITS - 1))
-        v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - z[:, None, :]) * sc[:, None, :]
+        v = (_code_f32(q) - z[:, None, :]) * sc[:, None, :]
     else:
         e = tl.load(s_ptr + sidx, mask=mask_n[None, :], other=0).to(tl.int32)
         if WTYPE == 1:  # e4m3 block scale * global scale
