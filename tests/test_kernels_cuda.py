@@ -53,3 +53,46 @@ def test_dependent_launch_decode_matches_plain_launches():
         weight_only.PDL_DEFAULT = old
     assert torch.isfinite(plain).all()
     assert torch.equal(plain, dep)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("zero", [False, True])
+def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
+    """runtime/kernels/launch.py: after a key's first launch the compiled kernel is launched directly. The same
+    outputs bit for bit as launches through Triton's JIT, for x contiguous, a row-strided view and a view whose
+    data pointer is not 16-byte aligned (each a key of its own), and the direct path is the one taken."""
+    from qtensor import QTensor
+    from runtime.kernels import launch, weight_only
+
+    torch.manual_seed(0)
+    n, k = 384, 1024
+    codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
+    zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
+    st = weight_only.prepare(QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128))
+    big = torch.randn(m, 2 * k + 8, device="cuda", dtype=torch.bfloat16)
+    xs = {"contiguous": big[:, :k].contiguous(), "row-strided": big[:, :k], "unaligned": big[:, 1:k + 1]}
+
+    class Counting:  # the JIT kernel, counting launches through Triton's binding
+        def __init__(self, f):
+            self.f, self.fn, self.n = f, f.fn, 0
+
+        def __getitem__(self, grid):
+            self.n += 1
+            return self.f[grid]
+
+    jit = {name: Counting(getattr(weight_only, name)) for name in ("_wo_gemv16_kernel", "_wo_dot4t_kernel")}
+    for name, c in jit.items():
+        monkeypatch.setattr(weight_only, name, c)
+    for name, x in xs.items():
+        monkeypatch.setattr(launch, "ON", False)
+        ref = [weight_only.matmul(x, st) for _ in range(2)]
+        monkeypatch.setattr(launch, "ON", True)
+        keys = len(weight_only._launches(st))
+        first = weight_only.matmul(x, st)  # through the JIT, the compiled kernel kept
+        assert len(weight_only._launches(st)) == keys + 1, name
+        through_jit = sum(c.n for c in jit.values())
+        again = [weight_only.matmul(x, st) for _ in range(3)]  # direct
+        assert sum(c.n for c in jit.values()) == through_jit, name
+        for y in [first] + again:
+            assert torch.equal(y, ref[-1]), name

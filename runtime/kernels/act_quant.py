@@ -14,6 +14,9 @@ import triton.language as tl
 from qtensor import numerics as nm
 
 from . import tuning
+from .launch import launch
+
+_LAUNCHES: dict = {}  # compiled quantizers relaunched directly, by call key
 
 
 @triton.jit
@@ -89,15 +92,19 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     is_int = dtype == "int8"
     q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.float8_e4m3fn, device=x2.device)
     gsz = group if group > 0 else k
-    ng = triton.cdiv(k, gsz)
+    ng = -(-k // gsz)
     static = static_scale is not None
     s = torch.empty((m, ng), dtype=torch.float32, device=x2.device) if not static else static_scale.float().reshape(1)
-    block = min(triton.next_power_of_2(gsz), block)
-    _act_quant_kernel[(m, ng)](
-        x2, q, s, s, offset.reshape(1) if offset is not None else s, k, x2.stride(0), q.stride(0), ng,
-        GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
-        QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(), num_warps=min(16, max(4, block // 512)),
-    )
+    block = min(1 << max(gsz - 1, 0).bit_length(), block)
+    off = offset.reshape(1) if offset is not None else s
+    args = (x2, q, s, s, off, k, x2.stride(0), q.stride(0), ng)
+    # the compiled kernel: the constexprs, the dtypes, the ints' value classes and the pointers' alignment (launch.py)
+    key = (x2.dtype, q.dtype, off.dtype, k, x2.stride(0), ng, gsz, block, static, offset is not None,
+           x2.data_ptr() % 16, s.data_ptr() % 16, off.data_ptr() % 16)
+    launch(_LAUNCHES, key, _act_quant_kernel, (m, ng), args,
+           dict(GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
+                QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(),
+                num_warps=min(16, max(4, block // 512))))
     return q, s
 
 

@@ -32,6 +32,7 @@ from qtensor import QTensor
 from qtensor import packing as pk
 
 from . import tuning
+from .launch import launch
 
 WTYPE_INT, WTYPE_NVFP4, WTYPE_MXFP4 = 0, 1, 2
 RUN = 16  # consecutive input channels per slot
@@ -1320,7 +1321,7 @@ def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
         )
     if sk > 1:
         total = m * st.n
-        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
+        _reduce(dst, out, total, sk)
     return out
 
 
@@ -1359,6 +1360,31 @@ def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     return st.wtype == WTYPE_INT and st.uniform
 
 
+_REDUCE_LAUNCHES: dict = {}
+
+
+def _reduce(part: torch.Tensor, out: torch.Tensor, total: int, sk: int) -> None:
+    """out = the sum of the [sk, total] fp32 partials (a second kernel, when the split-K sum is not fused)."""
+    launch(_REDUCE_LAUNCHES, (total, sk, out.dtype), _splitk_reduce, (_cdiv(total, 1024),), (part, out, total),
+           dict(SK=sk, BLOCK=1024, num_warps=4))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _npow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def _launches(st: WeightOnlyState) -> dict:
+    """Per weight: compiled kernels relaunched without Triton's binding (launch.py), by call key."""
+    d = st.__dict__.get("_launches")
+    if d is None:
+        d = st.__dict__["_launches"] = {}
+    return d
+
+
 def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor:
     """Per-weight tile counters of the fused split-K reduction: zero between calls (the last program resets)."""
     c = getattr(st, "_counters", None)
@@ -1376,24 +1402,25 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
-    tiles = triton.cdiv(st.n, bn)
+    tiles = _cdiv(st.n, bn)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     part = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     fused = fused and sk > 1
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
     scr = torch.empty((m, st.k // 2 + st.k // 128), dtype=torch.int32, device=x2.device)
-    _wo_gemv16_kernel[(m, tiles, sk)](
-        x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
-        out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n,
-        HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
-        BN=bn, SPLIT_K=sk, KU=cfg.get("KU", 2), XB=min(triton.next_power_of_2(triton.cdiv(st.k // 128, sk) * 128), 4096),
-        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=cfg.get("num_warps", 4),
-        **(dict(launch_pdl=True) if pdl else {}),
-    )
+    ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
+    args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
+            out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
+    consts = dict(HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
+                  BN=bn, SPLIT_K=sk, KU=ku, XB=min(_npow2(_cdiv(st.k // 128, sk) * 128), 4096),
+                  PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
+                  GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
+    # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
+    key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl))
+    launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
     if sk > 1 and not fused:
         total = m * st.n
-        _splitk_reduce[(triton.cdiv(total, 1024),)](part, out, total, SK=sk, BLOCK=1024, num_warps=4)
+        _reduce(part, out, total, sk)
     return out
 
 
@@ -1543,13 +1570,16 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
     gshift = True if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(st.n, bn), sk, triton.cdiv(m, bm))
+    grid = (_cdiv(st.n, bn), sk, _cdiv(m, bm))
     cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
     kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk,
               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    # the compiled kernel is decided by the weight, the constexprs and x's dtype, row stride and alignment (launch.py)
+    key = (kind, m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, bm, ptx, fused, gshift, int(pdl), cfg.get("KB", cfg.get("KU", 1)),
+           kw["num_warps"], kw["num_stages"])
     if kind == "dot4f":
-        _wo_dot4f_kernel[grid](x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n,
-                               res_ptr=out, cnt_ptr=cnt, FUSED=fused, **kw)
+        launch(_launches(st), key, _wo_dot4f_kernel, grid, (x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n),
+               dict(cnt_ptr=cnt, FUSED=fused, **kw), live=dict(res_ptr=out))
     else:
         has_perm = st.perm is not None
         if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
@@ -1563,13 +1593,14 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
         if kind == "dot4s":
             _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
         elif kind == "dot4t":
-            _wo_dot4t_kernel[grid](*args, KU=ku, GSH=st.gshift if gshift else -1, res_ptr=out, cnt_ptr=cnt, FUSED=fused,
-                                   PDL=int(pdl), **kw, **(dict(launch_pdl=True) if pdl else {}))
+            launch(_launches(st), key, _wo_dot4t_kernel, grid, args,
+                   dict(KU=ku, GSH=st.gshift if gshift else -1, cnt_ptr=cnt, FUSED=fused, PDL=int(pdl), **kw,
+                        **(dict(launch_pdl=True) if pdl else {})), live=dict(res_ptr=out))
         else:
             _wo_dot4_kernel[grid](*args, **kw)
     if sk > 1 and not fused:
         total = m * st.n
-        _splitk_reduce[(triton.cdiv(total, 1024),)](dst, out, total, SK=sk, BLOCK=1024, num_warps=4)
+        _reduce(dst, out, total, sk)
     return out
 
 

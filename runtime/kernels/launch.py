@@ -1,0 +1,57 @@
+"""Launching a compiled Triton kernel again without Triton's per-call binding.
+
+Eager decode runs one small kernel per linear, and Triton's launch path (bind the arguments, specialize each on
+alignment and value, hash the key, look the compiled kernel up) costs more CPU than the kernel's GPU time at
+M = 1. `launch` keeps, per key, the CompiledKernel that the first launch through the JIT returned, with the values
+of every parameter after the per-call ones, and launches it directly afterwards. The key is the caller's: it must
+hold everything that decides the compiled kernel, i.e. every constexpr and launch option, and for the per-call
+arguments what Triton specializes on (an int's value class: 1, multiple of 16; a pointer's 16-byte alignment).
+The JIT path is always taken under the interpreter, while a launch hook is set (profilers), or with
+QTOOL_FAST_LAUNCH=0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+ON = os.environ.get("QTOOL_FAST_LAUNCH", "1") != "0"
+_stream = None
+
+
+def _knobs():
+    from triton import knobs
+
+    return knobs.runtime
+
+
+def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts: dict, live: dict | None = None):
+    """fn[grid](*args, **consts, **live); args are the leading parameters (they change per call), consts name every
+    other parameter the call sets (constexprs, pointers fixed for the key) and the launch options (num_warps,
+    launch_pdl, ...); live names later parameters that change per call (an output, a scratch)."""
+    global _stream
+    hit = cache.get(key) if ON else None
+    if hit is not None:
+        rt = _knobs()
+        if rt.launch_enter_hook is None and rt.launch_exit_hook is None:
+            kernel, tail, slots = hit
+            if slots:
+                tail = list(tail)
+                for i, name in slots:
+                    tail[i] = live[name]
+            if _stream is None:
+                from triton.runtime import driver
+
+                _stream = driver.active.get_current_stream
+            stream = _stream(args[0].device.index)
+            kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                       kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+            return
+    live = live or {}
+    kernel = fn[grid](*args, **consts, **live)
+    if ON and key is not None and kernel is not None and hasattr(kernel, "packed_metadata"):
+        params = list(inspect.signature(fn.fn).parameters.values())[len(args):]
+        tail = tuple(None if p.name in live else consts[p.name] if p.name in consts else p.default for p in params)
+        slots = tuple((i, p.name) for i, p in enumerate(params) if p.name in live)
+        if all(v is not inspect.Parameter.empty for v in tail):
+            cache[key] = (kernel, tail, slots)
