@@ -25,15 +25,21 @@ def _knobs():
     return knobs.runtime
 
 
-def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts: dict, live: dict | None = None):
-    """fn[grid](*args, **consts, **live); args are the leading parameters (they change per call), consts name every
-    other parameter the call sets (constexprs, pointers fixed for the key) and the launch options (num_warps,
-    launch_pdl, ...); live names later parameters that change per call (an output, a scratch)."""
+def _idle(hook) -> bool:
+    """No launch hook set (None in older Triton, an empty HookChain in newer ones)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | None = None):
+    """fn[grid](*args, **consts, **live); args are the leading parameters (they change per call), consts (a dict, or
+    a function returning it, called on a key's first launch only) name every other parameter the call sets
+    (constexprs, pointers fixed for the key) and the launch options (num_warps, launch_pdl, ...); live names later
+    parameters that change per call (an output, a scratch)."""
     global _stream
     hit = cache.get(key) if ON else None
     if hit is not None:
         rt = _knobs()
-        if rt.launch_enter_hook is None and rt.launch_exit_hook is None:
+        if _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook):
             kernel, tail, slots = hit
             if slots:
                 tail = list(tail)
@@ -48,6 +54,8 @@ def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts: dict, live: d
                        kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
             return
     live = live or {}
+    if callable(consts):
+        consts = consts()
     kernel = fn[grid](*args, **consts, **live)
     if ON and key is not None and kernel is not None and hasattr(kernel, "packed_metadata"):
         params = list(inspect.signature(fn.fn).parameters.values())[len(args):]

@@ -19,8 +19,11 @@ _flush_buf: dict = {}  # device -> the buffer written before every timed call
 _flush_ms: dict = {}  # (device, repetitions) -> milliseconds of the flushes alone
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the kernels are defined, as Triton's jit does
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def enable(on: bool = True) -> None:

@@ -1385,6 +1385,18 @@ def _launches(st: WeightOnlyState) -> dict:
     return d
 
 
+def _scratch(st: WeightOnlyState, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-weight work buffer that a kernel writes and reads within one launch (the packed x pairs, split-K
+    partials), kept between calls like the tile counters: calls on one stream (or PDL calls, which touch it only after
+    the previous kernel has finished) never overlap; concurrent calls of one weight on two streams are not supported."""
+    bufs = st.__dict__.setdefault("_scratch", {})
+    key = (name, shape, dtype, device)
+    b = bufs.get(key)
+    if b is None:
+        b = bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+    return b
+
+
 def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor:
     """Per-weight tile counters of the fused split-K reduction: zero between calls (the last program resets)."""
     c = getattr(st, "_counters", None)
@@ -1404,17 +1416,18 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = _cdiv(st.n, bn)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
-    part = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
+    part = out if sk == 1 else _scratch(st, "part", (sk, m, st.n), torch.float32, x2.device)
     fused = fused and sk > 1
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
-    scr = torch.empty((m, st.k // 2 + st.k // 128), dtype=torch.int32, device=x2.device)
+    scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128), torch.int32, x2.device)
     ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
     args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
             out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
-    consts = dict(HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
-                  BN=bn, SPLIT_K=sk, KU=ku, XB=min(_npow2(_cdiv(st.k // 128, sk) * 128), 4096),
-                  PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-                  GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
+    consts = lambda: dict(  # noqa: E731 - built on a key's first launch only
+        HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
+        BN=bn, SPLIT_K=sk, KU=ku, XB=min(_npow2(_cdiv(st.k // 128, sk) * 128), 4096),
+        PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl))
     launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
