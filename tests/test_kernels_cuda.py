@@ -96,3 +96,40 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
         assert sum(c.n for c in jit.values()) == through_jit, name
         for y in [first] + again:
             assert torch.equal(y, ref[-1]), name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["int8", "int8-static-asym", "fp8-block", "fp8-token"])
+def test_direct_relaunch_w8a8(kind, monkeypatch):
+    """The activation quantizer and the Triton scaled GEMM relaunched directly: the same outputs bit for bit as
+    launches through Triton's JIT, for M = 1 and 16, x contiguous and x a view whose pointer is not 16-byte aligned."""
+    from qtensor import ActQuant, QTensor
+    from runtime.kernels import launch, w8a8
+
+    torch.manual_seed(0)
+    n, k = 256, 512
+    if kind.startswith("int8"):
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        scales = torch.rand(n, 1, device="cuda") * 1e-3 + 1e-4
+        act = (ActQuant("static", "int8", "tensor", scale=torch.tensor([0.02], device="cuda"), offset=torch.tensor([3.0], device="cuda"))
+               if kind == "int8-static-asym" else ActQuant("dynamic", "int8", "token"))
+        qt = QTensor("int", 8, codes, scales, None, -1, act=act)
+    else:
+        codes = (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        if kind == "fp8-block":
+            qt = QTensor("fp8_e4m3", 8, codes, torch.rand(n // 128, k // 128, device="cuda") * 1e-4 + 1e-5, None, 128,
+                         block=(128, 128), act=ActQuant("dynamic", "fp8_e4m3", "group", group_size=128))
+        else:
+            qt = QTensor("fp8_e4m3", 8, codes, torch.rand(n, 1, device="cuda") * 1e-4 + 1e-5, None, -1,
+                         act=ActQuant("dynamic", "fp8_e4m3", "token"))
+    st = w8a8.prepare(qt)
+    assert st is not None
+    for m in (1, 16):
+        big = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)
+        for name, x in (("contiguous", big[:, :k].contiguous()), ("unaligned", big[:, 1:k + 1])):
+            monkeypatch.setattr(launch, "ON", False)
+            ref = w8a8.matmul(x, st)
+            monkeypatch.setattr(launch, "ON", True)
+            ys = [w8a8.matmul(x, st) for _ in range(3)]  # the first through the JIT, then direct
+            for y in ys:
+                assert torch.equal(y, ref), (kind, m, name)

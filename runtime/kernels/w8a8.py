@@ -14,6 +14,9 @@ import triton.language as tl
 from qtensor import QTensor
 
 from . import act_quant, tuning
+from .launch import launch
+
+_LAUNCHES: dict = {}  # compiled GEMMs relaunched directly, by call key
 
 
 @triton.jit
@@ -91,14 +94,17 @@ def _gemm(a, b, sa, sb, out_dtype, is_int, blockwise, wsum=None, off=None, key=N
     sb_col = sb.numel() > 1
 
     def run(cfg):
-        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-        _scaled_gemm_kernel[grid](
-            a, b, sa, sb, wsum if wsum is not None else sb, off if off is not None else sb, out,
-            m, n, k, a.stride(0), b.stride(0), out.stride(0), sa.stride(0) if sa.dim() == 2 else 1,
-            sb.stride(0) if sb.dim() == 2 else 1,
-            IS_INT=is_int, BLOCKWISE=blockwise, SA_ROW=sa_row, SB_COL=sb_col, HAS_OFF=off is not None,
-            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        grid = (-(-m // cfg["BM"]) * -(-n // cfg["BN"]),)
+        args = (a, b, sa, sb, wsum if wsum is not None else sb, off if off is not None else sb, out,
+                m, n, k, a.stride(0), b.stride(0), out.stride(0), sa.stride(0) if sa.dim() == 2 else 1,
+                sb.stride(0) if sb.dim() == 2 else 1)
+        # the compiled kernel: constexprs, dtypes, the ints' value classes, the pointers' alignment (launch.py)
+        lkey = (is_int, blockwise, sa_row, sb_col, off is not None, tuple(sorted(cfg.items())), out_dtype,
+                tuple((t.dtype, t.data_ptr() % 16) for t in args[:7]), tuple((v == 1, v % 16 == 0) for v in args[7:]))
+        launch(_LAUNCHES, lkey, _scaled_gemm_kernel, grid, args,
+               lambda: dict(IS_INT=is_int, BLOCKWISE=blockwise, SA_ROW=sa_row, SB_COL=sb_col, HAS_OFF=off is not None,
+                            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"]))
         return out
 
     configs = [c for c in GEMM_CONFIGS if k % c["BK"] == 0 and (not blockwise or c["BK"] == 128)]
