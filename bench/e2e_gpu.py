@@ -8,7 +8,8 @@ inside); embeddings and lm_head (128256 x 4096) stay bf16 in every variant. Meas
 prefill (batch 8 x 512 tokens, as qtool eval's windows) and greedy decode steps with a KV cache at
 batch 1 and 16 (eager, no CUDA graphs: launch overhead is part of the number). `w4a16 no PDL`: the same with the
 M = 1 GEMV launched plainly, the in-model measure of its programmatic dependent launch (norms, attention and
-torch ops between the linears do not trigger it early)."""
+torch ops between the linears do not trigger it early). `w4a16 JIT launch`: every Triton launch through Triton's
+own binding instead of runtime/kernels/launch.py's direct relaunch (the CPU cost per call that eager decode pays)."""
 
 from __future__ import annotations
 
@@ -114,16 +115,20 @@ def main():
     variants = {
         "w4a16-g128": lambda n, k: rand_int(n, k, 4, 128, True),
         "w4a16 no PDL": lambda n, k: rand_int(n, k, 4, 128, True),  # M = 1 GEMVs as plain launches (QTOOL_PDL=0)
+        "w4a16 JIT launch": lambda n, k: rand_int(n, k, 4, 128, True),  # every launch through Triton's binding (QTOOL_FAST_LAUNCH=0)
         "fp8-dynamic": lambda n, k: rand_fp8(n, k, "token"),
     }
     from runtime.kernels import weight_only
 
-    pdl_default = weight_only.PDL_DEFAULT
+    from runtime.kernels import launch
+
+    pdl_default, fast_default = weight_only.PDL_DEFAULT, launch.ON
     for name, make in variants.items():
         orig = swap(model, make)
         weight_only.PDL_DEFAULT = pdl_default and name != "w4a16 no PDL"
+        launch.ON = fast_default and name != "w4a16 JIT launch"
         res[name] = measure(model, vocab)
-        weight_only.PDL_DEFAULT = pdl_default
+        weight_only.PDL_DEFAULT, launch.ON = pdl_default, fast_default
         q = model.model.layers[0].mlp.down_proj
         assert isinstance(q, QuantLinear) and getattr(q, "_kernel_prep", None) is not None, "kernel not dispatched"
         print(name, res[name], flush=True)
@@ -134,9 +139,9 @@ def main():
     dev = torch.cuda.get_device_name()
     print(f"\n# {dev}: Llama-3-8B-shaped decoder, {a.layers} layers (of 32), random weights, lm_head bf16 in all")
     keys = list(res["bf16"])
-    print(f"{'variant':<14}" + "".join(f"{k:>18}" for k in keys))
+    print(f"{'variant':<17}" + "".join(f"{k:>18}" for k in keys))
     for name, r in res.items():
-        print(f"{name:<14}" + "".join(f"{r[k]:>11.0f} x{r[k] / res['bf16'][k]:4.2f}" for k in keys))
+        print(f"{name:<17}" + "".join(f"{r[k]:>11.0f} x{r[k] / res['bf16'][k]:4.2f}" for k in keys))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=dev, layers=a.layers, results=res), f, indent=1)
