@@ -61,7 +61,8 @@ def test_dependent_launch_decode_matches_plain_launches():
 def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
     """runtime/kernels/launch.py: after a key's first launch the compiled kernel is launched directly. The same
     outputs bit for bit as launches through Triton's JIT, for x contiguous, a row-strided view and a view whose
-    data pointer is not 16-byte aligned (each a key of its own), and the direct path is the one taken."""
+    data pointer is not 16-byte aligned (each a key of its own, but a single row's stride, which reshape may
+    rewrite, is none), and the direct path is the one taken."""
     from qtensor import QTensor
     from runtime.kernels import launch, weight_only
 
@@ -84,13 +85,17 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
     jit = {name: Counting(getattr(weight_only, name)) for name in ("_wo_gemv16_kernel", "_wo_dot4t_kernel")}
     for name, c in jit.items():
         monkeypatch.setattr(weight_only, name, c)
+    seen = set()  # (row stride, alignment) of the [M, K] view the kernels get: a single row's stride is any
     for name, x in xs.items():
         monkeypatch.setattr(launch, "ON", False)
         ref = [weight_only.matmul(x, st) for _ in range(2)]
         monkeypatch.setattr(launch, "ON", True)
         keys = len(weight_only._launches(st))
-        first = weight_only.matmul(x, st)  # through the JIT, the compiled kernel kept
-        assert len(weight_only._launches(st)) == keys + 1, name
+        first = weight_only.matmul(x, st)  # through the JIT (a new key), the compiled kernel kept
+        x2 = x.reshape(-1, k)
+        new = (x2.stride(0), x2.data_ptr() % 16) not in seen
+        seen.add((x2.stride(0), x2.data_ptr() % 16))
+        assert len(weight_only._launches(st)) == keys + int(new), name
         through_jit = sum(c.n for c in jit.values())
         again = [weight_only.matmul(x, st) for _ in range(3)]  # direct
         assert sum(c.n for c in jit.values()) == through_jit, name
