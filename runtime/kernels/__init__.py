@@ -12,7 +12,9 @@ Switches (environment, read at import): QTOOL_TUNE=1 times the candidate configs
 cold L2) and keeps the fastest (else the H100 tuner's choices are the defaults); QTOOL_GEMV16=0 keeps the fp32 GEMV at M = 1;
 QTOOL_FUSED_REDUCE=0 sums split-K partials in a second kernel; QTOOL_DOT4=0 leaves int4 at 2 <= M <= 16 to
 the fused dequant kernel (and wide layers at M <= 128 to dequantize + cuBLAS); QTOOL_FP8_FAST_ACCUM=0 makes FP8 _scaled_mm promote its accumulator every block;
-QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
+QTOOL_FAST_LAUNCH=0 launches every kernel through Triton's JIT binding (else a key's compiled kernel is relaunched
+directly after its first launch: launch.py); QTOOL_PDL=0 launches the M = 1 GEMV plainly (else as a programmatic
+dependent launch on sm_90+); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
 group from the block index, dot4t's split-K sum in the kernel; bench rows gemv16-sp, dot4t-fr).
 Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed),
 `python bench/stalls.py` (one call for Nsight Compute).
