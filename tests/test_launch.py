@@ -79,7 +79,7 @@ def test_other_keys_hooks_and_off_take_the_jit_path(no_gpu, monkeypatch):
     args = (T("x"), T("o"), 1)
     launch.launch(cache, "a", jit, (1,), args, dict(BLOCK=32))
     launch.launch(cache, "b", jit, (1,), args, dict(BLOCK=64))  # a new key compiles / binds again
-    assert len(jit.calls) == 2 and set(cache) == {"a", "b"}
+    assert len(jit.calls) == 2 and set(cache) == {(0, "a"), (0, "b")}
     launch.launch(cache, "a", jit, (1,), args, dict(BLOCK=32))
     assert len(jit.calls) == 2 and jit.compiled.runs[-1][:3] == (1, 1, 1)
     no_gpu.launch_enter_hook = types.SimpleNamespace(calls=[print])  # a profiler's hook: the JIT calls it
@@ -92,7 +92,19 @@ def test_other_keys_hooks_and_off_take_the_jit_path(no_gpu, monkeypatch):
     launch.launch(cache, "a", jit, (1,), args, dict(BLOCK=32))
     assert len(jit.calls) == 4
     launch.launch(cache, None, jit, (1,), args, dict(BLOCK=32))  # no key: never kept
-    assert None not in cache
+    assert (0, None) not in cache
+
+
+def test_keys_are_per_device(no_gpu):
+    """A compiled kernel is loaded on one device: the same key on another device goes through the JIT."""
+    jit, cache = Jit(), {}
+    x1 = T("x1")
+    x1.device = types.SimpleNamespace(index=1)
+    launch.launch(cache, "k", jit, (1,), (T("x0"), T("o"), 1), dict(BLOCK=32))
+    launch.launch(cache, "k", jit, (1,), (x1, T("o"), 1), dict(BLOCK=32))
+    assert len(jit.calls) == 2 and set(cache) == {(0, "k"), (1, "k")}
+    launch.launch(cache, "k", jit, (1,), (x1, T("o"), 1), dict(BLOCK=32))
+    assert len(jit.calls) == 2 and jit.compiled.runs[-1][3] == "stream1"
 
 
 def test_a_kernel_without_a_compiled_object_is_not_kept(no_gpu):

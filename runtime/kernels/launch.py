@@ -36,7 +36,8 @@ def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | 
     (constexprs, pointers fixed for the key) and the launch options (num_warps, launch_pdl, ...); live names later
     parameters that change per call (an output, a scratch)."""
     global _stream
-    hit = cache.get(key) if ON else None
+    dev = args[0].device.index  # a compiled kernel is loaded per device, as Triton's own cache is kept
+    hit = cache.get((dev, key)) if ON else None
     if hit is not None:
         rt = _knobs()
         if _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook):
@@ -49,7 +50,7 @@ def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | 
                 from triton.runtime import driver
 
                 _stream = driver.active.get_current_stream
-            stream = _stream(args[0].device.index)
+            stream = _stream(dev)
             kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                        kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
             return
@@ -62,4 +63,4 @@ def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | 
         tail = tuple(None if p.name in live else consts[p.name] if p.name in consts else p.default for p in params)
         slots = tuple((i, p.name) for i, p in enumerate(params) if p.name in live)
         if all(v is not inspect.Parameter.empty for v in tail):
-            cache[key] = (kernel, tail, slots)
+            cache[(dev, key)] = (kernel, tail, slots)
