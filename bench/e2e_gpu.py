@@ -118,9 +118,7 @@ def main():
         "w4a16 JIT launch": lambda n, k: rand_int(n, k, 4, 128, True),  # every launch through Triton's binding (QTOOL_FAST_LAUNCH=0)
         "fp8-dynamic": lambda n, k: rand_fp8(n, k, "token"),
     }
-    from runtime.kernels import weight_only
-
-    from runtime.kernels import launch
+    from runtime.kernels import launch, weight_only
 
     pdl_default, fast_default = weight_only.PDL_DEFAULT, launch.ON
     for name, make in variants.items():

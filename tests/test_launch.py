@@ -3,11 +3,16 @@ The first launch of a key goes through the JIT; later ones call the compiled ker
 itself passes (every parameter in signature order: the per-call ones, the constexprs, the defaults, the live ones
 swapped in); hooks, QTOOL_FAST_LAUNCH=0 and no key keep the JIT path. On the GPU: tests/test_kernels_cuda.py."""
 
+import os
 import types
 
 import pytest
 
-from runtime.kernels import launch
+# importing runtime.kernels defines the Triton kernels: under the interpreter, as tests/test_kernels.py needs them
+# whichever of the two modules is imported first (Triton decides at definition)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from runtime.kernels import launch  # noqa: E402
 
 
 def kern(x_ptr, out_ptr, n, BLOCK, FLAG=False, res_ptr=None, OTHER=3):  # the stand-in kernel's signature

@@ -14,7 +14,7 @@ import triton.language as tl
 from qtensor import numerics as nm
 
 from . import tuning
-from .launch import launch
+from .launch import cdiv, launch, next_pow2
 
 _LAUNCHES: dict = {}  # compiled quantizers relaunched directly, by call key
 
@@ -92,10 +92,10 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     is_int = dtype == "int8"
     q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.float8_e4m3fn, device=x2.device)
     gsz = group if group > 0 else k
-    ng = -(-k // gsz)
+    ng = cdiv(k, gsz)
     static = static_scale is not None
     s = torch.empty((m, ng), dtype=torch.float32, device=x2.device) if not static else static_scale.float().reshape(1)
-    block = min(1 << max(gsz - 1, 0).bit_length(), block)
+    block = min(next_pow2(gsz), block)
     off = offset.reshape(1) if offset is not None else s
     args = (x2, q, s, s, off, k, x2.stride(0), q.stride(0), ng)
     # the compiled kernel: the constexprs, the dtypes, the ints' value classes and the pointers' alignment (launch.py)

@@ -19,6 +19,16 @@ ON = os.environ.get("QTOOL_FAST_LAUNCH", "1") != "0"
 _stream = None
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv in plain Python (Triton's is a JIT function: microseconds per call from the host)."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """triton.next_power_of_2 in plain Python."""
+    return 1 << max(v - 1, 0).bit_length()
+
+
 def _knobs():
     from triton import knobs
 

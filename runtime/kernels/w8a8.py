@@ -14,7 +14,7 @@ import triton.language as tl
 from qtensor import QTensor
 
 from . import act_quant, tuning
-from .launch import launch
+from .launch import cdiv, launch
 
 _LAUNCHES: dict = {}  # compiled GEMMs relaunched directly, by call key
 
@@ -94,7 +94,7 @@ def _gemm(a, b, sa, sb, out_dtype, is_int, blockwise, wsum=None, off=None, key=N
     sb_col = sb.numel() > 1
 
     def run(cfg):
-        grid = (-(-m // cfg["BM"]) * -(-n // cfg["BN"]),)
+        grid = (cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]),)
         args = (a, b, sa, sb, wsum if wsum is not None else sb, off if off is not None else sb, out,
                 m, n, k, a.stride(0), b.stride(0), out.stride(0), sa.stride(0) if sa.dim() == 2 else 1,
                 sb.stride(0) if sb.dim() == 2 else 1)

@@ -32,7 +32,7 @@ from qtensor import QTensor
 from qtensor import packing as pk
 
 from . import tuning
-from .launch import launch
+from .launch import cdiv, launch, next_pow2
 
 WTYPE_INT, WTYPE_NVFP4, WTYPE_MXFP4 = 0, 1, 2
 RUN = 16  # consecutive input channels per slot
@@ -1365,24 +1365,13 @@ _REDUCE_LAUNCHES: dict = {}
 
 def _reduce(part: torch.Tensor, out: torch.Tensor, total: int, sk: int) -> None:
     """out = the sum of the [sk, total] fp32 partials (a second kernel, when the split-K sum is not fused)."""
-    launch(_REDUCE_LAUNCHES, (total, sk, out.dtype), _splitk_reduce, (_cdiv(total, 1024),), (part, out, total),
+    launch(_REDUCE_LAUNCHES, (total, sk, out.dtype), _splitk_reduce, (cdiv(total, 1024),), (part, out, total),
            dict(SK=sk, BLOCK=1024, num_warps=4))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _npow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
 
 
 def _launches(st: WeightOnlyState) -> dict:
     """Per weight: compiled kernels relaunched without Triton's binding (launch.py), by call key."""
-    d = st.__dict__.get("_launches")
-    if d is None:
-        d = st.__dict__["_launches"] = {}
-    return d
+    return st.__dict__.setdefault("_launches", {})
 
 
 def _scratch(st: WeightOnlyState, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -1414,7 +1403,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
-    tiles = _cdiv(st.n, bn)
+    tiles = cdiv(st.n, bn)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     part = out if sk == 1 else _scratch(st, "part", (sk, m, st.n), torch.float32, x2.device)
     fused = fused and sk > 1
@@ -1425,7 +1414,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
             out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
     consts = lambda: dict(  # noqa: E731 - built on a key's first launch only
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
-        BN=bn, SPLIT_K=sk, KU=ku, XB=min(_npow2(_cdiv(st.k // 128, sk) * 128), 4096),
+        BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
         GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
@@ -1583,7 +1572,7 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
     gshift = True if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
-    grid = (_cdiv(st.n, bn), sk, _cdiv(m, bm))
+    grid = (cdiv(st.n, bn), sk, cdiv(m, bm))
     cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
     kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk,
               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
