@@ -225,7 +225,8 @@ def read_time(nbytes: int, pdl: bool = False) -> tuple[float, tuple]:
 
 
 def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check, name="w4a16-g128"):
-    """Time weight_only.matmul through each forced path on the rotated copies; with check, also its error."""
+    """Time weight_only.matmul through each forced path on the rotated copies; with check, also its error (paths
+    named -abl: bench-only ablations with wrong results, never checked)."""
     from runtime.kernels import weight_only
 
     copies, wbytes, qt, _ = prep
@@ -233,7 +234,7 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
     for path in paths:
         try:
             note = ""
-            if check:
+            if check and "-abl" not in path:
                 yv = weight_only.matmul(xs, st_copies[0], path)
                 rv = xs.float() @ qt.dequantize(torch.float32).t()
                 rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
@@ -264,6 +265,7 @@ def main():
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps;... : gemv16 (M = 1, w4a16-g128) at each")
+    ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
     names = a.kernels.split(",")
@@ -361,8 +363,17 @@ def main():
 
                         st0 = copies[0].state
                         sst = st0.act_static
+                        def hinted(c):  # the same call with the quantizer's cache hints on
+                            act_quant.HINTS = True
+                            try:
+                                return c(xs)
+                            finally:
+                                act_quant.HINTS = False
+
                         for label, fns in ((f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
+                                           (f"{name}[quant hints]", [lambda c=c: hinted(c) for c in copies]),
                                            (f"{name}[act quant]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst)]),
+                                           (f"{name}[act quant hints]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, hints=True)]),
                                            (f"{name}[act quant 4096-chunks]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, block=4096)])):
                             t = time_graph(fns)
                             rows.append(dict(kernel=label, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
@@ -384,8 +395,12 @@ def main():
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                paths = (("gemv16", "gemv16-nopdl") if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl") if m <= 16
-                         else ("dequant", "dequant-v0", "dot4t") if m >= 4096 else ("tiled", "dequant", "dot4t") if m >= 128 else ())
+                # M = 1: gemv16 with x from registers (-regx), weights evict-first (-evf), and its time without x
+                # (-abl1), without the split-K sum (-abl2), without both (-abl3)
+                paths = (("gemv16", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3")
+                         if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl") if m <= 16
+                         else ("dequant", "dequant-hint", "dequant-v0", "dot4t") if m >= 4096
+                         else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only
@@ -398,19 +413,26 @@ def main():
                         print(f"  {label:<32} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  "
                               f"{(preps['w4a16-g128'][1] + n * k * 2) / t / 1e9:7.0f} GB/s", flush=True)
             for name in ("w4a16-g128", "nvfp4(w only)"):
-                if m == 1 and a.gemv16_configs and name in preps:  # the default gemv16 at other tile configs (set in the tuner's cache)
+                if m == 1 and a.gemv16_configs and name in preps:  # gemv16 paths at other tile configs (set in the tuner's cache)
                     st0 = preps[name][0][0].state
-                    key = weight_only._key(st0, "gemv16", 1)
-                    for c in a.gemv16_configs.split(";"):
-                        bn, sk, ku, w = (int(v) for v in c.split(","))
-                        tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w)
-                        pf = [lambda s=s_.state: weight_only.matmul(xs, s) for s_ in preps[name][0]]
-                        try:
-                            t = time_graph(pf)
-                            print(f"  {name[:5] + ' gemv16 ' + c:<24} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16", flush=True)
-                        except Exception as e:
-                            print(f"  gemv16 {c}: failed {str(e)[:200]}", flush=True)
-                    tuning._cache.pop(key, None)
+                    for gp in a.gemv16_paths.split(","):
+                        key = weight_only._key(st0, gp, 1)
+                        for c in a.gemv16_configs.split(";"):
+                            bn, sk, ku, w = (int(v) for v in c.split(","))
+                            tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w)
+                            pf = [lambda s=s_.state: weight_only.matmul(xs, s, gp) for s_ in preps[name][0]]
+                            try:
+                                note = ""
+                                if gp != "gemv16":  # its error, as path_rows checks
+                                    yv = weight_only.matmul(xs, st0, gp)
+                                    rv = xs.float() @ preps[name][2].dequantize(torch.float32).t()
+                                    note = f"  err {float((yv.double() - rv.double()).norm() / rv.double().norm()):.1e}"
+                                t = time_graph(pf)
+                                print(f"  {name[:5] + ' ' + gp + ' ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16{note}",
+                                      flush=True)
+                            except Exception as e:
+                                print(f"  {gp} {c}: failed {str(e)[:200]}", flush=True)
+                        tuning._cache.pop(key, None)
             if "nvfp4(w only)" in preps and 1 < m <= 16:  # NVFP4 through tensor cores (dot4f, the default there)
                 path_rows(("dot4f",), preps["nvfp4(w only)"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True,
                           name="nvfp4(w only)")

@@ -89,6 +89,7 @@ def test_dequantize_kernels_bit_exact(bits, group, sym, act_order):
         ref = ref[:, st.perm.long()]
     for rows, bn in ((False, 64), (True, 64), (True, 32)):
         assert torch.equal(weight_only.dequantize(st, torch.float32, rows=rows, bn=bn), ref), (rows, bn)
+    assert torch.equal(weight_only.dequantize(st, torch.float32, rows=True, hints=True), ref)  # cache hints: same values
     # in bf16 the two kernels agree (the interpreter's fp32 -> bf16 cast truncates, the GPU's rounds to nearest)
     assert torch.equal(weight_only.dequantize(st, torch.bfloat16, rows=True), weight_only.dequantize(st, torch.bfloat16, rows=False))
 
@@ -134,6 +135,9 @@ def test_act_quant_codes_exact(dtype, static, group, k):
     q, s = act_quant.quantize(x, dtype, group, sc, off, block=4096)
     q1, s1 = act_quant.quantize(x, dtype, group, sc, off)  # one pass (the default block is 16384 wide)
     assert torch.equal(q1.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s1, s)
+    for blk in (4096, 16384):  # with the cache hints (x evict-first, codes evict-last): the same codes
+        q2, s2 = act_quant.quantize(x, dtype, group, sc, off, block=blk, hints=True)
+        assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
     xf = x.float()
     if static:
         ref_s = sc
@@ -251,6 +255,12 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
             for gshift, spre in ((True, True), (False, True), (True, False)):
                 y4 = weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused, gshift=gshift, spre=spre)
                 assert torch.equal(y4, weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, fused))
+        # x pairs computed in registers (regx, no scratch row) and weights read evict-first: the same sums bit for bit,
+        # with a K range that ends in half a step (1024 channels = 8 blocks, split-K 3: 3 blocks, two per step)
+        for cfg in (dict(BN=16, SPLIT_K=3, KU=2), dict(BN=32, SPLIT_K=1, KU=8)):
+            base = weight_only._launch_gemv16(x, st, cfg, False)
+            for kw in (dict(regx=True), dict(evf=True)) if scale == 1.0 else (dict(regx=True),):
+                assert torch.equal(weight_only._launch_gemv16(x, st, cfg, False, **kw), base), (cfg, kw, scale)
     # blocks of very different magnitude: each 128-channel block has its own prescale (or, SCAN, one for the
     # program's range, found by a first pass over x)
     xw = x_of(1, k).float()
@@ -260,6 +270,8 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     for scan in (False, True):
         y3 = weight_only._launch_gemv16(xw, st, dict(BN=16, SPLIT_K=2, KU=2), False, scan=scan)
         assert rel_err(y3, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+    assert torch.equal(weight_only._launch_gemv16(xw, st, dict(BN=16, SPLIT_K=2, KU=2), False, regx=True),
+                       weight_only._launch_gemv16(xw, st, dict(BN=16, SPLIT_K=2, KU=2), False))
     if st.perm is None:
         assert int(st._counters.abs().sum()) == 0
     # fp32 activations take the same path (fp32 out)
@@ -297,6 +309,9 @@ def test_gemv16_nvfp4(dtype):
             assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
             for spre in (True, False):  # the scales loaded a step ahead or in their own step: the same sums
                 assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, spre=spre), y2)
+        # x pairs from registers (no scratch row): the same sums, at every magnitude
+        assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=4, KU=2), False, regx=True),
+                           weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=4, KU=2), False))
     # MXFP4 (e8m0 scales, groups of 32) stays on the fp32 GEMV
     e = nm.e8m0_scales(w, 32, 2)
     mx = QTensor("e2m1", 4, nm.e2m1_round(w / nm.expand_to_columns(nm.e8m0_to_float(e), k, 32)), e, None, 32)

@@ -7,6 +7,8 @@ round-half-even(x / scale) for int, the e4m3 conversion's rounding for fp8. On t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -40,54 +42,87 @@ def _e4m3_round(v):
 
 
 @triton.jit
+def _x_load(ptrs, mask, HINTS: tl.constexpr):
+    if HINTS:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_store(x, s, inv, q_ptrs, mask, off_ptr, IS_INT: tl.constexpr, HAS_OFF: tl.constexpr, QMAX: tl.constexpr,
+                 NATIVE: tl.constexpr, HINTS: tl.constexpr):
+    if NATIVE:  # on the GPU x times 1/s, as vLLM's quantizers (a correctly rounded division costs about
+        v = x * inv  # twenty instructions per element: the bound for long rows); codes can differ from x / s at exact ties
+    else:
+        v = tl.div_rn(x, s)
+    if IS_INT:
+        v = _round_half_even(v)
+        if HAS_OFF:
+            v = v + tl.load(off_ptr).to(tl.float32)
+        q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
+    else:
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if NATIVE:  # the GPU's conversion (round to nearest even, as _e4m3_round)
+            q = v.to(q_ptrs.dtype.element_ty)
+        else:
+            q = _e4m3_round(v).to(q_ptrs.dtype.element_ty)
+    if HINTS:
+        tl.store(q_ptrs, q, mask=mask, eviction_policy="evict_last")
+    else:
+        tl.store(q_ptrs, q, mask=mask)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, sstat_ptr, off_ptr, K, stride_xm, stride_qm, n_groups,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr,
-    HAS_OFF: tl.constexpr, QMAX: tl.constexpr, NATIVE: tl.constexpr,
+    HAS_OFF: tl.constexpr, QMAX: tl.constexpr, NATIVE: tl.constexpr, HINTS: tl.constexpr = False,
 ):
-    """One (row, group) per program; a group wider than BLOCK (per token with K > BLOCK, 16384 by default:
-    one pass at 16 warps measured faster than 4096-wide chunks read twice) is read twice: once for its amax,
-    once to quantize (the second read mostly from L2)."""
+    """One (row, group) per program. A group of at most BLOCK channels is read once; a wider one (per token with
+    K > BLOCK, 16384 by default: one pass at 16 warps measured faster than 4096-wide chunks read twice) is read
+    twice: once for its amax, once to quantize (the second read mostly from L2). HINTS: x read evict-first and the
+    codes written evict-last, so that the GEMM after reads them from L2 and their write-back can wait."""
     row = tl.program_id(0)
     grp = tl.program_id(1)
     g0 = grp * GROUP
-    if STATIC:
-        s = tl.load(sstat_ptr).to(tl.float32)
+    if GROUP <= BLOCK:
+        offs = g0 + tl.arange(0, BLOCK)
+        mask = (tl.arange(0, BLOCK) < GROUP) & (offs < K)
+        x = _x_load(x_ptr + row * stride_xm + offs, mask, HINTS)
+        if STATIC:
+            s = tl.load(sstat_ptr).to(tl.float32)
+        else:
+            s = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), QMAX), 1e-12)
+            tl.store(s_ptr + row * n_groups + grp, s)
+        _quant_store(x, s, tl.div_rn(1.0, s), q_ptr + row * stride_qm + offs, mask, off_ptr, IS_INT, HAS_OFF, QMAX, NATIVE, HINTS)
     else:
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        if STATIC:
+            s = tl.load(sstat_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for c in tl.static_range(0, GROUP, BLOCK):
+                offs = g0 + c + tl.arange(0, BLOCK)
+                mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)))
+            s = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
+            tl.store(s_ptr + row * n_groups + grp, s)
+        inv = tl.div_rn(1.0, s)
         for c in tl.static_range(0, GROUP, BLOCK):
             offs = g0 + c + tl.arange(0, BLOCK)
             mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)))
-        s = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
-        tl.store(s_ptr + row * n_groups + grp, s)
-    inv = tl.div_rn(1.0, s)
-    for c in tl.static_range(0, GROUP, BLOCK):
-        offs = g0 + c + tl.arange(0, BLOCK)
-        mask = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
-        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        if NATIVE:  # on the GPU x times 1/s, as vLLM's quantizers (a correctly rounded division costs about
-            v = x * inv  # twenty instructions per element: the bound for long rows); codes can differ from x / s at exact ties
-        else:
-            v = tl.div_rn(x, s)
-        if IS_INT:
-            v = _round_half_even(v)
-            if HAS_OFF:
-                v = v + tl.load(off_ptr).to(tl.float32)
-            q = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX).to(tl.int8)
-        else:
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            if NATIVE:  # the GPU's conversion (round to nearest even, as _e4m3_round)
-                q = v.to(q_ptr.dtype.element_ty)
-            else:
-                q = _e4m3_round(v).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
+            x = _x_load(x_ptr + row * stride_xm + offs, mask, HINTS)
+            _quant_store(x, s, inv, q_ptr + row * stride_qm + offs, mask, off_ptr, IS_INT, HAS_OFF, QMAX, NATIVE, HINTS)
+
+
+HINTS = os.environ.get("QTOOL_QUANT_HINTS", "0") == "1"  # cache hints in the quantizer (off until timed on a GPU)
 
 
 def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+             offset: torch.Tensor | None = None, block: int = 16384, hints: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes [M, K] int8 / float8_e4m3fn, scales fp32 [M, K/group] or [M, 1]; the static scale
-    as given when static). group 0 = one scale per token."""
+    as given when static). group 0 = one scale per token. hints: the kernel's HINTS (default: HINTS)."""
+    hints = HINTS if hints is None else hints
     m, k = x2.shape
     is_int = dtype == "int8"
     q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.float8_e4m3fn, device=x2.device)
@@ -100,10 +135,10 @@ def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.T
     args = (x2, q, s, s, off, k, x2.stride(0), q.stride(0), ng)
     # the compiled kernel: the constexprs, the dtypes, the ints' value classes and the pointers' alignment (launch.py)
     key = (x2.dtype, q.dtype, off.dtype, k, x2.stride(0), ng, gsz, block, static, offset is not None,
-           x2.data_ptr() % 16, s.data_ptr() % 16, off.data_ptr() % 16)
+           x2.data_ptr() % 16, s.data_ptr() % 16, off.data_ptr() % 16, hints)
     launch(_LAUNCHES, key, _act_quant_kernel, (m, ng), args,
            dict(GROUP=gsz, BLOCK=block, IS_INT=is_int, STATIC=static, HAS_OFF=offset is not None,
-                QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(),
+                QMAX=127.0 if is_int else nm.FP8_MAX, NATIVE=x2.is_cuda and not tuning.interpreting(), HINTS=hints,
                 num_warps=min(16, max(4, block // 512))))
     return q, s
 

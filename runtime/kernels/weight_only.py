@@ -483,11 +483,51 @@ def _h2_pack(xa, xb, PTX: tl.constexpr):
 
 
 @triton.jit
-def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N):
+def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N, EVF: tl.constexpr = False):
+    """[KU, 8, BN] words of rows offs_r of blocks b .. b + KU - 1 (EVF: loaded evict-first, a stream read once)."""
     ub = b + offs_u
     mu = ub < b1
     wrow = ub[:, None] * 16 + offs_r[None, :]
-    return tl.load(qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :], mask=mu[:, None, None] & mask_n[None, None, :], other=0)
+    ptrs = qw_ptr + wrow[:, :, None] * N + offs_n[None, None, :]
+    if EVF:
+        return tl.load(ptrs, mask=mu[:, None, None] & mask_n[None, None, :], other=0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=mu[:, None, None] & mask_n[None, None, :], other=0)
+
+
+@triton.jit
+def _x_at(xrow, perm_ptr, kk, m, HAS_PERM: tl.constexpr):
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=m, other=0)
+    return tl.load(xrow + kk, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr):
+    """gemv16's x pairs of blocks ub straight from x (REGX: no scratch row, no barrier): a_j / c_j [KU, 8] are
+    the pairs (x[j*16 + r], x[(j+4)*16 + r]) of rows r / r + 8, prescaled by the block's power of two, and dn
+    [KU] its inverse; the same values the packing pass stores."""
+    kb = ub[:, None] * 128 + tl.arange(0, 8)[None, :]
+    m2 = mu[:, None]
+    l0, h0 = _x_at(xrow, perm_ptr, kb, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 64, m2, HAS_PERM)
+    l1, h1 = _x_at(xrow, perm_ptr, kb + 16, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 80, m2, HAS_PERM)
+    l2, h2 = _x_at(xrow, perm_ptr, kb + 32, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 96, m2, HAS_PERM)
+    l3, h3 = _x_at(xrow, perm_ptr, kb + 48, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 112, m2, HAS_PERM)
+    u0, v0 = _x_at(xrow, perm_ptr, kb + 8, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 72, m2, HAS_PERM)
+    u1, v1 = _x_at(xrow, perm_ptr, kb + 24, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 88, m2, HAS_PERM)
+    u2, v2 = _x_at(xrow, perm_ptr, kb + 40, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 104, m2, HAS_PERM)
+    u3, v3 = _x_at(xrow, perm_ptr, kb + 56, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 120, m2, HAS_PERM)
+    am = tl.maximum(tl.maximum(tl.maximum(tl.abs(l0), tl.abs(h0)), tl.maximum(tl.abs(l1), tl.abs(h1))),
+                    tl.maximum(tl.maximum(tl.abs(l2), tl.abs(h2)), tl.maximum(tl.abs(l3), tl.abs(h3))))
+    am = tl.maximum(am, tl.maximum(tl.maximum(tl.maximum(tl.abs(u0), tl.abs(v0)), tl.maximum(tl.abs(u1), tl.abs(v1))),
+                                   tl.maximum(tl.maximum(tl.abs(u2), tl.abs(v2)), tl.maximum(tl.abs(u3), tl.abs(v3)))))
+    bm = tl.max(am, axis=1)
+    fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+    up = (fb << 23).to(tl.float32, bitcast=True)[:, None]
+    dn = ((254 - fb) << 23).to(tl.float32, bitcast=True)
+    return (_h2_pack(l0 * up, h0 * up, PTX), _h2_pack(l1 * up, h1 * up, PTX), _h2_pack(l2 * up, h2 * up, PTX),
+            _h2_pack(l3 * up, h3 * up, PTX), _h2_pack(u0 * up, v0 * up, PTX), _h2_pack(u1 * up, v1 * up, PTX),
+            _h2_pack(u2 * up, v2 * up, PTX), _h2_pack(u3 * up, v3 * up, PTX), dn)
 
 
 @triton.jit
@@ -553,7 +593,7 @@ def _wo_gemv16_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -563,7 +603,10 @@ def _wo_gemv16_kernel(
     is b >> GSH (else the gblk table); SPRE: the next step's scales (and zero points) loaded with its words.
     PDL (launched as a programmatic dependent launch, Hopper): the next kernel may launch once every program has
     started, and this one's first weight loads go out before it waits for the previous kernel (griddepcontrol):
-    only the weights, which no kernel writes, are touched before the wait."""
+    only the weights, which no kernel writes, are touched before the wait. REGX: each step's x pairs computed from
+    x in registers (`_h2_xpairs`) instead of the scratch row (no packing pass, no barrier: for programs of one
+    step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
+    x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output)."""
     if PDL:
         _gdc_launch_dependents()
     row = tl.program_id(0)
@@ -580,8 +623,8 @@ def _wo_gemv16_kernel(
     xrow = x_ptr + row * stride_xm
     srow = scr_ptr + row * (K // 2)
     if PREFETCH:  # the first words in flight while x is scanned and packed
-        wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N)
-        wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+        wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
+        wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
     if SPRE and not FP4:
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
@@ -593,7 +636,8 @@ def _wo_gemv16_kernel(
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
     UPX: tl.constexpr = 267 if FP4 else 261
     NB: tl.constexpr = XB // 128  # blocks per packing step
-    if SCAN:  # (XB: the launcher sizes it to the program's whole range up to 4096, so that this is one load)
+    XPASS: tl.constexpr = not REGX and (ABL & 1) == 0  # the packing pass into the scratch row
+    if SCAN and XPASS:  # (XB: the launcher sizes it to the program's whole range up to 4096, so that this is one load)
         amax = tl.zeros((XB,), dtype=tl.float32)
         for c in range(b0 * 128, b1 * 128, XB):
             kk = c + tl.arange(0, XB)
@@ -605,48 +649,56 @@ def _wo_gemv16_kernel(
         f_all = tl.minimum(tl.maximum(UPX - eb, 1), 253)  # the prescale's exponent field
     # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks; the inverse
     # prescale of each block after the pairs, at K/2 + b
-    for c in range(b0 * 64, b1 * 64, XB // 2):
-        t = c + tl.arange(0, XB // 2)
-        mt = t < b1 * 64
-        lo = (t // 64) * 128 + (t % 4) * 16 + (t // 4) % 16
-        hi = lo + 64
-        if HAS_PERM:
-            lo = tl.load(perm_ptr + lo, mask=mt, other=0)
-            hi = tl.load(perm_ptr + hi, mask=mt, other=0)
-        xl = tl.load(xrow + lo, mask=mt, other=0.0).to(tl.float32)
-        xh = tl.load(xrow + hi, mask=mt, other=0.0).to(tl.float32)
-        if SCAN:
-            fb = tl.zeros((NB,), dtype=tl.int32) + f_all
-        else:
-            bm = tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1)
-            fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
-        up = tl.reshape(tl.broadcast_to((fb << 23).to(tl.float32, bitcast=True)[:, None], (NB, 64)), (XB // 2,))
-        tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
-        bi = c // 64 + tl.arange(0, NB)
-        tl.store(srow + K // 2 + bi, (254 - fb) << 23, mask=bi < b1)  # the bits of 1 / up, exactly
-    tl.debug_barrier()  # the program's own pairs visible to all its threads
+    if XPASS:
+        for c in range(b0 * 64, b1 * 64, XB // 2):
+            t = c + tl.arange(0, XB // 2)
+            mt = t < b1 * 64
+            lo = (t // 64) * 128 + (t % 4) * 16 + (t // 4) % 16
+            hi = lo + 64
+            if HAS_PERM:
+                lo = tl.load(perm_ptr + lo, mask=mt, other=0)
+                hi = tl.load(perm_ptr + hi, mask=mt, other=0)
+            xl = tl.load(xrow + lo, mask=mt, other=0.0).to(tl.float32)
+            xh = tl.load(xrow + hi, mask=mt, other=0.0).to(tl.float32)
+            if SCAN:
+                fb = tl.zeros((NB,), dtype=tl.int32) + f_all
+            else:
+                bm = tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1)
+                fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+            up = tl.reshape(tl.broadcast_to((fb << 23).to(tl.float32, bitcast=True)[:, None], (NB, 64)), (XB // 2,))
+            tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
+            bi = c // 64 + tl.arange(0, NB)
+            tl.store(srow + K // 2 + bi, (254 - fb) << 23, mask=bi < b1)  # the bits of 1 / up, exactly
+        tl.debug_barrier()  # the program's own pairs visible to all its threads
     acc = tl.zeros((KU, 8, BN), dtype=tl.float32)
     for b in range(b0, b1, KU):
         ub = b + offs_u
         mu = ub < b1
         if PREFETCH:  # the next step's words in flight during this step's arithmetic
             ca, cb = wa, wb
-            wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N)
-            wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
+            wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
+            wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
         else:
-            ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N)
-            cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N)
-        pa = srow + ub[:, None] * 64 + offs_r[None, :] * 4  # [KU, 8]: pairs of rows 0..7; rows 8..15 at + 32
-        mp = mu[:, None]
-        dn = tl.load(srow + K // 2 + ub, mask=mu, other=0).to(tl.float32, bitcast=True)  # [KU]: 1 / prescale
-        a0 = tl.load(pa, mask=mp, other=0)
-        a1 = tl.load(pa + 1, mask=mp, other=0)
-        a2 = tl.load(pa + 2, mask=mp, other=0)
-        a3 = tl.load(pa + 3, mask=mp, other=0)
-        c0 = tl.load(pa + 32, mask=mp, other=0)
-        c1 = tl.load(pa + 33, mask=mp, other=0)
-        c2 = tl.load(pa + 34, mask=mp, other=0)
-        c3 = tl.load(pa + 35, mask=mp, other=0)
+            ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
+            cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
+        if (ABL & 1) != 0:  # bench only: x left out (pairs of ones)
+            a0 = tl.zeros((KU, 8), dtype=tl.int32) + 0x3C003C00
+            a1, a2, a3, c0, c1, c2, c3 = a0, a0, a0, a0, a0, a0, a0
+            dn = tl.zeros((KU,), dtype=tl.float32) + 1.0
+        elif REGX:
+            a0, a1, a2, a3, c0, c1, c2, c3, dn = _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX, HAS_PERM, PTX)
+        else:
+            pa = srow + ub[:, None] * 64 + offs_r[None, :] * 4  # [KU, 8]: pairs of rows 0..7; rows 8..15 at + 32
+            mp = mu[:, None]
+            dn = tl.load(srow + K // 2 + ub, mask=mu, other=0).to(tl.float32, bitcast=True)  # [KU]: 1 / prescale
+            a0 = tl.load(pa, mask=mp, other=0)
+            a1 = tl.load(pa + 1, mask=mp, other=0)
+            a2 = tl.load(pa + 2, mask=mp, other=0)
+            a3 = tl.load(pa + 3, mask=mp, other=0)
+            c0 = tl.load(pa + 32, mask=mp, other=0)
+            c1 = tl.load(pa + 33, mask=mp, other=0)
+            c2 = tl.load(pa + 34, mask=mp, other=0)
+            c3 = tl.load(pa + 35, mask=mp, other=0)
         m2 = mu[:, None] & mask_n[None, :]
         S: tl.constexpr = (KU, 8, BN)
         if FP4:  # eight block scales per word (slot j of block b: group b * 8 + j), one f16 pair per (j, j + 4)
@@ -706,7 +758,7 @@ def _wo_gemv16_kernel(
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (tl.load(gs_ptr) * 16384.0)
     optrs = out_ptr + row * stride_om + offs_n
-    if SPLIT_K == 1:
+    if SPLIT_K == 1 or (ABL & 2) != 0:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:  # fp32 partial sums [SPLIT_K, M, N]
         pptr = part_ptr + row * N + offs_n
@@ -1211,11 +1263,12 @@ def _wo_dequant_kernel(
 @triton.jit
 def _wo_dequant_rows_kernel(
     qw_ptr, s_ptr, z_ptr, gblk_ptr, gs_ptr, out_ptr, N, K,
-    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr,
+    BITS: tl.constexpr, WTYPE: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr, HINTS: tl.constexpr = False,
 ):
     """As _wo_dequant_kernel, but all PER slots decoded at once as a [PER, 16, BN] tile and stored as the
     [BN, 16 * PER] tile of out, so each row's 16 * PER channels go out as one contiguous run (the slot-by-slot
-    store writes 32 bytes per row and instruction, strided by K)."""
+    store writes 32 bytes per row and instruction, strided by K). HINTS: the words read evict-first, the weight
+    written evict-last (for the GEMM right after to read from L2)."""
     PER: tl.constexpr = 32 // BITS
     BLK: tl.constexpr = 16 * PER
     b = tl.program_id(0)
@@ -1223,7 +1276,11 @@ def _wo_dequant_rows_kernel(
     offs_r = tl.arange(0, 16)
     offs_i = tl.arange(0, PER)
     mask_n = offs_n < N
-    words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    wptrs = qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :]
+    if HINTS:
+        words = tl.load(wptrs, mask=mask_n[None, :], other=0, eviction_policy="evict_first")
+    else:
+        words = tl.load(wptrs, mask=mask_n[None, :], other=0)
     q = (words[None, :, :] >> (offs_i * BITS)[:, None, None]) & ((1 << BITS) - 1)  # [PER, 16, BN]
     g = tl.load(gblk_ptr + b * PER + offs_i)  # the group of each slot
     sidx = g[:, None] * N + offs_n[None, :]  # [PER, BN]
@@ -1242,7 +1299,10 @@ def _wo_dequant_rows_kernel(
             v = _e2m1_f32(q) * (tl.exp2(e.to(tl.float32) - 127.0) * 16384.0)[:, None, :]
     t = tl.reshape(tl.permute(v.to(out_ptr.dtype.element_ty), (2, 0, 1)), (BN, BLK))
     kk = b * BLK + tl.arange(0, BLK)
-    tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], t, mask=mask_n[:, None])
+    if HINTS:
+        tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], t, mask=mask_n[:, None], eviction_policy="evict_last")
+    else:
+        tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], t, mask=mask_n[:, None])
 
 
 @triton.jit
@@ -1396,9 +1456,10 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
-                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0) -> torch.Tensor:
+                   scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
+                   regx: bool = False, evf: bool = False, abl: int = 0) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
-    programmatic dependent launch (GPU only)."""
+    programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     m = x2.shape[0]
@@ -1416,9 +1477,11 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, num_warps=nw,
+        **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
-    key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl))
+    key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
+           regx, evf, abl)
     launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
     if sk > 1 and not fused:
         total = m * st.n
@@ -1632,14 +1695,15 @@ DEQUANT_ROWS = os.environ.get("QTOOL_DEQUANT_ROWS", "1") != "0"  # the row-conti
 
 
 def dequantize(st: WeightOnlyState, dtype: torch.dtype, rows: bool | None = None, bn: int = 64,
-               num_warps: int = 4) -> torch.Tensor:
-    """The full weight [N, K] (channels in the permuted order when act order)."""
+               num_warps: int = 4, hints: bool = False) -> torch.Tensor:
+    """The full weight [N, K] (channels in the permuted order when act order); hints: the row kernel's HINTS."""
     out = torch.empty((st.n, st.k), dtype=dtype, device=st.qw.device)
     grid = (st.k // (16 * (32 // st.bits)), triton.cdiv(st.n, bn))
     kern = _wo_dequant_rows_kernel if (DEQUANT_ROWS if rows is None else rows) else _wo_dequant_kernel
     kern[grid](
         st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.global_scale, out,
         st.n, st.k, BITS=st.bits, WTYPE=st.wtype, HAS_ZERO=st.zeros is not None, BN=bn, num_warps=num_warps,
+        **(dict(HINTS=True) if hints and kern is _wo_dequant_rows_kernel else {}),
     )
     return out
 
@@ -1669,15 +1733,20 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl", "gemv16-nopdl"):
+                "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
         # the default launches dependently (PDL_DEFAULT); -pdl always, -nopdl never (a trigger after the loop instead
         # of first measured 2.42x against 2.58x, session 11)
-        pdl = _pdl_for(st, x2) if path == "gemv16" else int(path == "gemv16-pdl" and not tuning.interpreting())
+        # -regx: x pairs from x in registers, no scratch row; -evf: weights evict-first; -abl1/2/3 (bench only, wrong
+        # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
+        like = path == "gemv16" or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
+        abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl)
+                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl,
+                                         regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0)))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
@@ -1701,8 +1770,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
-    elif path in ("dequant", "dequant-v0"):
-        w = dequantize(st, x2.dtype, rows=False if path == "dequant-v0" else None)
+    elif path in ("dequant", "dequant-v0", "dequant-hint"):
+        w = dequantize(st, x2.dtype, rows=False if path == "dequant-v0" else None, hints=path == "dequant-hint")
         xp = x2 if st.perm is None else x2.index_select(1, st.perm)
         y = torch.nn.functional.linear(xp, w)
     else:
