@@ -6,7 +6,9 @@ layers, bf16 vs w4a16 (int4 g128, Triton kernels) vs fp8 (fp8-dynamic: row-wise 
 The decoder layers' seven linears become QuantLinear (the runtime's module, CUDA kernels dispatched
 inside); embeddings and lm_head (128256 x 4096) stay bf16 in every variant. Measured: eval-style
 prefill (batch 8 x 512 tokens, as qtool eval's windows) and greedy decode steps with a KV cache at
-batch 1 and 16 (eager, no CUDA graphs: launch overhead is part of the number). `w4a16 no PDL`: the same with the
+batch 1 and 16, eager (launch overhead is part of the number) and as a CUDA graph (columns `graph`: one decode step
+captured with a StaticCache, position advanced inside the graph, as serving engines replay decode; GPU time).
+`w4a16 no PDL`: the same with the
 M = 1 GEMV launched plainly, the in-model measure of its programmatic dependent launch (norms, attention and
 torch ops between the linears do not trigger it early). `w4a16 JIT launch`: every Triton launch through Triton's
 own binding instead of runtime/kernels/launch.py's direct relaunch (the CPU cost per call that eager decode pays)."""
@@ -76,6 +78,48 @@ def sync_time(fn, reps):
     return (time.perf_counter() - t0) / reps
 
 
+def decode_graph(model, vocab, b, steps=32, prompt=128):
+    """Greedy decode tokens/s with each step replayed from a CUDA graph: a StaticCache, the next token and the
+    position kept in static tensors that the captured step updates itself (argmax into the input, position + 1)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    dev = model.device
+    ids = torch.randint(0, vocab, (b, prompt), device=dev)
+    out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
+    nxt = out.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([prompt], device=dev)
+
+    def step():
+        o = model(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
+        nxt.copy_(o.logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    if dev.type != "cuda":  # (CPU: the step's logic only, for tests)
+        for _ in range(steps):
+            step()
+        return nxt, pos
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up steps outside the capture (kernel choice; a weight's first call runs plainly)
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    n = steps - 4
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        g.replay()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    del g
+    return b * n / dt
+
+
 @torch.inference_mode()
 def measure(model, vocab):
     out = {}
@@ -97,6 +141,12 @@ def measure(model, vocab):
             nxt = res.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         out[f"decode_b{b}_tok_s"] = b * steps / (time.perf_counter() - t0)
+    for b in (1, 16):
+        try:
+            out[f"graph_b{b}_tok_s"] = decode_graph(model, vocab, b)
+        except Exception as e:  # report and go on: the eager columns stand
+            print(f"  graph decode b{b} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            out[f"graph_b{b}_tok_s"] = float("nan")
     return out
 
 
@@ -104,6 +154,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="")
+    ap.add_argument("--variants", default="", help="comma list of the quantized variants to run (default: all)")
     a = ap.parse_args()
     tuning.enable(True)
     model = build(a.layers)
@@ -118,6 +169,8 @@ def main():
         "w4a16 JIT launch": lambda n, k: rand_int(n, k, 4, 128, True),  # every launch through Triton's binding (QTOOL_FAST_LAUNCH=0)
         "fp8-dynamic": lambda n, k: rand_fp8(n, k, "token"),
     }
+    if a.variants:
+        variants = {k: v for k, v in variants.items() if k in a.variants.split(",")}
     from runtime.kernels import launch, weight_only
 
     pdl_default, fast_default = weight_only.PDL_DEFAULT, launch.ON
