@@ -95,10 +95,12 @@ def decode_graph(model, vocab, b, steps=32, prompt=128):
         nxt.copy_(o.logits[:, -1:].argmax(-1))
         pos.add_(1)
 
-    if dev.type != "cuda":  # (CPU: the step's logic only, for tests)
+    if dev.type != "cuda":  # (CPU: the step's logic only, for tests: the prompt's next token and each step's)
+        toks = [nxt.clone()]
         for _ in range(steps):
             step()
-        return nxt, pos
+            toks.append(nxt.clone())
+        return torch.cat(toks, 1)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up steps outside the capture (kernel choice; a weight's first call runs plainly)
