@@ -1,5 +1,7 @@
 """bench/e2e_gpu.py's CUDA-graph decode step, run eagerly on the CPU: a StaticCache, the step writing its own next
-token and position, gives the tokens of an ordinary greedy decode with a dynamic cache."""
+token and position, gives the tokens of an ordinary greedy decode with a dynamic cache. (Recent transformers keep the
+write position in the cache itself, a tensor updated in place; older ones take it from cache_position: the step
+advances both.)"""
 
 import torch
 

@@ -1462,6 +1462,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
+    regx = regx or cfg.get("REGX", False)  # a config may ask for it (narrow tiles walking the whole K range)
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = cdiv(st.n, bn)
