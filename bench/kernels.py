@@ -363,17 +363,17 @@ def main():
 
                         st0 = copies[0].state
                         sst = st0.act_static
-                        def hinted(c):  # the same call with the quantizer's cache hints on
-                            act_quant.HINTS = True
+                        def unhinted(c):  # the same call without the quantizer's cache hints (the default since session 13)
+                            was, act_quant.HINTS = act_quant.HINTS, False
                             try:
                                 return c(xs)
                             finally:
-                                act_quant.HINTS = False
+                                act_quant.HINTS = was
 
                         for label, fns in ((f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
-                                           (f"{name}[quant hints]", [lambda c=c: hinted(c) for c in copies]),
+                                           (f"{name}[no quant hints]", [lambda c=c: unhinted(c) for c in copies]),
                                            (f"{name}[act quant]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst)]),
-                                           (f"{name}[act quant hints]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, hints=True)]),
+                                           (f"{name}[act quant no hints]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, hints=False)]),
                                            (f"{name}[act quant 4096-chunks]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, block=4096)])):
                             t = time_graph(fns)
                             rows.append(dict(kernel=label, shape=sname, m=m, us=t * 1e6, ratio=t_bf / t, gbs=(wbytes + io) / t / 1e9,
@@ -395,11 +395,11 @@ def main():
                     print(f"  {label:<22} {sname:<8} any M {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16 (M={m})  {nbytes / t / 1e12:5.2f} TB/s"
                           f"  (BLOCK, PER, warps, .cg) {cfg}", flush=True)
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
-                # M = 1: gemv16 with x from registers (-regx), weights evict-first (-evf), and its time without x
-                # (-abl1), without the split-K sum (-abl2), without both (-abl3)
-                paths = (("gemv16", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3")
+                # M = 1: the default, session 12's defaults (-s12), plain launches, and the default's time without the
+                # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
+                paths = (("gemv16", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2")
                          if m == 1 else ("dot4t", "dot4t-fr", "dot4t-pdl") if m <= 16
-                         else ("dequant", "dequant-hint", "dequant-v0", "dot4t") if m >= 4096
+                         else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)

@@ -1462,7 +1462,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
-    regx = regx or cfg.get("REGX", False)  # a config may ask for it (narrow tiles walking the whole K range)
+    regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
+    evf = evf or cfg.get("EVF", False)
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = cdiv(st.n, bn)
@@ -1693,6 +1694,7 @@ def _launch_gemm(x2, st: WeightOnlyState, cfg: dict, dot: bool, use_perm: bool =
 
 
 DEQUANT_ROWS = os.environ.get("QTOOL_DEQUANT_ROWS", "1") != "0"  # the row-contiguous store (bench: dequant-v0 without)
+DEQUANT_HINTS = os.environ.get("QTOOL_CACHE_HINTS", "1") != "0"  # its cache hints for weights up to 64 MB (bench: dequant-nohint)
 
 
 def dequantize(st: WeightOnlyState, dtype: torch.dtype, rows: bool | None = None, bn: int = 64,
@@ -1734,7 +1736,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3"):
+                "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1742,13 +1744,14 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # of first measured 2.42x against 2.58x, session 11)
         # -regx: x pairs from x in registers, no scratch row; -evf: weights evict-first; -abl1/2/3 (bench only, wrong
         # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
-        like = path == "gemv16" or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
+        like = path in ("gemv16", "gemv16-s12") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl,
                                          regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl)
-        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0)))
+        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
@@ -1771,8 +1774,11 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
-    elif path in ("dequant", "dequant-v0", "dequant-hint"):
-        w = dequantize(st, x2.dtype, rows=False if path == "dequant-v0" else None, hints=path == "dequant-hint")
+    elif path in ("dequant", "dequant-v0", "dequant-hint", "dequant-nohint"):
+        # cache hints (the weight written evict-last for cuBLAS to read from L2) when it fits in half an H100's L2 or
+        # so: session 13, M=4096, H100: o 205.5 -> 198.6 us, qkv 288.9 -> 286.4; down (117 MB) 701 -> 719: off there
+        hints = path == "dequant-hint" or (path == "dequant" and DEQUANT_HINTS and st.n * st.k * 2 <= 64 << 20)
+        w = dequantize(st, x2.dtype, rows=False if path == "dequant-v0" else None, hints=hints)
         xp = x2 if st.perm is None else x2.index_select(1, st.perm)
         y = torch.nn.functional.linear(xp, w)
     else:
@@ -1790,15 +1796,36 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     return y.reshape(*shape[:-1], st.n)
 
 
-def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False) -> dict:
+_SMS: dict = {}
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (0 elsewhere), once per device."""
+    if device.type != "cuda":
+        return 0
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: int = 0, s13: bool = True) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
     (bench/kernels.py, sessions 7 and 8): wide N 512 columns x split-K 8, long K 256 x 16 (two blocks per
     step), qkv and o 256 x 16; 4 warps. As dependent launches (pdl), qkv and o take more blocks per step, so
     that more of a program's K range is in flight before it waits (o's all four blocks); session 11's sweep on
-    an H100: qkv 256 x 8 with two blocks per step 8.8 -> 8.1 us, o 128 x 8 with four 7.4 -> 6.6 us. The
-    interpreter (CPU tests) keeps small tiles."""
+    an H100: qkv 256 x 8 with two blocks per step 8.8 -> 8.1 us, o 128 x 8 with four 7.4 -> 6.6 us.
+    Session 13 (H100, `--gemv16-paths gemv16,gemv16-regx`): where 32-column tiles over the whole K range (up to
+    4096 channels, one step) fit in one wave of one program per SM (o: 128 programs), they run without the split-K
+    sum and with x from registers (REGX): o 6.6 -> 5.9 us (the split-K sum alone cost about 1.6-2.4 us in every
+    shape, bench rows gemv16-abl2); the weights of gate_up and down (30-60 MB) read evict-first (EVF): 25.4 -> 23.8
+    and 14.6 -> 14.0 us (qkv and o: no gain); s13 False: without these two (bench row gemv16-s12). The interpreter
+    (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
+    if not s13:
+        return {k_: v for k_, v in _gemv16_default(n, k, fp4, pdl, 0).items() if k_ != "EVF"}
+    if pdl and not fp4 and k <= 4096 and sms // 2 <= cdiv(n, 32) <= sms:  # (fewer programs: unmeasured, kept as before)
+        return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)), num_warps=8, REGX=True)
     if pdl and not fp4 and n < 16384 and k < 8192:
         return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
     if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned)
@@ -1808,9 +1835,9 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False) -> dic
             return dict(BN=128, SPLIT_K=8, KU=1, num_warps=4)
         return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)
     if n >= 16384:
-        return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4)
+        return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4, EVF=True)
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
-        return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4)
+        return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4, EVF=True)
     return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)  # qkv and o (session 8: o took 256 x 16 on both)
 
 
