@@ -3,9 +3,15 @@ token and position, gives the tokens of an ordinary greedy decode with a dynamic
 write position in the cache itself, a tensor updated in place; older ones take it from cache_position: the step
 advances both.)"""
 
+import os
+
 import torch
 
-from bench.e2e_gpu import decode_graph
+# bench.e2e_gpu imports runtime.kernels, which defines the Triton kernels: under the interpreter, as tests/test_kernels.py
+# (run after this file in one process) needs them (Triton decides at definition)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.e2e_gpu import decode_graph  # noqa: E402
 
 
 def test_static_decode_step_matches_greedy_decode():

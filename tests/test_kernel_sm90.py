@@ -28,7 +28,7 @@ pdl, bn, ku = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
 sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*bf16",
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
 c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=True, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
-         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None)
+         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0)
 names = list(sig)
 k = triton.compile(ASTSource(fn=wo._wo_gemv16_kernel, signature=dict(sig, **{n: "constexpr" for n in c}), constexprs=c,
                              attrs={(names.index(n),): [["tt.divisibility", 16]] for n in sig}),
