@@ -224,6 +224,12 @@ def read_time(nbytes: int, pdl: bool = False) -> tuple[float, tuple]:
     return best
 
 
+def rel_err_of(y, xs, qt) -> float:
+    """Relative error of y against xs @ the dequantized weight (fp32 reference)."""
+    rv = xs.float() @ qt.dequantize(torch.float32).t()
+    return float((y.double() - rv.double()).norm() / rv.double().norm())
+
+
 def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check, name="w4a16-g128"):
     """Time weight_only.matmul through each forced path on the rotated copies; with check, also its error (paths
     named -abl: bench-only ablations with wrong results, never checked)."""
@@ -235,9 +241,7 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
         try:
             note = ""
             if check and "-abl" not in path:
-                yv = weight_only.matmul(xs, st_copies[0], path)
-                rv = xs.float() @ qt.dequantize(torch.float32).t()
-                rel = float((yv.double() - rv.double()).norm() / rv.double().norm())
+                rel = rel_err_of(weight_only.matmul(xs, st_copies[0], path), xs, qt)
                 checks.append(dict(kernel=f"{name}[{path}]", shape=sname, m=m, rel_err=rel, ok=rel < 1e-2))
                 note = f"  err {rel:.1e}"
                 if path in ("dot4", "dot4t", "dot4s", "dot4f"):
@@ -424,9 +428,7 @@ def main():
                             try:
                                 note = ""
                                 if gp != "gemv16":  # its error, as path_rows checks
-                                    yv = weight_only.matmul(xs, st0, gp)
-                                    rv = xs.float() @ preps[name][2].dequantize(torch.float32).t()
-                                    note = f"  err {float((yv.double() - rv.double()).norm() / rv.double().norm()):.1e}"
+                                    note = f"  err {rel_err_of(weight_only.matmul(xs, st0, gp), xs, preps[name][2]):.1e}"
                                 t = time_graph(pf)
                                 print(f"  {name[:5] + ' ' + gp + ' ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16{note}",
                                       flush=True)

@@ -86,20 +86,18 @@ def _act_quant_kernel(
     row = tl.program_id(0)
     grp = tl.program_id(1)
     g0 = grp * GROUP
+    if STATIC:
+        s = tl.load(sstat_ptr).to(tl.float32)
     if GROUP <= BLOCK:
         offs = g0 + tl.arange(0, BLOCK)
         mask = (tl.arange(0, BLOCK) < GROUP) & (offs < K)
         x = _x_load(x_ptr + row * stride_xm + offs, mask, HINTS)
-        if STATIC:
-            s = tl.load(sstat_ptr).to(tl.float32)
-        else:
+        if not STATIC:
             s = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), QMAX), 1e-12)
             tl.store(s_ptr + row * n_groups + grp, s)
         _quant_store(x, s, tl.div_rn(1.0, s), q_ptr + row * stride_qm + offs, mask, off_ptr, IS_INT, HAS_OFF, QMAX, NATIVE, HINTS)
     else:
-        if STATIC:
-            s = tl.load(sstat_ptr).to(tl.float32)
-        else:
+        if not STATIC:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for c in tl.static_range(0, GROUP, BLOCK):
                 offs = g0 + c + tl.arange(0, BLOCK)

@@ -496,6 +496,13 @@ def _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N, EVF: tl.constexp
 
 
 @triton.jit
+def _prescale_bits(amax, UPX: tl.constexpr):
+    """The exponent field of gemv16's power-of-two prescale of x for a largest |x| of amax (|x| * up under 2^(UPX - 254)):
+    up = bits << 23, 1 / up = (254 - bits) << 23, both exact."""
+    return tl.minimum(tl.maximum(UPX - ((amax.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+
+
+@triton.jit
 def _x_at(xrow, perm_ptr, kk, m, HAS_PERM: tl.constexpr):
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk, mask=m, other=0)
@@ -521,8 +528,7 @@ def _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX: tl.constexpr, HAS_PERM: tl.c
                     tl.maximum(tl.maximum(tl.abs(l2), tl.abs(h2)), tl.maximum(tl.abs(l3), tl.abs(h3))))
     am = tl.maximum(am, tl.maximum(tl.maximum(tl.maximum(tl.abs(u0), tl.abs(v0)), tl.maximum(tl.abs(u1), tl.abs(v1))),
                                    tl.maximum(tl.maximum(tl.abs(u2), tl.abs(v2)), tl.maximum(tl.abs(u3), tl.abs(v3)))))
-    bm = tl.max(am, axis=1)
-    fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+    fb = _prescale_bits(tl.max(am, axis=1), UPX)
     up = (fb << 23).to(tl.float32, bitcast=True)[:, None]
     dn = ((254 - fb) << 23).to(tl.float32, bitcast=True)
     return (_h2_pack(l0 * up, h0 * up, PTX), _h2_pack(l1 * up, h1 * up, PTX), _h2_pack(l2 * up, h2 * up, PTX),
@@ -645,8 +651,7 @@ def _wo_gemv16_kernel(
             if HAS_PERM:
                 kk = tl.load(perm_ptr + kk, mask=mk, other=0)
             amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=mk, other=0.0).to(tl.float32)))
-        eb = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 255
-        f_all = tl.minimum(tl.maximum(UPX - eb, 1), 253)  # the prescale's exponent field
+        f_all = _prescale_bits(tl.max(amax, axis=0), UPX)  # the prescale's exponent field
     # pack the pairs (x[b*128 + j*16 + r], x[b*128 + (j+4)*16 + r]) * up of the program's blocks; the inverse
     # prescale of each block after the pairs, at K/2 + b
     if XPASS:
@@ -663,8 +668,7 @@ def _wo_gemv16_kernel(
             if SCAN:
                 fb = tl.zeros((NB,), dtype=tl.int32) + f_all
             else:
-                bm = tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1)
-                fb = tl.minimum(tl.maximum(UPX - ((bm.to(tl.int32, bitcast=True) >> 23) & 255), 1), 253)
+                fb = _prescale_bits(tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1), UPX)
             up = tl.reshape(tl.broadcast_to((fb << 23).to(tl.float32, bitcast=True)[:, None], (NB, 64)), (XB // 2,))
             tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
             bi = c // 64 + tl.arange(0, NB)
