@@ -18,17 +18,17 @@ _SPEC = importlib.util.find_spec("triton")
 BIN = os.path.join(os.path.dirname(_SPEC.origin), "backends", "nvidia", "bin") if _SPEC else ""
 
 COMPILE = r'''
-import os, subprocess, sys, tempfile
+import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from runtime.kernels import weight_only as wo
 
-pdl, bn, ku = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
+pdl, bn, ku, clu = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*bf16",
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
-c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=True, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
-         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0)
+c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=not clu, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
+         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu)
 names = list(sig)
 k = triton.compile(ASTSource(fn=wo._wo_gemv16_kernel, signature=dict(sig, **{n: "constexpr" for n in c}), constexprs=c,
                              attrs={(names.index(n),): [["tt.divisibility", 16]] for n in sig}),
@@ -40,16 +40,17 @@ with tempfile.TemporaryDirectory() as d:
                            "-sass", cub], capture_output=True, text=True, check=True).stdout
 ops = []
 for ln in sass.splitlines():
-    if "/*0" in ln and "*/" in ln and ";" in ln:  # "/*00a0*/  @!P0 LDG.E ... ;": the opcode after any predicate
-        ops += [t for t in ln.split("*/")[1].split(";")[0].split() if not t.startswith("@")][:1]
+    m = re.match(r"\s*/\*[0-9a-f]{4,}\*/(.*?);", ln)  # "/*00a0*/  @!P0 LDG.E ... ;": the opcode after any predicate
+    if m:
+        ops += [t for t in m.group(1).split() if not t.startswith("@")][:1]
 print(" ".join(ops))
 '''
 
 
-def sass_ops(pdl: bool, bn: int = 64, ku: int = 1) -> list[str]:
+def sass_ops(pdl: bool, bn: int = 64, ku: int = 1, clu: bool = False) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku)], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku), "1" if clu else "0"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.split()
@@ -71,3 +72,21 @@ def test_gemv16_dependent_launch_loads_weights_before_the_wait(bn, ku):
     assert not any(op.startswith(("STG", "ATOM", "RED", "STS")) for op in before)
     plain = sass_ops(False)
     assert "PREEXIT" not in plain and "ACQBULK" not in plain and any(op.startswith("LDG") for op in plain)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="no Triton, or Triton without its CUDA tools")
+def test_gemv16_cluster_sum_uses_shared_memory_not_global_partials():
+    """gemv16 with CLU (split-K sum through the cluster, runtime/kernels/cluster.py): two cluster barriers (SASS
+    UCGABAR_ARV / UCGABAR_WAIT: partials stored, then read; all read before any program leaves), the partial
+    stored to shared memory before the first, loads from the peers (generic LD of mapa addresses) between them,
+    no atomic (no tile counter) and from the first barrier on one global store, the output's (no partials).
+    The global-memory sum (FUSED_REDUCE) has the atomic and no cluster barrier."""
+    ops = sass_ops(True, 64, 1, clu=True)
+    assert ops.count("UCGABAR_ARV") == 2 and ops.count("UCGABAR_WAIT") == 2
+    first, second = ops.index("UCGABAR_ARV"), len(ops) - 1 - ops[::-1].index("UCGABAR_ARV")
+    assert any(op.startswith("STS") for op in ops[first - 12:first])
+    assert sum(op.startswith("LD.") or op == "LD" for op in ops[first:second]) >= 8  # 8 ranks' slices
+    assert not any(op.startswith(("ATOM", "RED")) for op in ops)
+    assert sum(op.startswith("STG") for op in ops[first:]) == 1 and any(op.startswith("STG") for op in ops[first:second])
+    plain = sass_ops(True, 64, 1)
+    assert "UCGABAR_ARV" not in plain and any(op.startswith(("ATOM", "RED")) for op in plain)

@@ -82,6 +82,7 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
             self.n += 1
             return self.f[grid]
 
+    monkeypatch.setattr(weight_only, "_clu_for", lambda x: False)  # cluster launches are always direct (next test)
     jit = {name: Counting(getattr(weight_only, name)) for name in ("_wo_gemv16_kernel", "_wo_dot4t_kernel")}
     for name, c in jit.items():
         monkeypatch.setattr(weight_only, name, c)
@@ -101,6 +102,57 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
         assert sum(c.n for c in jit.values()) == through_jit, name
         for y in [first] + again:
             assert torch.equal(y, ref[-1]), name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("wtype", ["int4", "int4-asym", "nvfp4"])
+def test_cluster_split_k_sum_matches_the_global_sum(wtype):
+    """runtime/kernels/cluster.py: split-K partials summed through the tile's cluster (distributed shared memory)
+    give the global-memory sums bit for bit (the same fp32 additions in the same order): gemv16 at M = 1 for splits
+    2 .. 8 and tiles of 32 .. 512 columns, plain and as dependent launches, eagerly and replayed from a CUDA graph;
+    dot4t (int4) / dot4f (NVFP4) at M = 4 and 16 against their two-kernel sum; N not a multiple of the tile."""
+    from qtensor import QTensor
+    from runtime.kernels import cluster, weight_only
+
+    dev = torch.device("cuda")
+    if not weight_only._clu_ok(dev):
+        pytest.skip(f"no cluster sums here: {weight_only._CLU_OK.get('why')} / {cluster.WHY}")
+    torch.manual_seed(0)
+    n, k = 1000, 2048
+    if wtype == "nvfp4":
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+        bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
+        qt = QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda"))
+    else:
+        zero = wtype == "int4-asym"
+        codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
+        zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
+        qt = QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128)
+    st = weight_only.prepare(qt)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    for bn, sk, ku in [(32, 2, 2), (64, 4, 1), (128, 8, 1), (256, 8, 2), (512, 8, 1), (256, 16, 1)]:
+        cfg = dict(BN=bn, SPLIT_K=sk, KU=ku)
+        for pdl in (0, 1):
+            ref = weight_only._launch_gemv16(x, st, cfg, True, pdl=pdl)
+            got = weight_only._launch_gemv16(x, st, cfg, True, pdl=pdl, clu=True)
+            assert torch.equal(got, ref), (bn, sk, ku, pdl)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            gy = weight_only._launch_gemv16(x, st, cfg, True, pdl=1, clu=True)
+        for _ in range(3):
+            x.normal_()
+            g.replay()
+            assert torch.equal(gy, weight_only._launch_gemv16(x, st, cfg, True)), (bn, sk, ku, "graph")
+    kind = "dot4f" if wtype == "nvfp4" else "dot4t"
+    for m in (4, 16):
+        xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for bn, sk in [(64, 4), (128, 8), (128, 2)] + ([(32, 8)] if kind == "dot4f" else [(256, 2)]):
+            cfg = dict(BN=bn, SPLIT_K=sk, num_warps=2 if bn == 32 else 4)
+            ref = weight_only._launch_dot4(xm, st, cfg, kind=kind)
+            got = weight_only._launch_dot4(xm, st, cfg, kind=kind, clu=True)
+            assert torch.equal(got, ref), (kind, m, bn, sk)
+    # the default path takes the cluster where it can
+    assert weight_only._clu_for(x)
 
 
 @torch.inference_mode()

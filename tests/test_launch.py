@@ -42,6 +42,10 @@ class Jit:
             return self.compiled
         return call
 
+    def warmup(self, *args, grid, **kwargs):  # compiles only
+        self.calls.append(("warmup", grid, args, kwargs))
+        return self.compiled
+
 
 @pytest.fixture
 def no_gpu(monkeypatch):
@@ -126,3 +130,21 @@ def test_a_parameter_left_unset_is_not_kept(no_gpu):
     jit, cache = Jit(), {}
     launch.launch(cache, "k", jit, (1,), (T("x"), T("o"), 1), dict(FLAG=True))
     assert cache == {}
+
+
+def test_cluster_launch_compiles_then_launches_directly_with_the_cluster_in_the_metadata(no_gpu):
+    """ctas > 1 (cluster.py): the first call only compiles (JITFunction.warmup: the JIT cannot launch clusters), and
+    every call, the first included, launches the compiled kernel with (num_warps, cluster size, shared + extra);
+    launch hooks do not send it back through the JIT."""
+    jit, cache = Jit(), {}
+    jit.compiled.packed_metadata = (4, 1, 2048)
+    args = (T("x"), T("o"), 1)
+    launch.launch(cache, "c", jit, (1, 3, 1), args, dict(BLOCK=32, num_warps=4), ctas=8, smem_extra=1024)
+    assert jit.calls == [("warmup", (1, 3, 1), args, dict(BLOCK=32, num_warps=4))]
+    assert jit.compiled.runs == [(1, 3, 1, "stream0", "fn-handle", (4, 8, 3072), None, None, None, *args, 32, False, None, 3)]
+    no_gpu.launch_enter_hook = types.SimpleNamespace(calls=[print])
+    launch.launch(cache, "c", jit, (1, 3, 1), args, dict(BLOCK=32, num_warps=4), ctas=8, smem_extra=1024)
+    assert len(jit.calls) == 1 and len(jit.compiled.runs) == 2 and jit.compiled.runs[1][5] == (4, 8, 3072)
+    jit.compiled.packed_metadata = (4, 1, 2048, 1, 1, 1)  # older Triton: cluster dims after the shared size
+    launch.launch(cache, "d", jit, (1,), args, dict(BLOCK=32), ctas=2, smem_extra=16)
+    assert jit.compiled.runs[-1][5] == (4, 2, 2064, 2, 1, 1)

@@ -40,18 +40,23 @@ def _idle(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
 
-def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | None = None):
+def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | None = None, ctas: int = 1,
+           smem_extra: int = 0):
     """fn[grid](*args, **consts, **live); args are the leading parameters (they change per call), consts (a dict, or
     a function returning it, called on a key's first launch only) name every other parameter the call sets
     (constexprs, pointers fixed for the key) and the launch options (num_warps, launch_pdl, ...); live names later
-    parameters that change per call (an output, a scratch)."""
+    parameters that change per call (an output, a scratch). ctas > 1: launched as clusters of that many programs
+    along grid axis 0 with smem_extra more bytes of dynamic shared memory (cluster.py), always directly (the JIT
+    only compiles it; launch hooks do not see it)."""
     global _stream
     dev = args[0].device.index  # a compiled kernel is loaded per device, as Triton's own cache is kept
-    hit = cache.get((dev, key)) if ON else None
+    hit = cache.get((dev, key)) if ON or ctas > 1 else None
+    if hit is None and ctas > 1:
+        hit = _compile(cache, dev, key, fn, grid, args, consts, live or {}, ctas, smem_extra)
     if hit is not None:
         rt = _knobs()
-        if _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook):
-            kernel, tail, slots = hit
+        if ctas > 1 or (_idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook)):
+            kernel, tail, slots, meta = hit
             if slots:
                 tail = list(tail)
                 for i, name in slots:
@@ -62,15 +67,53 @@ def launch(cache: dict, key, fn, grid: tuple, args: tuple, consts, live: dict | 
                 _stream = driver.active.get_current_stream
             stream = _stream(dev)
             kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                       kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+                       kernel.function, meta, None, None, None, *args, *tail)
             return
     live = live or {}
     if callable(consts):
         consts = consts()
     kernel = fn[grid](*args, **consts, **live)
     if ON and key is not None and kernel is not None and hasattr(kernel, "packed_metadata"):
-        params = list(inspect.signature(fn.fn).parameters.values())[len(args):]
-        tail = tuple(None if p.name in live else consts[p.name] if p.name in consts else p.default for p in params)
-        slots = tuple((i, p.name) for i, p in enumerate(params) if p.name in live)
-        if all(v is not inspect.Parameter.empty for v in tail):
-            cache[(dev, key)] = (kernel, tail, slots)
+        _keep(cache, dev, key, fn, kernel, args, consts, live, kernel.packed_metadata)
+
+
+def _keep(cache, dev, key, fn, kernel, args, consts, live, meta):
+    params = list(inspect.signature(fn.fn).parameters.values())[len(args):]
+    tail = tuple(None if p.name in live else consts[p.name] if p.name in consts else p.default for p in params)
+    slots = tuple((i, p.name) for i, p in enumerate(params) if p.name in live)
+    if all(v is not inspect.Parameter.empty for v in tail):
+        cache[(dev, key)] = (kernel, tail, slots, meta)
+        return cache[(dev, key)]
+    return None
+
+
+def _set_attr(kernel, attr: int, value: int, what: str) -> None:
+    """cuFuncSetAttribute through the driver API (torch and Triton do not expose it)."""
+    import ctypes
+
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(kernel.function), attr, ctypes.c_int(value))
+    if rc != 0:
+        raise ValueError(f"{what} refused (CUresult {rc})")
+
+
+def _compile(cache, dev, key, fn, grid, args, consts, live, ctas, smem_extra):
+    """Compile without launching (a cluster launch cannot go through the JIT) and keep the kernel with its packed
+    metadata: (num_warps, num_ctas, shared) with the cluster size and the extra shared memory (older Triton packs
+    cluster dims after them: the first one set too)."""
+    if callable(consts):
+        consts = consts()
+    kernel = fn.warmup(*args, grid=grid, **consts, **live)
+    getattr(kernel, "_init_handles", lambda: None)()  # loaded: kernel.function set
+    meta = list(kernel.packed_metadata)
+    meta[1] = ctas
+    meta[2] = meta[2] + smem_extra
+    if len(meta) >= 6:
+        meta[3] = ctas
+    if meta[2] > 48 * 1024:  # past 48 KiB a kernel must opt in (Triton does so at load only for its own size)
+        _set_attr(kernel, 8, meta[2], f"{meta[2]} bytes of dynamic shared memory")  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+    if ctas > 8:  # NON_PORTABLE_CLUSTER_SIZE_ALLOWED (Hopper runs 16)
+        _set_attr(kernel, 14, 1, f"a cluster of {ctas}")
+    hit = _keep(cache, dev, key, fn, kernel, args, consts, live, tuple(meta))
+    if hit is None:
+        raise ValueError("a cluster launch needs every parameter set")
+    return hit

@@ -31,7 +31,7 @@ import triton.language as tl
 from qtensor import QTensor
 from qtensor import packing as pk
 
-from . import tuning
+from . import cluster, tuning
 from .launch import cdiv, launch, next_pow2
 
 WTYPE_INT, WTYPE_NVFP4, WTYPE_MXFP4 = 0, 1, 2
@@ -600,6 +600,7 @@ def _wo_gemv16_kernel(
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
     PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
+    CLU: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -612,12 +613,19 @@ def _wo_gemv16_kernel(
     only the weights, which no kernel writes, are touched before the wait. REGX: each step's x pairs computed from
     x in registers (`_h2_xpairs`) instead of the scratch row (no packing pass, no barrier: for programs of one
     step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
-    x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output)."""
+    x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output). CLU: the SPLIT_K
+    programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
+    memory (cluster.py) instead of the partials buffer and the tile counter."""
     if PDL:
         _gdc_launch_dependents()
-    row = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    if CLU:
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        row = tl.program_id(2)
+    else:
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_r = tl.arange(0, 8)
     offs_u = tl.arange(0, KU)
@@ -764,6 +772,18 @@ def _wo_gemv16_kernel(
     optrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1 or (ABL & 2) != 0:
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    elif CLU:  # the partial in this program's shared memory; program k sums columns k * CW .. of all, in rank order
+        CW: tl.constexpr = BN // SPLIT_K
+        buf = cluster.smem_end() - BN * 4
+        cluster.put(buf + tl.arange(0, BN) * 4, y)
+        cluster.sync()
+        c = pid_k * CW + tl.arange(0, CW)
+        tot = tl.zeros((CW,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT_K):
+            tot += cluster.get(buf + c * 4, tl.full((CW,), i, tl.int32))
+        oc = pid_n * BN + c
+        tl.store(out_ptr + row * stride_om + oc, tot.to(out_ptr.dtype.element_ty), mask=oc < N)
+        cluster.sync()  # every program's buffer read before any leaves
     else:  # fp32 partial sums [SPLIT_K, M, N]
         pptr = part_ptr + row * N + offs_n
         tl.store(pptr + pid_k * stride_ok, y, mask=mask_n)
@@ -790,11 +810,12 @@ def _wo_gemv16_kernel(
 
 
 @triton.jit
-def _tc_tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The program's rows, columns and range of 128-channel blocks (grid: N tiles, K splits, M tiles)."""
-    pid_k = tl.program_id(1)
+def _tc_tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, CLU: tl.constexpr = False):
+    """The program's rows, columns and range of 128-channel blocks (grid: N tiles, K splits, M tiles; CLU: K splits,
+    N tiles, M tiles, the splits of a tile one cluster)."""
+    pid_k = tl.program_id(0 if CLU else 1)
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_n = tl.program_id(1 if CLU else 0) * BN + tl.arange(0, BN)
     nblk = K // 128
     per_split = tl.cdiv(nblk, SPLIT_K)
     b0 = pid_k * per_split
@@ -881,7 +902,7 @@ def _wo_dot4_kernel(
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
@@ -981,14 +1002,32 @@ def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.c
 
 @triton.jit
 def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K: tl.constexpr,
-             res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False):
+             res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, CLU: tl.constexpr = False, N=0):
     """Store acc [BN, BM] (out^T) into out [M, N], or as fp32 partial sums [SPLIT_K, M, N] (out_ptr) summed by
     _splitk_reduce, or (FUSED) by the last program of the tile to finish, into res [M, N]; it then resets the
-    tile's counter (grid: N tiles, K splits, M tiles)."""
+    tile's counter (grid: N tiles, K splits, M tiles). CLU: the tile's programs are one cluster and sum through
+    their shared memory (cluster.py), program k the rows k * BN / SPLIT_K ..., into out [M, N]."""
     offs = offs_m[None, :] * stride_om + offs_n[:, None]
     omask = mask_m[None, :] & mask_n[:, None]
     if SPLIT_K == 1:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    elif CLU:
+        BN: tl.constexpr = acc.shape[0]
+        BM: tl.constexpr = acc.shape[1]
+        CW: tl.constexpr = BN // SPLIT_K
+        lm = tl.arange(0, BM)
+        buf = cluster.smem_end() - BN * BM * 4
+        cluster.put(buf + (tl.arange(0, BN)[:, None] * BM + lm[None, :]) * 4, acc)
+        cluster.sync()
+        c = pid_k * CW + tl.arange(0, CW)
+        a = buf + (c[:, None] * BM + lm[None, :]) * 4
+        tot = tl.zeros((CW, BM), dtype=tl.float32)
+        for i in tl.static_range(SPLIT_K):
+            tot += cluster.get(a, tl.full((CW, BM), i, tl.int32))
+        n = tl.program_id(1) * BN + c
+        tl.store(out_ptr + offs_m[None, :] * stride_om + n[:, None], tot.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[None, :] & (n < N)[:, None])
+        cluster.sync()  # every program's buffer read before any leaves
     else:
         tl.store(out_ptr + offs + pid_k * stride_ok, acc, mask=omask)
         if FUSED:
@@ -1064,7 +1103,7 @@ def _wo_dot4t_kernel(
     M, N, K, stride_xm, stride_om, stride_ok,
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
-    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = 0,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = 0, CLU: tl.constexpr = False,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -1076,7 +1115,7 @@ def _wo_dot4t_kernel(
     if PDL:
         _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
@@ -1092,7 +1131,7 @@ def _wo_dot4t_kernel(
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
                                offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH)
-    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED, CLU, N)
 
 
 _DEC4S_F16 = tl.constexpr(tuple(_dec4z_asm(True, i, scaled=True) for i in range(8)))
@@ -1211,7 +1250,7 @@ def _wo_dot4f_kernel(
     M, N, K, stride_xm, stride_om, stride_ok,
     FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, CLU: tl.constexpr = False,
 ):
     """NVFP4 weights at 2 <= M <= 16 as dot4t does int4 (out^T = W x^T, the decoded weights wgmma's register
     operand): each 16-channel slot of a 128-channel block is one NVFP4 group, so its e2m1 values (exact in
@@ -1238,7 +1277,7 @@ def _wo_dot4f_kernel(
         acc = _f_slot(acc, words, 6, e6, x_ptr, offs_m, mask_m, stride_xm, k0 + 96, DT, PTX, INTERP, BN, BM)
         acc = _f_slot(acc, words, 7, e7, x_ptr, offs_m, mask_m, stride_xm, k0 + 112, DT, PTX, INTERP, BN, BM)
     acc = acc * tl.load(gs_ptr)
-    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED)
+    _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED, CLU, N)
 
 
 @triton.jit
@@ -1461,9 +1500,11 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
                    scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
-                   regx: bool = False, evf: bool = False, abl: int = 0) -> torch.Tensor:
+                   regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
-    programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL."""
+    programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
+    through a cluster's shared memory (when the split is 2 .. 8 and divides the tile; the caller checks
+    cluster.ok)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
@@ -1473,7 +1514,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     tiles = cdiv(st.n, bn)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     part = out if sk == 1 else _scratch(st, "part", (sk, m, st.n), torch.float32, x2.device)
-    fused = fused and sk > 1
+    clu = clu and 1 < sk <= cluster.MAX and bn % sk == 0 and abl == 0
+    fused = fused and sk > 1 and not clu
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
     scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128), torch.int32, x2.device)
     ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
@@ -1483,13 +1525,17 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, num_warps=nw,
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu, num_warps=nw,
         **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl)
-    launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
-    if sk > 1 and not fused:
+           regx, evf, abl, clu)
+    if clu:  # one cluster of the tile's sk programs along grid axis 0
+        launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
+               ctas=sk, smem_extra=bn * 4)
+    else:
+        launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
+    if sk > 1 and not fused and not clu:
         total = m * st.n
         _reduce(part, out, total, sk)
     return out
@@ -1579,6 +1625,50 @@ def _pdl_for(st: WeightOnlyState, x: torch.Tensor) -> int:
     return 1 if _PDL_OK[(x.device.type, x.device.index)] else 0
 
 
+# split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+, QTOOL_CLUSTER=0 off
+_CLU_OK: dict = {}
+
+
+def _clu_ok(device: torch.device) -> bool:
+    """Once per device: cluster launches work (cluster.ok's probe), and gemv16 and dot4t summing through the cluster
+    give the global-memory sums bit for bit (the same fp32 additions in the same order)."""
+    key = (device.type, device.index)
+    if key not in _CLU_OK:
+        _CLU_OK[key] = False
+        if not cluster.ok(device):
+            _CLU_OK["why"] = cluster.WHY.get(device.index, "off")
+            return False
+        try:
+            st = next(_h2_cases("int4", device))
+            g = torch.Generator(device="cpu").manual_seed(3)
+            x = (torch.randn(1, 512, generator=g) * 3).to(device, torch.bfloat16)
+            for sk in (2, 4):
+                cfg = dict(BN=32, SPLIT_K=sk, KU=1)
+                a, b = _launch_gemv16(x, st, cfg, True, clu=True), _launch_gemv16(x, st, cfg, True)
+                if not torch.equal(a, b):
+                    _CLU_OK["why"] = f"gemv16 split {sk} differs from the global-memory sum"
+                    return False
+            x = torch.randn(5, 512, generator=g).to(device, torch.bfloat16)
+            cfg = dict(BN=64, SPLIT_K=4)
+            a, b = _launch_dot4(x, st, cfg, kind="dot4t", clu=True), _launch_dot4(x, st, cfg, kind="dot4t")
+            if not torch.equal(a, b):
+                _CLU_OK["why"] = "dot4t differs from the two-kernel sum"
+                return False
+            _CLU_OK[key] = True
+        except Exception as e:  # noqa: BLE001 - a Triton / driver without it: global-memory sums
+            _CLU_OK["why"] = f"{type(e).__name__}: {' '.join(str(e).split())[-500:]}"
+    return _CLU_OK[key]
+
+
+def _clu_for(x: torch.Tensor) -> bool:
+    """Split-K sums through clusters for this call (decided once per device, never inside someone's capture)."""
+    if not cluster.ON or tuning.interpreting() or x.device.type != "cuda":
+        return False
+    if (x.device.type, x.device.index) not in _CLU_OK and torch.cuda.is_current_stream_capturing():
+        return False
+    return _clu_ok(x.device)
+
+
 def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """The tensor-core int4 path: 4-bit int weights whose 128-channel blocks each lie in one group."""
     return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
@@ -1627,30 +1717,36 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
-                 gshift: bool | None = None, pdl: int = 0) -> torch.Tensor:
+                 gshift: bool | None = None, pdl: int = 0, clu: bool = False) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
     wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
     and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
-    dot4t takes the group of a block as b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16)."""
+    dot4t takes the group of a block as b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16).
+    clu (dot4t, dot4f): the split-K sum through the tile's cluster (split 2 .. 8 dividing the tile; the caller checks
+    cluster.ok)."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
         ptx = not interp and _ptx_ok(x2.device, kind)
-    fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4t", "dot4f") and sk > 1
+    clu = clu and kind in ("dot4t", "dot4f") and 1 < sk <= cluster.MAX and bn % sk == 0
+    fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4t", "dot4f") and sk > 1 and not clu
     gshift = True if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
-    dst = out if sk == 1 else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
+    dst = out if sk == 1 or clu else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (cdiv(st.n, bn), sk, cdiv(m, bm))
     cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
-    kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk,
+    ctas = dict(ctas=sk, smem_extra=bn * bm * 4) if clu else {}
+    if clu:  # one cluster of the tile's sk programs along grid axis 0
+        grid = (cluster.grid_x(x2.device, sk), cdiv(st.n, bn), cdiv(m, bm))
+    kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk, CLU=clu,
               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     # the compiled kernel is decided by the weight, the constexprs and x's dtype, row stride and alignment (launch.py)
     key = (kind, m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, bm, ptx, fused, gshift, int(pdl), cfg.get("KB", cfg.get("KU", 1)),
-           kw["num_warps"], kw["num_stages"])
+           kw["num_warps"], kw["num_stages"], clu)
     if kind == "dot4f":
         launch(_launches(st), key, _wo_dot4f_kernel, grid, (x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n),
-               dict(cnt_ptr=cnt, FUSED=fused, **kw), live=dict(res_ptr=out))
+               dict(cnt_ptr=cnt, FUSED=fused, **kw), live=dict(res_ptr=out), **ctas)
     else:
         has_perm = st.perm is not None
         if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
@@ -1662,14 +1758,16 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
                 dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n)
         kw.update(HAS_ZERO=st.zeros is not None, HAS_PERM=has_perm)
         if kind == "dot4s":
+            del kw["CLU"]
             _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
         elif kind == "dot4t":
             launch(_launches(st), key, _wo_dot4t_kernel, grid, args,
                    dict(KU=ku, GSH=st.gshift if gshift else -1, cnt_ptr=cnt, FUSED=fused, PDL=int(pdl), **kw,
-                        **(dict(launch_pdl=True) if pdl else {})), live=dict(res_ptr=out))
+                        **(dict(launch_pdl=True) if pdl else {})), live=dict(res_ptr=out), **ctas)
         else:
+            del kw["CLU"]
             _wo_dot4_kernel[grid](*args, **kw)
-    if sk > 1 and not fused:
+    if sk > 1 and not fused and not clu:
         total = m * st.n
         _reduce(dst, out, total, sk)
     return out
@@ -1740,7 +1838,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         else:
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
-                "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12"):
+                "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
+                "gemv16-noclu"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1749,15 +1848,17 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -regx: x pairs from x in registers, no scratch row; -evf: weights evict-first; -abl1/2/3 (bench only, wrong
         # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
-        like = path in ("gemv16", "gemv16-s12") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
+        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
+        clu = path in ("gemv16", "gemv16-regx", "gemv16-evf") and _clu_for(x2)
         run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                          prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl,
-                                         regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl)
+                                         regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=clu)
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
-                  "dot4s-plain", "dot4f", "dot4f-plain"):
+                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-noclu", "dot4f-noclu"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
@@ -1765,7 +1866,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # (slower than dot4t in session 11: 1.62-1.68x against 2.02-2.10x; with the trigger after the loop 1.78x)
         fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True)}.get(path, (None, None))
         pdl = int(path == "dot4t-pdl" and not tuning.interpreting())
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl)  # noqa: E731
+        # the default sums split-K partials through the tile's cluster where it can (-noclu: a second kernel)
+        clu = path in ("dot4t", "dot4f") and _clu_for(x2)
+        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=clu)  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
         elif kind == "dot4f":  # dot4t's configs of one block per step
