@@ -902,7 +902,7 @@ def _wo_dot4_kernel(
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
@@ -1257,7 +1257,7 @@ def _wo_dot4f_kernel(
     fp16 / bf16) make one dot and the group's e4m3 scale multiplies that dot's fp32 result; the global scale
     at the end."""
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
+    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
     offs_r = tl.arange(0, 16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     # the eight group scales of a block read one block ahead (in the loop they were a dependent round trip
@@ -1630,8 +1630,8 @@ _CLU_OK: dict = {}
 
 
 def _clu_ok(device: torch.device) -> bool:
-    """Once per device: cluster launches work (cluster.ok's probe), and gemv16 and dot4t summing through the cluster
-    give the global-memory sums bit for bit (the same fp32 additions in the same order)."""
+    """Once per device: cluster launches work (cluster.ok's probe), and gemv16, dot4t and dot4f summing through the
+    cluster give the global-memory sums bit for bit (the same fp32 additions in the same order)."""
     key = (device.type, device.index)
     if key not in _CLU_OK:
         _CLU_OK[key] = False
@@ -1650,10 +1650,11 @@ def _clu_ok(device: torch.device) -> bool:
                     return False
             x = torch.randn(5, 512, generator=g).to(device, torch.bfloat16)
             cfg = dict(BN=64, SPLIT_K=4)
-            a, b = _launch_dot4(x, st, cfg, kind="dot4t", clu=True), _launch_dot4(x, st, cfg, kind="dot4t")
-            if not torch.equal(a, b):
-                _CLU_OK["why"] = "dot4t differs from the two-kernel sum"
-                return False
+            for kind, w in (("dot4t", st), ("dot4f", next(_h2_cases("nvfp4", device)))):
+                a, b = _launch_dot4(x, w, cfg, kind=kind, clu=True), _launch_dot4(x, w, cfg, kind=kind)
+                if not torch.equal(a, b):
+                    _CLU_OK["why"] = f"{kind} differs from the two-kernel sum"
+                    return False
             _CLU_OK[key] = True
         except Exception as e:  # noqa: BLE001 - a Triton / driver without it: global-memory sums
             _CLU_OK["why"] = f"{type(e).__name__}: {' '.join(str(e).split())[-500:]}"
