@@ -7,6 +7,8 @@ per module and device (`prepare(qt)`), like Marlin's load-time repack.
 weight_only  int4/int8 weights (GPTQ/AWQ groups, sym/asym, act order), NVFP4 and MXFP4 weights
 w8a8         FP8 (per-tensor, row-wise) via torch._scaled_mm, block-FP8 and INT8 via Triton
 act_quant    fused per-token / per-group activation quantizers, NVFP4 activation fake-quant
+cluster      split-K sums through a thread-block cluster's distributed shared memory (Hopper)
+launch       direct relaunch of compiled kernels (and cluster launches)
 
 Switches (environment, read at import): QTOOL_TUNE=1 times the candidate configs once per shape (CUDA graph,
 cold L2) and keeps the fastest (else the H100 tuner's choices are the defaults); QTOOL_GEMV16=0 keeps the fp32 GEMV at M = 1;
@@ -14,7 +16,8 @@ QTOOL_FUSED_REDUCE=0 sums split-K partials in a second kernel; QTOOL_DOT4=0 leav
 the fused dequant kernel (and wide layers at M <= 128 to dequantize + cuBLAS); QTOOL_FP8_FAST_ACCUM=0 makes FP8 _scaled_mm promote its accumulator every block;
 QTOOL_FAST_LAUNCH=0 launches every kernel through Triton's JIT binding (else a key's compiled kernel is relaunched
 directly after its first launch: launch.py); QTOOL_PDL=0 launches the M = 1 GEMV plainly (else as a programmatic
-dependent launch on sm_90+); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
+dependent launch on sm_90+); QTOOL_CLUSTER=0 sums split-K partials through global memory (else, on sm_90+, the
+programs of a tile run as one thread-block cluster and sum through its shared memory: cluster.py); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
 group from the block index, dot4t's split-K sum in the kernel; bench rows gemv16-sp, dot4t-fr).
 Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed),
 `python bench/stalls.py` (one call for Nsight Compute).
