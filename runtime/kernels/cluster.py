@@ -25,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+from .launch import launch
+
 ON = os.environ.get("QTOOL_CLUSTER", "1") != "0"
 MAX = 16  # cluster size: 8 is portable, 16 runs on Hopper once the kernel allows it (launch.py sets the attribute)
-SMEM_LIMIT = 48 * 1024  # dynamic shared memory a launch may take without the opt-in attribute
 _OK: dict = {}
 _MUL: dict = {}
 WHY: dict = {}
@@ -85,17 +87,13 @@ def _probe_kernel(out_ptr):
 
 def grid_x(device: torch.device, ctas: int) -> int:
     """Grid axis 0 to pass for one cluster of `ctas` programs along it (1 where the launcher multiplies by the
-    cluster size, as Triton's does since 3.4; else ctas)."""
+    cluster size, as Triton 3.8's does; else ctas: the probe finds which)."""
     return 1 if _MUL.get(device.index, True) else ctas
 
 
 def ok(device: torch.device) -> bool:
     """Cluster launches with distributed shared memory work on this device (once per device)."""
-    if not ON or device.type != "cuda":
-        return False
-    from . import tuning
-
-    if tuning.interpreting():
+    if not ON or device.type != "cuda" or tuning.interpreting():
         return False
     if device.index in _OK:
         return _OK[device.index]
@@ -106,8 +104,6 @@ def ok(device: torch.device) -> bool:
     if torch.cuda.is_current_stream_capturing():
         del _OK[device.index]  # decide outside someone's capture (the probe synchronizes)
         return False
-    from .launch import launch
-
     for mul in (True, False):  # grid axis 0 counted in clusters (Triton's launcher multiplies it) or in programs
         try:
             out = torch.full((4 * 8,), -1.0, device=device)
