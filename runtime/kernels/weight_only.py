@@ -1625,7 +1625,7 @@ def _pdl_for(st: WeightOnlyState, x: torch.Tensor) -> int:
     return 1 if _PDL_OK[(x.device.type, x.device.index)] else 0
 
 
-# split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+, QTOOL_CLUSTER=0 off
+# split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+ with QTOOL_CLUSTER=1
 _CLU_OK: dict = {}
 
 
