@@ -106,7 +106,7 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("wtype", ["int4", "int4-asym", "nvfp4"])
-def test_cluster_split_k_sum_matches_the_global_sum(wtype):
+def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
     """runtime/kernels/cluster.py: split-K partials summed through the tile's cluster (distributed shared memory)
     give the global-memory sums bit for bit (the same fp32 additions in the same order): gemv16 at M = 1 for splits
     2 .. 8 and tiles of 32 .. 512 columns, plain and as dependent launches, eagerly and replayed from a CUDA graph;
@@ -114,6 +114,7 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype):
     from qtensor import QTensor
     from runtime.kernels import cluster, weight_only
 
+    monkeypatch.setattr(cluster, "ON", True)  # (off by default until timed: QTOOL_CLUSTER=1)
     dev = torch.device("cuda")
     if not weight_only._clu_ok(dev):
         pytest.skip(f"no cluster sums here: {weight_only._CLU_OK.get('why')} / {cluster.WHY}")
@@ -151,7 +152,7 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype):
             ref = weight_only._launch_dot4(xm, st, cfg, kind=kind)
             got = weight_only._launch_dot4(xm, st, cfg, kind=kind, clu=True)
             assert torch.equal(got, ref), (kind, m, bn, sk)
-    # the default path takes the cluster where it can
+    # with the switch on, the default path takes the cluster where it can
     assert weight_only._clu_for(x)
 
 
