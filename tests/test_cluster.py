@@ -1,0 +1,85 @@
+"""runtime/kernels/cluster.py without a GPU: how gemv16 and dot4t / dot4f are launched when their split-K partials
+are summed through a thread-block cluster (the kernels' own code runs only on Hopper: tests/test_kernels_cuda.py;
+their SASS: tests/test_kernel_sm90.py). The launcher is replaced by a recorder, so nothing runs."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # importing the kernels defines them: under the interpreter
+
+from qtensor import QTensor  # noqa: E402
+from runtime.kernels import cluster, weight_only  # noqa: E402
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = []
+
+    def rec(cache, key, fn, grid, args, consts, live=None, ctas=1, smem_extra=0):
+        calls.append(dict(key=key, fn=fn, grid=grid, consts=consts() if callable(consts) else consts, ctas=ctas,
+                          smem=smem_extra))
+
+    monkeypatch.setattr(weight_only, "launch", rec)
+    monkeypatch.setattr(weight_only, "_reduce", lambda *a: calls.append("reduce"))
+    return calls
+
+
+def _int4(n=96, k=1024):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    return weight_only.prepare(QTensor("int", 4, codes, (torch.rand(n, k // 128, generator=g) + 0.5).half(), None, 128))
+
+
+@pytest.mark.parametrize("sk,bn,clu", [(4, 32, True), (8, 64, True), (16, 256, True), (32, 64, False), (8, 4, False), (1, 32, False)])
+def test_gemv16_cluster_launch(recorded, sk, bn, clu):
+    """A split of 2 .. 16 that divides the tile: one cluster of the tile's programs along grid axis 0 (one cluster per
+    tile where the launcher counts clusters), the tile's BN fp32 partials as extra shared memory, CLU set, no counter
+    sum and no second kernel; otherwise (split 1 or 32, a tile narrower than the split) the usual grid."""
+    st, x = _int4(), torch.randn(1, 1024, dtype=torch.bfloat16)
+    weight_only._launch_gemv16(x, st, dict(BN=bn, SPLIT_K=sk, KU=1), False, clu=True)
+    c = recorded[0]
+    tiles = -(-96 // bn)
+    assert c["consts"]["CLU"] is clu and c["key"][-1] is clu
+    if clu:
+        assert c["grid"] == (cluster.grid_x(x.device, sk), tiles, 1) and c["ctas"] == sk and c["smem"] == bn * 4
+        assert c["consts"]["FUSED_REDUCE"] is False and recorded[1:] == []
+    else:
+        assert c["grid"] == (1, tiles, sk) and c["ctas"] == 1 and c["smem"] == 0
+        assert c["consts"]["FUSED_REDUCE"] is (sk > 1)
+
+
+def test_gemv16_ablation_never_clusters(recorded):
+    st, x = _int4(), torch.randn(1, 1024, dtype=torch.bfloat16)
+    weight_only._launch_gemv16(x, st, dict(BN=32, SPLIT_K=4, KU=1), False, clu=True, abl=2)
+    assert recorded[0]["ctas"] == 1 and recorded[0]["consts"]["CLU"] is False
+
+
+@pytest.mark.parametrize("kind", ["dot4t", "dot4f"])
+def test_dot4_cluster_launch(recorded, kind):
+    """dot4t / dot4f: the [BN, BM] fp32 partial tile in shared memory, grid (splits, N tiles, M tiles), the output
+    written by the kernel itself (no partials buffer, no _splitk_reduce); without clu the second kernel sums."""
+    if kind == "dot4t":
+        st = _int4()
+    else:
+        g = torch.Generator().manual_seed(1)
+        st = weight_only.prepare(QTensor("e2m1", 4, torch.randint(0, 16, (96, 1024), generator=g, dtype=torch.uint8),
+                                         (torch.rand(96, 64, generator=g) + 0.5).to(torch.float8_e4m3fn), None, 16,
+                                         global_scale=torch.tensor(1.0)))
+    x = torch.randn(5, 1024, dtype=torch.bfloat16)
+    y = weight_only._launch_dot4(x, st, dict(BN=64, SPLIT_K=4), False, kind, clu=True)
+    c = recorded[0]
+    assert c["grid"] == (cluster.grid_x(x.device, 4), 2, 1) and c["ctas"] == 4 and c["smem"] == 64 * 16 * 4
+    assert c["consts"]["CLU"] is True and c["consts"]["FUSED"] is False and recorded[1:] == []
+    assert y.shape == (5, 96)
+    recorded.clear()
+    weight_only._launch_dot4(x, st, dict(BN=64, SPLIT_K=4), False, kind)
+    assert recorded[0]["grid"] == (2, 4, 1) and recorded[0]["ctas"] == 1 and recorded[1:] == ["reduce"]
+
+
+def test_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
+    """The default path never asks for clusters here (CPU tensors, interpreter), even with the switch on."""
+    monkeypatch.setattr(cluster, "ON", True)
+    assert not cluster.ok(torch.device("cpu"))
+    assert not weight_only._clu_for(torch.randn(1, 8))
