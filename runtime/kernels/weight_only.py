@@ -1503,7 +1503,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
                    regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
-    through a cluster's shared memory (when the split is 2 .. 8 and divides the tile; the caller checks
+    through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
     cluster.ok)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
@@ -1723,8 +1723,8 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
     wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
     and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
     dot4t takes the group of a block as b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16).
-    clu (dot4t, dot4f): the split-K sum through the tile's cluster (split 2 .. 8 dividing the tile; the caller checks
-    cluster.ok)."""
+    clu (dot4t, dot4f): the split-K sum through the tile's cluster (split 2 .. cluster.MAX dividing the tile; the
+    caller checks cluster.ok)."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
