@@ -66,6 +66,20 @@ def sync():
 
 
 @triton.jit
+def exchange(v, loc, mine, NPROG: tl.constexpr, NBYTES: tl.constexpr):
+    """The cluster's sum of fp32 partials: this program's partial v goes to element offsets loc of its buffer (the
+    last NBYTES of its dynamic shared memory), a barrier, then the elements at offsets `mine` (this program's share)
+    summed over the NPROG programs in rank order. The caller stores the sum, then calls sync() before it leaves."""
+    buf = smem_end() - NBYTES
+    put(buf + loc * 4, v)
+    sync()
+    tot = tl.zeros(mine.shape, dtype=tl.float32)
+    for i in tl.static_range(NPROG):
+        tot += get(buf + mine * 4, tl.full(mine.shape, i, tl.int32))
+    return tot
+
+
+@triton.jit
 def _probe_kernel(out_ptr):
     i = tl.arange(0, 4)
     rank = tl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank; // $1", "=r,r", [i], dtype=tl.int32, is_pure=True, pack=1)

@@ -774,13 +774,8 @@ def _wo_gemv16_kernel(
         tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
     elif CLU:  # the partial in this program's shared memory; program k sums columns k * CW .. of all, in rank order
         CW: tl.constexpr = BN // SPLIT_K
-        buf = cluster.smem_end() - BN * 4
-        cluster.put(buf + tl.arange(0, BN) * 4, y)
-        cluster.sync()
         c = pid_k * CW + tl.arange(0, CW)
-        tot = tl.zeros((CW,), dtype=tl.float32)
-        for i in tl.static_range(SPLIT_K):
-            tot += cluster.get(buf + c * 4, tl.full((CW,), i, tl.int32))
+        tot = cluster.exchange(y, tl.arange(0, BN), c, SPLIT_K, BN * 4)
         oc = pid_n * BN + c
         tl.store(out_ptr + row * stride_om + oc, tot.to(out_ptr.dtype.element_ty), mask=oc < N)
         cluster.sync()  # every program's buffer read before any leaves
@@ -1016,14 +1011,9 @@ def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok,
         BM: tl.constexpr = acc.shape[1]
         CW: tl.constexpr = BN // SPLIT_K
         lm = tl.arange(0, BM)
-        buf = cluster.smem_end() - BN * BM * 4
-        cluster.put(buf + (tl.arange(0, BN)[:, None] * BM + lm[None, :]) * 4, acc)
-        cluster.sync()
         c = pid_k * CW + tl.arange(0, CW)
-        a = buf + (c[:, None] * BM + lm[None, :]) * 4
-        tot = tl.zeros((CW, BM), dtype=tl.float32)
-        for i in tl.static_range(SPLIT_K):
-            tot += cluster.get(a, tl.full((CW, BM), i, tl.int32))
+        tot = cluster.exchange(acc, tl.arange(0, BN)[:, None] * BM + lm[None, :], c[:, None] * BM + lm[None, :],
+                               SPLIT_K, BN * BM * 4)
         n = tl.program_id(1) * BN + c
         tl.store(out_ptr + offs_m[None, :] * stride_om + n[:, None], tot.to(out_ptr.dtype.element_ty),
                  mask=mask_m[None, :] & (n < N)[:, None])
