@@ -83,3 +83,28 @@ def test_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(cluster, "ON", True)
     assert not cluster.ok(torch.device("cpu"))
     assert not weight_only._clu_for(torch.randn(1, 8))
+
+
+def test_a_refused_cluster_launch_falls_back_to_the_global_sum(monkeypatch):
+    """A cluster launch the driver refuses raises before anything runs: that call runs again with the global-memory
+    sum, and later calls of that kernel, shape and config go there at once; other configs still try the cluster."""
+    monkeypatch.setattr(weight_only, "_CLU_BAD", set())
+    monkeypatch.setitem(weight_only._CLU_OK, "why", "")
+    calls = []
+
+    def f(cfg, clu):
+        calls.append((cfg["BN"], clu))
+        if clu and cfg["BN"] == 256:
+            raise RuntimeError("Triton Error [CUDA]: cluster out of resources")
+        return ("cluster" if clu else "global", cfg["BN"])
+
+    what = ("dot4t", 96, 1024, 5)
+    assert weight_only._clu_run(f, dict(BN=256, SPLIT_K=4), True, what) == ("global", 256)
+    assert calls == [(256, True), (256, False)] and "cluster out of resources" in weight_only._CLU_OK["why"]
+    calls.clear()
+    assert weight_only._clu_run(f, dict(BN=256, SPLIT_K=4), True, what) == ("global", 256)
+    assert weight_only._clu_run(f, dict(BN=64, SPLIT_K=4), True, what) == ("cluster", 64)
+    assert weight_only._clu_run(f, dict(BN=64, SPLIT_K=4), False, what) == ("global", 64)
+    assert calls == [(256, False), (64, True), (64, False)]
+    with pytest.raises(ValueError):  # anything but a launch error is not swallowed
+        weight_only._clu_run(lambda cfg, clu: (_ for _ in ()).throw(ValueError("bad")), dict(BN=8), True, what)

@@ -1651,6 +1651,23 @@ def _clu_ok(device: torch.device) -> bool:
     return _CLU_OK[key]
 
 
+_CLU_BAD: set = set()  # (kernel, n, k, config) whose cluster launch failed: global-memory sums from then on
+
+
+def _clu_run(f, cfg: dict, clu: bool, what: tuple):
+    """f(cfg, clu). A cluster launch the driver refuses (a tile's shared memory past what the cluster's SMs hold
+    together, a cluster size it does not take) raises before anything runs: that call and every later one of the
+    same kernel, shape and config then sum through global memory instead, and _CLU_OK["why"] says why."""
+    key = (*what, tuple(sorted(cfg.items())))
+    if clu and key not in _CLU_BAD:
+        try:
+            return f(cfg, True)
+        except RuntimeError as e:
+            _CLU_BAD.add(key)
+            _CLU_OK["why"] = f"{what[0]} {cfg}: {type(e).__name__}: {' '.join(str(e).split())[-300:]}"
+    return f(cfg, False)
+
+
 def _clu_for(x: torch.Tensor) -> bool:
     """Split-K sums through clusters for this call (decided once per device, never inside someone's capture)."""
     if not cluster.ON or tuning.interpreting() or x.device.type != "cuda":
@@ -1844,9 +1861,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
         clu = path in ("gemv16", "gemv16-regx", "gemv16-evf") and _clu_for(x2)
-        run = lambda cfg: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
-                                         prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt, pdl=pdl,
-                                         regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=clu)
+        one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
+                                            prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
+                                            pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c)
+        run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-noclu", "dot4f-noclu"):
@@ -1859,7 +1877,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         pdl = int(path == "dot4t-pdl" and not tuning.interpreting())
         # the default sums split-K partials through the tile's cluster where it can (-noclu: a second kernel)
         clu = path in ("dot4t", "dot4f") and _clu_for(x2)
-        run = lambda cfg: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=clu)  # noqa: E731
+        one = lambda cfg, c: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=c)  # noqa: E731
+        run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, m))  # noqa: E731
         if kind == "dot4":
             configs, default = DOT4_CONFIGS, _dot4_default(st.n)
         elif kind == "dot4f":  # dot4t's configs of one block per step
