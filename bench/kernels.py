@@ -248,7 +248,7 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
                     note += f"  (PTX decode {'on' if weight_only._ptx_ok(xs.device, path) else 'off: ' + weight_only._PTX_OK.get('why', '')})"
                 if path == "gemv16":
                     note += f"  (packed-fp16 PTX {'on' if weight_only._h2_ok(xs.device) else 'off: ' + weight_only._H2_OK.get('why', '')})"
-                if path in ("gemv16", "dot4t", "dot4f"):
+                if path in ("gemv16", "dot4t-clu", "dot4f-clu"):
                     note += f"  (cluster sums {'on' if weight_only._clu_ok(xs.device) else 'off: ' + str(weight_only._CLU_OK.get('why', ''))})"
             pf = [lambda s=s: weight_only.matmul(xs, s, path) for s in st_copies]
             te = time_calls(pf)
@@ -403,9 +403,10 @@ def main():
             if "w4a16-g128" in preps:  # other paths of the same weights beside the default one
                 # M = 1: the default, session 12's defaults (-s12), plain launches, and the default's time without the
                 # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
-                # -noclu: the default with the split-K sum through global memory instead of the tile's cluster
+                # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
+                # dot4t summing through the cluster (not the default: slower on an H100, session 15)
                 paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2")
-                         if m == 1 else ("dot4t", "dot4t-noclu", "dot4t-fr") if m <= 16
+                         if m == 1 else ("dot4t", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
@@ -439,7 +440,7 @@ def main():
                                 print(f"  {gp} {c}: failed {str(e)[:200]}", flush=True)
                         tuning._cache.pop(key, None)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-noclu") if m == 1 else ("dot4f", "dot4f-noclu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-noclu") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

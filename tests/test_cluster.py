@@ -32,9 +32,10 @@ def _int4(n=96, k=1024):
     return weight_only.prepare(QTensor("int", 4, codes, (torch.rand(n, k // 128, generator=g) + 0.5).half(), None, 128))
 
 
-@pytest.mark.parametrize("sk,bn,clu", [(4, 32, True), (8, 64, True), (16, 256, True), (32, 64, False), (8, 4, False), (1, 32, False)])
+@pytest.mark.parametrize("sk,bn,clu", [(4, 32, True), (8, 64, True), (8, 256, True), (16, 256, False),
+                                        (32, 64, False), (8, 4, False), (1, 32, False)])
 def test_gemv16_cluster_launch(recorded, sk, bn, clu):
-    """A split of 2 .. 16 that divides the tile: one cluster of the tile's programs along grid axis 0 (one cluster per
+    """A split of 2 .. 8 (cluster.MAX) that divides the tile: one cluster of the tile's programs along grid axis 0 (one cluster per
     tile where the launcher counts clusters), the tile's BN fp32 partials as extra shared memory, CLU set, no counter
     sum and no second kernel; otherwise (split 1 or 32, a tile narrower than the split) the usual grid."""
     st, x = _int4(), torch.randn(1, 1024, dtype=torch.bfloat16)

@@ -114,7 +114,7 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
     from qtensor import QTensor
     from runtime.kernels import cluster, weight_only
 
-    monkeypatch.setattr(cluster, "ON", True)  # (off by default until timed: QTOOL_CLUSTER=1)
+    monkeypatch.setattr(cluster, "ON", True)  # (whatever QTOOL_CLUSTER says)
     dev = torch.device("cuda")
     if not weight_only._clu_ok(dev):
         pytest.skip(f"no cluster sums here: {weight_only._CLU_OK.get('why')} / {cluster.WHY}")

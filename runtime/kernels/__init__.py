@@ -16,8 +16,8 @@ QTOOL_FUSED_REDUCE=0 sums split-K partials in a second kernel; QTOOL_DOT4=0 leav
 the fused dequant kernel (and wide layers at M <= 128 to dequantize + cuBLAS); QTOOL_FP8_FAST_ACCUM=0 makes FP8 _scaled_mm promote its accumulator every block;
 QTOOL_FAST_LAUNCH=0 launches every kernel through Triton's JIT binding (else a key's compiled kernel is relaunched
 directly after its first launch: launch.py); QTOOL_PDL=0 launches the M = 1 GEMV plainly (else as a programmatic
-dependent launch on sm_90+); QTOOL_CLUSTER=1 runs the programs of a split-K tile as one thread-block cluster that sums
-through its shared memory (sm_90+; cluster.py; off by default until timed on a GPU); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
+dependent launch on sm_90+); QTOOL_CLUSTER=0 turns off cluster split-K sums (on sm_90+ the programs of
+a gemv16 tile split 2 .. 8 ways run as one thread-block cluster that sums through its shared memory: cluster.py); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
 group from the block index, dot4t's split-K sum in the kernel; bench rows gemv16-sp, dot4t-fr).
 Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed),
 `python bench/stalls.py` (one call for Nsight Compute).

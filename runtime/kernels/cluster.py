@@ -14,8 +14,17 @@ finds it at `global_smem + %dynamic_smem_size - extra`, so nothing Triton alloca
 the kernel as usual (num_ctas 1); `launch.launch(..., ctas=n, smem_extra=...)` launches it directly with the
 packed metadata's num_ctas set to the cluster size, which Triton's C launcher turns into the cluster attribute.
 `ok(device)` runs a probe kernel once per device (cluster size, rank, a value read from the neighbour's shared
-memory) and finds how the launcher counts grid axis 0 (`grid_x`). On with QTOOL_CLUSTER=1 (not yet timed on a GPU,
-so off by default); never under the interpreter, before sm_90, or where the probe fails (`WHY` says why)."""
+memory) and finds how the launcher counts grid axis 0 (`grid_x`). On by default for gemv16 (M = 1) with splits of
+2 .. 8 (QTOOL_CLUSTER=0 turns it off); never under the interpreter, before sm_90, or where the probe fails (`WHY`
+says why).
+
+Timed on an H100 (session 15, NOTES.md): clusters of up to 8 programs sum as fast as the global-memory sum or
+faster (gemv16, same config: o 128 x 4 x 4 7.3 against 8.2 us, 256 x 8 x 2 7.1 against 7.7; gate_up 512 x 8 23.7
+against 24.2; NVFP4 qkv 128 x 8 11.1 against 11.9); clusters of 16 (non-portable: a GPC holds few of them at once)
+are much slower (down 256 x 16 x 2 20.8 against 14.2 us, NVFP4 o 13.0 against 8.2), hence MAX = 8. dot4t / dot4f
+(M <= 16, 8-16 KiB of partials per program beside their wgmma tiles) were slower at every shape (qkv 13.0 against
+12.0 us, o 11.6 against 10.0, down 22.6 against 19.1): their cluster sums are the bench rows dot4t-clu / dot4f-clu,
+not the default."""
 
 from __future__ import annotations
 
@@ -28,8 +37,8 @@ import triton.language as tl
 from . import tuning
 from .launch import launch
 
-ON = os.environ.get("QTOOL_CLUSTER", "0") == "1"  # off until timed on a GPU (no device run yet: NOTES.md, session 14)
-MAX = 16  # cluster size: 8 is portable, 16 runs on Hopper once the kernel allows it (launch.py sets the attribute)
+ON = os.environ.get("QTOOL_CLUSTER", "1") == "1"  # gemv16's split-K sums (timed: the module's docstring)
+MAX = 8  # cluster size: 8 is portable; 16 runs on Hopper (launch.py sets the attribute) but measured much slower
 _OK: dict = {}
 _MUL: dict = {}
 WHY: dict = {}

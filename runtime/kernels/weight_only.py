@@ -1615,7 +1615,7 @@ def _pdl_for(st: WeightOnlyState, x: torch.Tensor) -> int:
     return 1 if _PDL_OK[(x.device.type, x.device.index)] else 0
 
 
-# split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+ with QTOOL_CLUSTER=1
+# split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+ (QTOOL_CLUSTER=0: off)
 _CLU_OK: dict = {}
 
 
@@ -1867,7 +1867,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
-                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-noclu", "dot4f-noclu"):
+                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
@@ -1875,8 +1875,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # (slower than dot4t in session 11: 1.62-1.68x against 2.02-2.10x; with the trigger after the loop 1.78x)
         fused, gsh = {"dot4t-fr": (True, True), "dot4t-v0": (False, False), "dot4t-pdl": (True, True)}.get(path, (None, None))
         pdl = int(path == "dot4t-pdl" and not tuning.interpreting())
-        # the default sums split-K partials through the tile's cluster where it can (-noclu: a second kernel)
-        clu = path in ("dot4t", "dot4f") and _clu_for(x2)
+        # -clu: split-K partials summed through the tile's cluster (slower than the default's second kernel on an
+        # H100 at every M=16 shape, session 15: cluster.py)
+        clu = path in ("dot4t-clu", "dot4f-clu") and _clu_for(x2)
         one = lambda cfg, c: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=c)  # noqa: E731
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, m))  # noqa: E731
         if kind == "dot4":
