@@ -270,7 +270,7 @@ def main():
     ap.add_argument("--ms", default="1,16,128,4096")
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
-    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps;... : gemv16 (M = 1, w4a16-g128) at each")
+    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,RE];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first)")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
@@ -426,8 +426,10 @@ def main():
                     for gp in a.gemv16_paths.split(","):
                         key = weight_only._key(st0, gp, 1)
                         for c in a.gemv16_configs.split(";"):
-                            bn, sk, ku, w = (int(v) for v in c.split(","))
-                            tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w)
+                            bn, sk, ku, w, *fl = c.split(",")  # a fifth field's letters: R REGX, E EVF
+                            fl = fl[0].upper() if fl else ""
+                            tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), KU=int(ku), num_warps=int(w),
+                                                      REGX="R" in fl, EVF="E" in fl)
                             pf = [lambda s=s_.state: weight_only.matmul(xs, s, gp) for s_ in preps[name][0]]
                             try:
                                 note = ""
