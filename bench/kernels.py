@@ -441,8 +441,9 @@ def main():
                             except Exception as e:
                                 print(f"  {gp} {c}: failed {str(e)[:200]}", flush=True)
                         tuning._cache.pop(key, None)
+            # -fp4q: the pair-summed NVFP4 word sum (session 15, not yet timed)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-noclu") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

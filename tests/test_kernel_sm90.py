@@ -24,11 +24,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from runtime.kernels import weight_only as wo
 
-pdl, bn, ku, clu = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+pdl, bn, ku, clu, fp4 = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*bf16",
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
 c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=not clu, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
-         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu)
+         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu, FP4Q=fp4 == 2)
+if fp4:  # NVFP4 (2: the pair-summed asm)
+    sig.update(s_ptr="*u8", gs_ptr="*fp32")
+    del c["gs_ptr"]
+    c.update(FP4=True, GSH=-1)
 names = list(sig)
 k = triton.compile(ASTSource(fn=wo._wo_gemv16_kernel, signature=dict(sig, **{n: "constexpr" for n in c}), constexprs=c,
                              attrs={(names.index(n),): [["tt.divisibility", 16]] for n in sig}),
@@ -47,10 +51,10 @@ print(" ".join(ops))
 '''
 
 
-def sass_ops(pdl: bool, bn: int = 64, ku: int = 1, clu: bool = False) -> list[str]:
+def sass_ops(pdl: bool, bn: int = 64, ku: int = 1, clu: bool = False, fp4: int = 0) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku), "1" if clu else "0"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku), "1" if clu else "0", str(fp4)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.split()
@@ -90,3 +94,17 @@ def test_gemv16_cluster_sum_uses_shared_memory_not_global_partials():
     assert sum(op.startswith("STG") for op in ops[first:]) == 1 and any(op.startswith("STG") for op in ops[first:second])
     plain = sass_ops(True, 64, 1)
     assert "UCGABAR_ARV" not in plain and any(op.startswith(("ATOM", "RED")) for op in plain)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="no Triton, or Triton without its CUDA tools")
+def test_nvfp4_pair_summed_asm_has_fewer_fp16_operations():
+    """gemv16's NVFP4 word sum with the two words' pair j summed before their common scale pair (_FP4Q_ASM, bench
+    row gemv16-fp4q): per step 4 of the 16 fp16 pair products / fmas a word pair costs are gone in the SASS
+    (HMUL2 / HFMA2, either pipe), the decode (LOP3, shifts) is unchanged, and the kernel is shorter."""
+    def fp16(ops):
+        return sum(op.startswith(("HFMA2", "HMUL2")) for op in ops)
+    old, new = sass_ops(True, 128, 1, fp4=1), sass_ops(True, 128, 1, fp4=2)
+    words = 1 * 16 * 128 // (32 * 4) // 2  # word pairs per thread per step (KU 1, BN 128, 4 warps)
+    assert fp16(old) - fp16(new) >= 4 * words
+    assert sum(op.startswith("LOP3") for op in new) <= sum(op.startswith("LOP3") for op in old)
+    assert len(new) < len(old)

@@ -449,6 +449,28 @@ _FP4_ASM = tl.constexpr(
     + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 
+def _fp4_pairs_asm() -> str:
+    """PTX for two words of e2m1 codes summed pair by pair: pair j of both words (same slots, so the same scale
+    pair $11 + j) decoded, times their x pairs, added (mul, fma), then times the scale pair into p (fma): 12 fp16
+    pair operations for 16 weights instead of _FP4_ASM's 16, and four products into p instead of eight."""
+    shifts = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
+              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))
+    out = ""
+    for j, (ma, mb) in enumerate(shifts):
+        for w, v in (("$1", "v"), ("$2", "u")):
+            out += (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
+                    f"    lop3.b32 {v}, b, 0x80008000, a, 0xEA;\n")
+        acc = f"mul.f16x2 p, t, ${11 + j}" if j == 0 else f"fma.rn.f16x2 p, t, ${11 + j}, p"
+        out += f"    mul.f16x2 t, v, ${3 + j};\n    fma.rn.f16x2 t, u, ${7 + j}, t;\n    {acc};\n"
+    return out
+
+
+# (session 15, not yet timed on a GPU: the bench row gemv16-fp4q; sm_90 SASS: bench/sass.py with FP4Q=1)
+_FP4Q_ASM = tl.constexpr(
+    "{\n    .reg .b32 a, b, v, u, t, p;\n    .reg .f16 h0, h1;\n"
+    + _fp4_pairs_asm() + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+
+
 @triton.jit
 def _e4m3x2_f16x2(lo, hi):
     """Two e4m3 bytes (int32 tensors) -> their f16 pair (lo in the low half), exactly."""
@@ -600,7 +622,7 @@ def _wo_gemv16_kernel(
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
     PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
-    CLU: tl.constexpr = False,
+    CLU: tl.constexpr = False, FP4Q: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -721,7 +743,7 @@ def _wo_gemv16_kernel(
                 e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
             if PTX:
                 part = tl.inline_asm_elementwise(
-                    asm=_FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    asm=_FP4Q_ASM if FP4Q else _FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                     args=[ca, cb,
                           tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
                           tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
@@ -1490,11 +1512,11 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
                    scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
-                   regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False) -> torch.Tensor:
+                   regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False, fp4q: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
     through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
-    cluster.ok)."""
+    cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
@@ -1515,11 +1537,12 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
-        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu, num_warps=nw,
+        GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu,
+        FP4Q=fp4q and st.wtype == WTYPE_NVFP4, num_warps=nw,
         **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl, clu)
+           regx, evf, abl, clu, fp4q)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
                ctas=sk, smem_extra=bn * 4)
@@ -1841,7 +1864,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
-                "gemv16-noclu"):
+                "gemv16-noclu", "gemv16-fp4q"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1851,13 +1874,15 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
-        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; not yet timed)
+        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
-        clu = path in ("gemv16", "gemv16-regx", "gemv16-evf") and _clu_for(x2)
+        clu = path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-fp4q") and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
-                                            pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c)
+                                            pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
+                                            fp4q=path == "gemv16-fp4q")
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
