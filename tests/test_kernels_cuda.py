@@ -191,3 +191,27 @@ def test_direct_relaunch_w8a8(kind, monkeypatch):
             ys = [w8a8.matmul(x, st) for _ in range(3)]  # the first through the JIT, then direct
             for y in ys:
                 assert torch.equal(y, ref), (kind, m, name)
+
+
+@torch.inference_mode()
+def test_nvfp4_pair_summed_word_sum():
+    """gemv16-fp4q (the NVFP4 word pairs summed before their scale, _FP4Q_ASM) against the plain-Triton gemv16
+    (fp32 products) and the default PTX sum: within the same fp16 rounding, at the default tiles and a split-K one."""
+    from qtensor import QTensor
+    from runtime.kernels import weight_only
+
+    torch.manual_seed(0)
+    n, k = 1000, 4096
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
+    st = weight_only.prepare(QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda")))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    for cfg in (dict(BN=128, SPLIT_K=8, KU=1), dict(BN=256, SPLIT_K=1, KU=2)):
+        plain = weight_only._launch_gemv16(x, st, cfg, False).float()
+        ptx = weight_only._launch_gemv16(x, st, cfg, True).float()
+        q = weight_only._launch_gemv16(x, st, cfg, True, fp4q=True).float()
+        scale = plain.abs().max()
+        assert (q - plain).abs().max() <= 4e-3 * scale, cfg
+        assert (q - ptx).abs().max() <= 4e-3 * scale, cfg
+    y = weight_only.matmul(x, st, "gemv16-fp4q").float()
+    assert (y - weight_only.matmul(x, st, "gemv16").float()).abs().max() <= 4e-3 * y.abs().max()
