@@ -430,16 +430,21 @@ _H2_ASM = tl.constexpr(
 # (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
 # (e4m3 -> f16x2, one cvt per pair of groups, outside the asm) multiply each pair: sixteen products of at
 # most 6 * 448 * 2^14 * 2^-14 summed in fp16 stay finite.
+def _fp4_decode_asm(w: str, j: int, v: str) -> str:
+    """PTX decoding pair j of word w (nibbles at bits 4j and 16 + 4j) into the fp16 pair v: its three low bits
+    shifted to 9..11 (a), its sign to 15 (b), joined by one lop3."""
+    ma, mb = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
+              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))[j]
+    return (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
+            f"    lop3.b32 {v}, b, 0x80008000, a, 0xEA;\n")
+
+
 def _fp4_word_asm(w: str, xs: list, first: bool) -> str:
-    """PTX for one word of e2m1 codes: pair j (nibbles at bits 4j and 16 + 4j) shifted so that its three low
-    bits land at 9..11 and its sign at 15, times the x pair, times the scale pair $11 + j, into p."""
-    shifts = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
-              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))
+    """PTX for one word of e2m1 codes: each pair j decoded, times the x pair, times the scale pair $11 + j, into p."""
     out = ""
-    for j, (ma, mb) in enumerate(shifts):
+    for j in range(4):
         acc = f"mul.f16x2 p, t, ${11 + j}" if (first and j == 0) else f"fma.rn.f16x2 p, t, ${11 + j}, p"
-        out += (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
-                f"    lop3.b32 v, b, 0x80008000, a, 0xEA;\n    mul.f16x2 t, v, {xs[j]};\n    {acc};\n")
+        out += _fp4_decode_asm(w, j, "v") + f"    mul.f16x2 t, v, {xs[j]};\n    {acc};\n"
     return out
 
 
@@ -453,13 +458,9 @@ def _fp4_pairs_asm() -> str:
     """PTX for two words of e2m1 codes summed pair by pair: pair j of both words (same slots, so the same scale
     pair $11 + j) decoded, times their x pairs, added (mul, fma), then times the scale pair into p (fma): 12 fp16
     pair operations for 16 weights instead of _FP4_ASM's 16, and four products into p instead of eight."""
-    shifts = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
-              ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))
     out = ""
-    for j, (ma, mb) in enumerate(shifts):
-        for w, v in (("$1", "v"), ("$2", "u")):
-            out += (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
-                    f"    lop3.b32 {v}, b, 0x80008000, a, 0xEA;\n")
+    for j in range(4):
+        out += _fp4_decode_asm("$1", j, "v") + _fp4_decode_asm("$2", j, "u")
         acc = f"mul.f16x2 p, t, ${11 + j}" if j == 0 else f"fma.rn.f16x2 p, t, ${11 + j}, p"
         out += f"    mul.f16x2 t, v, ${3 + j};\n    fma.rn.f16x2 t, u, ${7 + j}, t;\n    {acc};\n"
     return out
