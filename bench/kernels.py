@@ -376,7 +376,12 @@ def main():
                             finally:
                                 act_quant.HINTS = was
 
-                        for label, fns in ((f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
+                        chunk = [(f"{name}[chunk]", [lambda c=c: w8a8.matmul(xs, c.state, "chunk") for c in copies])] if name == "fp8-rowwise" else []
+                        if chunk:  # row chunks whose codes fit in L2 (w8a8._chunks): its error as the default's
+                            y0 = w8a8.matmul(xs, copies[0].state)
+                            d = (w8a8.matmul(xs, copies[0].state, "chunk").float() - y0.float()).abs().max().item()
+                            print(f"  {name}[chunk] max |difference| to the default {d:.3g} (chunks {w8a8._chunks(xs.shape[0], k)})", flush=True)
+                        for label, fns in (*chunk, (f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
                                            (f"{name}[no quant hints]", [lambda c=c: unhinted(c) for c in copies]),
                                            (f"{name}[act quant]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst)]),
                                            (f"{name}[act quant no hints]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, hints=False)]),
@@ -441,9 +446,9 @@ def main():
                             except Exception as e:
                                 print(f"  {gp} {c}: failed {str(e)[:200]}", flush=True)
                         tuning._cache.pop(key, None)
-            # -fp4q: the pair-summed NVFP4 word sum (session 15, not yet timed)
+            # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move (wrong values)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

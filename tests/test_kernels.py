@@ -183,6 +183,22 @@ def test_fp8_w8a8(kind, m):
     assert rel_err(y, ref_linear(x, qt)) < 2e-3
 
 
+def test_fp8_rowwise_row_chunks(monkeypatch):
+    """The 'chunk' path (rows quantized and multiplied in chunks whose codes fit in L2) equals the default bit for
+    bit: per-token scales and rows of a GEMM do not depend on the other rows."""
+    n, k, m = 96, 256, 700
+    qt = fp8_qt(n, k, "token")
+    prep = kernels.prepare(qt)
+    assert w8a8._chunks(4096, 14336) == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]
+    assert w8a8._chunks(4096, 4096) == [(0, 4096)]  # 16 MiB of codes: one chunk (qkv, o, gate_up)
+    monkeypatch.setattr(w8a8, "CHUNK_BYTES", 256 * k)  # 256 rows of codes a chunk: 3 chunks, the last one short
+    assert w8a8._chunks(m, k) == [(0, 256), (256, 512), (512, 700)]
+    x = x_of(m, k)
+    y = w8a8.matmul(x, prep.state, "chunk")
+    assert torch.equal(y, w8a8.matmul(x, prep.state))
+    assert rel_err(y, ref_linear(x, qt)) < 2e-3
+
+
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("m", [1, 20])
 def test_int8_w8a8(static, m):

@@ -430,46 +430,58 @@ _H2_ASM = tl.constexpr(
 # (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
 # (e4m3 -> f16x2, one cvt per pair of groups, outside the asm) multiply each pair: sixteen products of at
 # most 6 * 448 * 2^14 * 2^-14 summed in fp16 stay finite.
-def _fp4_decode_asm(w: str, j: int, v: str) -> str:
+def _fp4_decode_asm(w: str, j: int, v: str, light: bool = False) -> str:
     """PTX decoding pair j of word w (nibbles at bits 4j and 16 + 4j) into the fp16 pair v: its three low bits
-    shifted to 9..11 (a), its sign to 15 (b), joined by one lop3."""
+    shifted to 9..11 (a), its sign to 15 (b), joined by one lop3. light (bench only, wrong values: ABL bit 2): one
+    rotation and one and per pair instead, the cost of a decode whose sign and magnitude move together."""
+    if light:
+        return (f"    and.b32 {v}, {w}, 0x8E008E00;\n" if j == 0 else
+                f"    shf.r.wrap.b32 a, {w}, {w}, {4 * j};\n    and.b32 {v}, a, 0x8E008E00;\n")
     ma, mb = (("shl.b32 a, {w}, 9", "shl.b32 b, {w}, 12"), ("shl.b32 a, {w}, 5", "shl.b32 b, {w}, 8"),
               ("shl.b32 a, {w}, 1", "shl.b32 b, {w}, 4"), ("shr.u32 a, {w}, 3", "mov.b32 b, {w}"))[j]
     return (f"    {ma.format(w=w)};\n    and.b32 a, a, 0x0E000E00;\n    {mb.format(w=w)};\n"
             f"    lop3.b32 {v}, b, 0x80008000, a, 0xEA;\n")
 
 
-def _fp4_word_asm(w: str, xs: list, first: bool) -> str:
+def _fp4_word_asm(w: str, xs: list, first: bool, light: bool = False) -> str:
     """PTX for one word of e2m1 codes: each pair j decoded, times the x pair, times the scale pair $11 + j, into p."""
     out = ""
     for j in range(4):
         acc = f"mul.f16x2 p, t, ${11 + j}" if (first and j == 0) else f"fma.rn.f16x2 p, t, ${11 + j}, p"
-        out += _fp4_decode_asm(w, j, "v") + f"    mul.f16x2 t, v, {xs[j]};\n    {acc};\n"
+        out += _fp4_decode_asm(w, j, "v", light) + f"    mul.f16x2 t, v, {xs[j]};\n    {acc};\n"
     return out
 
 
-_FP4_ASM = tl.constexpr(
-    "{\n    .reg .b32 a, b, v, t, p;\n    .reg .f16 h0, h1;\n"
-    + _fp4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _fp4_word_asm("$2", ["$7", "$8", "$9", "$10"], False)
-    + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+def _fp4_asm(light: bool = False) -> str:
+    return ("{\n    .reg .b32 a, b, v, t, p;\n    .reg .f16 h0, h1;\n"
+            + _fp4_word_asm("$1", ["$3", "$4", "$5", "$6"], True, light) + _fp4_word_asm("$2", ["$7", "$8", "$9", "$10"], False, light)
+            + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 
-def _fp4_pairs_asm() -> str:
+_FP4_ASM = tl.constexpr(_fp4_asm())
+_FP4L_ASM = tl.constexpr(_fp4_asm(True))  # bench only (ABL bit 2): the light decode, wrong values
+
+
+def _fp4_pairs_asm(light: bool = False) -> str:
     """PTX for two words of e2m1 codes summed pair by pair: pair j of both words (same slots, so the same scale
     pair $11 + j) decoded, times their x pairs, added (mul, fma), then times the scale pair into p (fma): 12 fp16
     pair operations for 16 weights instead of _FP4_ASM's 16, and four products into p instead of eight."""
     out = ""
     for j in range(4):
-        out += _fp4_decode_asm("$1", j, "v") + _fp4_decode_asm("$2", j, "u")
+        out += _fp4_decode_asm("$1", j, "v", light) + _fp4_decode_asm("$2", j, "u", light)
         acc = f"mul.f16x2 p, t, ${11 + j}" if j == 0 else f"fma.rn.f16x2 p, t, ${11 + j}, p"
         out += f"    mul.f16x2 t, v, ${3 + j};\n    fma.rn.f16x2 t, u, ${7 + j}, t;\n    {acc};\n"
     return out
 
 
 # (session 15, not yet timed on a GPU: the bench row gemv16-fp4q; sm_90 SASS: bench/sass.py with FP4Q=1)
-_FP4Q_ASM = tl.constexpr(
-    "{\n    .reg .b32 a, b, v, u, t, p;\n    .reg .f16 h0, h1;\n"
-    + _fp4_pairs_asm() + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+def _fp4q_asm(light: bool = False) -> str:
+    return ("{\n    .reg .b32 a, b, v, u, t, p;\n    .reg .f16 h0, h1;\n"
+            + _fp4_pairs_asm(light) + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+
+
+_FP4Q_ASM = tl.constexpr(_fp4q_asm())
+_FP4QL_ASM = tl.constexpr(_fp4q_asm(True))  # bench only (ABL bit 2)
 
 
 @triton.jit
@@ -636,7 +648,8 @@ def _wo_gemv16_kernel(
     only the weights, which no kernel writes, are touched before the wait. REGX: each step's x pairs computed from
     x in registers (`_h2_xpairs`) instead of the scratch row (no packing pass, no barrier: for programs of one
     step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
-    x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output). CLU: the SPLIT_K
+    x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output), bit 2 (NVFP4) the
+    sign's separate move in the decode (two instructions a pair: what a sign-beside-magnitude layout would cost). CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
     memory (cluster.py) instead of the partials buffer and the tile counter."""
     if PDL:
@@ -744,7 +757,7 @@ def _wo_gemv16_kernel(
                 e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
             if PTX:
                 part = tl.inline_asm_elementwise(
-                    asm=_FP4Q_ASM if FP4Q else _FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    asm=(_FP4QL_ASM if FP4Q else _FP4L_ASM) if (ABL & 4) != 0 else _FP4Q_ASM if FP4Q else _FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                     args=[ca, cb,
                           tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
                           tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
@@ -1527,7 +1540,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     tiles = cdiv(st.n, bn)
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     part = out if sk == 1 else _scratch(st, "part", (sk, m, st.n), torch.float32, x2.device)
-    clu = clu and 1 < sk <= cluster.MAX and bn % sk == 0 and abl == 0
+    clu = clu and 1 < sk <= cluster.MAX and bn % sk == 0 and (abl & 3) == 0
     fused = fused and sk > 1 and not clu
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
     scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128), torch.int32, x2.device)
@@ -1865,7 +1878,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
-                "gemv16-noclu", "gemv16-fp4q"):
+                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1876,14 +1889,16 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; not yet timed)
-        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
-        abl = int(path[-1]) if path.startswith("gemv16-abl") else 0
-        clu = path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-fp4q") and _clu_for(x2)
+        # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
+        abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
+        fp4q = path.startswith("gemv16-fp4q")
+        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf") or fp4q or path == "gemv16-abl4") and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                             pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
-                                            fp4q=path == "gemv16-fp4q")
+                                            fp4q=fp4q)
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
