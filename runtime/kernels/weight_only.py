@@ -406,25 +406,35 @@ def _wo_gemv_uniform_kernel(
 # power of two (from the program's largest |x|) so that every fp16 product and partial sum stays
 # under 2^15: products keep fp16's 11-bit precision, sums leave the word in fp32.
 
-def _int4_word_asm(w: str, xs: list, first: bool) -> str:
+def _int4_word_asm(w: str, xs: list, first: bool, light: bool = False) -> str:
     """PTX for one word: its four code pairs decoded to (q - z) fp16 pairs ($11: 1024 + z, $12: -(64 + z))
-    and multiplied into the running fp16 pair sum p by the x pairs xs."""
+    and multiplied into the running fp16 pair sum p by the x pairs xs. light (bench only, wrong values: ABL bit 2):
+    the codes as fp16 subnormals (one and per pair) times x, no zero point: what a decode with the zero point
+    taken off per block afterwards would cost."""
     out = ""
     for half, x in zip(("a", "t"), (xs[:2], xs[2:])):
         src = w if half == "a" else "t"
         if half == "t":
             out += f"    shr.u32 t, {w}, 8;\n"
         acc = "mul.f16x2 p, a, " + x[0] if (first and half == "a") else "fma.rn.f16x2 p, a, " + x[0] + ", p"
+        if light:
+            out += (f"    and.b32 a, {src}, 0x000F000F;\n    {acc};\n"
+                    f"    and.b32 b, {src}, 0x00F000F0;\n    fma.rn.f16x2 p, b, {x[1]}, p;\n")
+            continue
         out += (f"    lop3.b32 a, {src}, 0x000F000F, 0x64006400, 0xEA;\n    sub.f16x2 a, a, $11;\n    {acc};\n"
                 f"    lop3.b32 b, {src}, 0x00F000F0, 0x64006400, 0xEA;\n    fma.rn.f16x2 b, b, c, $12;\n"
                 f"    fma.rn.f16x2 p, b, {x[1]}, p;\n")
     return out
 
 
-_H2_ASM = tl.constexpr(
-    "{\n    .reg .b32 a, b, t, p, c;\n    .reg .f16 h0, h1;\n    mov.b32 c, 0x2C002C00;\n"
-    + _int4_word_asm("$1", ["$3", "$4", "$5", "$6"], True) + _int4_word_asm("$2", ["$7", "$8", "$9", "$10"], False)
-    + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+def _h2_asm(light: bool = False) -> str:
+    return ("{\n    .reg .b32 a, b, t, p, c;\n    .reg .f16 h0, h1;\n    mov.b32 c, 0x2C002C00;\n"
+            + _int4_word_asm("$1", ["$3", "$4", "$5", "$6"], True, light) + _int4_word_asm("$2", ["$7", "$8", "$9", "$10"], False, light)
+            + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
+
+
+_H2_ASM = tl.constexpr(_h2_asm())
+_H2L_ASM = tl.constexpr(_h2_asm(True))  # bench only (ABL bit 2): subnormal codes, no zero point, wrong values
 
 # NVFP4: e2m1 codes become fp16 by placing their three low bits at bits 9..11 and the sign at bit 15
 # (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
@@ -649,7 +659,8 @@ def _wo_gemv16_kernel(
     x in registers (`_h2_xpairs`) instead of the scratch row (no packing pass, no barrier: for programs of one
     step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
     x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output), bit 2 (NVFP4) the
-    sign's separate move in the decode (two instructions a pair: what a sign-beside-magnitude layout would cost). CLU: the SPLIT_K
+    sign's separate move in the decode (two instructions a pair: what a sign-beside-magnitude layout would cost),
+    (int4) the zero point (codes as fp16 subnormals: one and a pair). CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
     memory (cluster.py) instead of the partials buffer and the tile counter."""
     if PDL:
@@ -787,7 +798,7 @@ def _wo_gemv16_kernel(
                 zlo = 0x6400 | z  # fp16 1024 + z
                 zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
                 part = tl.inline_asm_elementwise(
-                    asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    asm=_H2L_ASM if (ABL & 4) != 0 else _H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
                     args=[ca, cb,
                           tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
                           tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
