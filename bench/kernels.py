@@ -410,7 +410,7 @@ def main():
                 # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
                 # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
                 # dot4t summing through the cluster (not the default: slower on an H100, session 15)
-                paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-abl4")
+                paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-sub", "gemv16-sub-abl4")
                          if m == 1 else ("dot4t", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())

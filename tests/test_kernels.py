@@ -301,6 +301,35 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
 
 
+@pytest.mark.parametrize("group,sym,act_order,dtype", [(128, True, False, torch.bfloat16), (128, False, True, torch.float16),
+                                                     (256, True, True, torch.bfloat16)])
+def test_gemv16_subnormal_decode(group, sym, act_order, dtype):
+    """SUB: int4 codes as fp16 subnormals (q * 2^-24, one and a pair), sum q x per word pair, then z times the sum of
+    the pair's sixteen x taken off per block in fp32 (the sums packed with the x pairs, or from x in registers).
+    Under the interpreter the plain twin runs (its word sums q x with the odd pairs' x packed / 16): against the
+    fp32 reference as the default kernel is, through the scratch row and REGX, split-K 1-8, one prescale per
+    block or per program, and with blocks of very different magnitude."""
+    n, k = 40, 1024
+    qt = int_qt(n, k, 4, group, sym, act_order)
+    st = kernels.prepare(qt).state
+    ref_w = qt.dequantize(torch.float32)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    big = 600.0 if dtype == torch.float16 else 1e6
+    xw = x_of(1, k).float()
+    xw[:, :128] *= 1e3 if dtype == torch.float16 else 1e5
+    for i, x in enumerate([(x_of(1, k).float() * sc).to(dtype) for sc in (1.0, big, 1e-6)] + [xw.to(dtype)]):
+        ref = x.float() @ ref_w.t()
+        for cfg in (dict(BN=16, SPLIT_K=3, KU=2), dict(BN=32, SPLIT_K=8, KU=1)):
+            ys = [weight_only._launch_gemv16(x, st, cfg, False, sub=True, **kw) for kw in ({}, dict(regx=True), dict(scan=True))]
+            for y in ys:
+                assert rel_err(y, ref) < tol, (cfg, rel_err(y, ref))
+            if i == 0:  # the zero-point term is what makes it right: without it (ABL bit 2) the sums are far off
+                assert rel_err(weight_only._launch_gemv16(x, st, cfg, False, sub=True, abl=4), ref) > 0.1
+    # through matmul's bench path name, and NVFP4 weights ignore the flag
+    x = x_of(1, k).to(dtype)
+    assert rel_err(weight_only.matmul(x, st, path="gemv16-sub"), x.float() @ ref_w.t()) < tol
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv16_nvfp4(dtype):
     """NVFP4 weights through the packed-fp16 GEMV: e2m1 codes placed in fp16 bit fields (value * 2^-14),

@@ -215,3 +215,35 @@ def test_nvfp4_pair_summed_word_sum():
         assert (q - ptx).abs().max() <= 4e-3 * scale, cfg
     y = weight_only.matmul(x, st, "gemv16-fp4q").float()
     assert (y - weight_only.matmul(x, st, "gemv16").float()).abs().max() <= 4e-3 * y.abs().max()
+
+
+@pytest.mark.parametrize("sym,act_order", [(True, False), (False, True)])
+def test_int4_subnormal_decode(sym, act_order):
+    """gemv16-sub (int4 codes as fp16 subnormals, _H2S_ASM, the zero point per block after) against the plain-Triton
+    SUB twin (fp32 products), the default PTX sum and the fp32 reference, through the scratch row and REGX, with a
+    split-K sum and without, and with x spanning several orders of magnitude (subnormal products)."""
+    from qtensor import QTensor
+    from runtime.kernels import weight_only
+
+    torch.manual_seed(0)
+    n, k = 1000, 4096
+    codes = torch.randint(-8 if sym else 0, 8 if sym else 16, (n, k), device="cuda").to(torch.int8 if sym else torch.uint8)
+    s = (torch.rand(n, k // 128, device="cuda") * 0.02 + 1e-3).half()
+    z = None if sym else torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
+    g = (torch.randperm(k, device="cuda") // 128).to(torch.int32) if act_order else None
+    qt = QTensor("int", 4, codes, s, z, 128, g_idx=g)
+    st = weight_only.prepare(qt)
+    ref_w = qt.dequantize(torch.float32)
+    for x in (torch.randn(1, k, device="cuda", dtype=torch.bfloat16),
+              (torch.randn(1, k, device="cuda") * torch.logspace(-4, 2, k, device="cuda")).to(torch.bfloat16)):
+        ref = x.float() @ ref_w.t()
+        scale = ref.abs().max()
+        for cfg in (dict(BN=256, SPLIT_K=8, KU=2), dict(BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True)):
+            plain = weight_only._launch_gemv16(x, st, cfg, False, sub=True).float()
+            sub = weight_only._launch_gemv16(x, st, cfg, True, sub=True).float()
+            ptx = weight_only._launch_gemv16(x, st, cfg, True).float()
+            assert (sub - plain).abs().max() <= 4e-3 * scale, cfg
+            assert (sub - ptx).abs().max() <= 4e-3 * scale, cfg
+            assert (sub - ref).abs().max() <= 8e-3 * scale, cfg
+    y = weight_only.matmul(x, st, "gemv16-sub").float()
+    assert (y - ref).abs().max() <= 8e-3 * scale

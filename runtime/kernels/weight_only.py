@@ -406,18 +406,18 @@ def _wo_gemv_uniform_kernel(
 # power of two (from the program's largest |x|) so that every fp16 product and partial sum stays
 # under 2^15: products keep fp16's 11-bit precision, sums leave the word in fp32.
 
-def _int4_word_asm(w: str, xs: list, first: bool, light: bool = False) -> str:
+def _int4_word_asm(w: str, xs: list, first: bool, sub: bool = False) -> str:
     """PTX for one word: its four code pairs decoded to (q - z) fp16 pairs ($11: 1024 + z, $12: -(64 + z))
-    and multiplied into the running fp16 pair sum p by the x pairs xs. light (bench only, wrong values: ABL bit 2):
-    the codes as fp16 subnormals (one and per pair) times x, no zero point: what a decode with the zero point
-    taken off per block afterwards would cost."""
+    and multiplied into the running fp16 pair sum p by the x pairs xs. sub: the codes as fp16 subnormals instead
+    (w & 0x000F000F is q * 2^-24 in each half, exactly; the 0x00F0 nibbles 16 q * 2^-24, their x pairs packed
+    / 16), times x into p, one instruction a pair: sum q x * 2^-24, the zero point taken off per block after."""
     out = ""
     for half, x in zip(("a", "t"), (xs[:2], xs[2:])):
         src = w if half == "a" else "t"
         if half == "t":
             out += f"    shr.u32 t, {w}, 8;\n"
         acc = "mul.f16x2 p, a, " + x[0] if (first and half == "a") else "fma.rn.f16x2 p, a, " + x[0] + ", p"
-        if light:
+        if sub:
             out += (f"    and.b32 a, {src}, 0x000F000F;\n    {acc};\n"
                     f"    and.b32 b, {src}, 0x00F000F0;\n    fma.rn.f16x2 p, b, {x[1]}, p;\n")
             continue
@@ -427,14 +427,15 @@ def _int4_word_asm(w: str, xs: list, first: bool, light: bool = False) -> str:
     return out
 
 
-def _h2_asm(light: bool = False) -> str:
-    return ("{\n    .reg .b32 a, b, t, p, c;\n    .reg .f16 h0, h1;\n    mov.b32 c, 0x2C002C00;\n"
-            + _int4_word_asm("$1", ["$3", "$4", "$5", "$6"], True, light) + _int4_word_asm("$2", ["$7", "$8", "$9", "$10"], False, light)
+def _h2_asm(sub: bool = False) -> str:
+    return ("{\n    .reg .b32 a, b, t, p" + ("" if sub else ", c") + ";\n    .reg .f16 h0, h1;\n"
+            + ("" if sub else "    mov.b32 c, 0x2C002C00;\n")
+            + _int4_word_asm("$1", ["$3", "$4", "$5", "$6"], True, sub) + _int4_word_asm("$2", ["$7", "$8", "$9", "$10"], False, sub)
             + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
 
 
 _H2_ASM = tl.constexpr(_h2_asm())
-_H2L_ASM = tl.constexpr(_h2_asm(True))  # bench only (ABL bit 2): subnormal codes, no zero point, wrong values
+_H2S_ASM = tl.constexpr(_h2_asm(True))  # SUB: subnormal codes, sum q x * 2^-24 (the zero point after, per block)
 
 # NVFP4: e2m1 codes become fp16 by placing their three low bits at bits 9..11 and the sign at bit 15
 # (value * 2^-14, exact, subnormals included); x pairs are prescaled under 2^14 and the fp16 block scales
@@ -555,10 +556,12 @@ def _x_at(xrow, perm_ptr, kk, m, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr):
+def _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX: tl.constexpr, HAS_PERM: tl.constexpr, PTX: tl.constexpr,
+               SUB: tl.constexpr = False):
     """gemv16's x pairs of blocks ub straight from x (REGX: no scratch row, no barrier): a_j / c_j [KU, 8] are
     the pairs (x[j*16 + r], x[(j+4)*16 + r]) of rows r / r + 8, prescaled by the block's power of two, and dn
-    [KU] its inverse; the same values the packing pass stores."""
+    [KU] its inverse; the same values the packing pass stores. SUB: the odd pairs / 16, and sx [KU, 8] the sum of
+    the sixteen prescaled x of rows r and r + 8 times 2^-24 (else sx is dn)."""
     kb = ub[:, None] * 128 + tl.arange(0, 8)[None, :]
     m2 = mu[:, None]
     l0, h0 = _x_at(xrow, perm_ptr, kb, m2, HAS_PERM), _x_at(xrow, perm_ptr, kb + 64, m2, HAS_PERM)
@@ -576,9 +579,15 @@ def _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX: tl.constexpr, HAS_PERM: tl.c
     fb = _prescale_bits(tl.max(am, axis=1), UPX)
     up = (fb << 23).to(tl.float32, bitcast=True)[:, None]
     dn = ((254 - fb) << 23).to(tl.float32, bitcast=True)
-    return (_h2_pack(l0 * up, h0 * up, PTX), _h2_pack(l1 * up, h1 * up, PTX), _h2_pack(l2 * up, h2 * up, PTX),
-            _h2_pack(l3 * up, h3 * up, PTX), _h2_pack(u0 * up, v0 * up, PTX), _h2_pack(u1 * up, v1 * up, PTX),
-            _h2_pack(u2 * up, v2 * up, PTX), _h2_pack(u3 * up, v3 * up, PTX), dn)
+    if SUB:
+        sx = ((((l0 + h0) + (l1 + h1)) + ((l2 + h2) + (l3 + h3))) + (((u0 + v0) + (u1 + v1)) + ((u2 + v2) + (u3 + v3)))) * (up * 5.960464477539063e-08)
+        uo = up * 0.0625
+    else:
+        sx = dn
+        uo = up
+    return (_h2_pack(l0 * up, h0 * up, PTX), _h2_pack(l1 * uo, h1 * uo, PTX), _h2_pack(l2 * up, h2 * up, PTX),
+            _h2_pack(l3 * uo, h3 * uo, PTX), _h2_pack(u0 * up, v0 * up, PTX), _h2_pack(u1 * uo, v1 * uo, PTX),
+            _h2_pack(u2 * up, v2 * up, PTX), _h2_pack(u3 * uo, v3 * uo, PTX), dn, sx)
 
 
 @triton.jit
@@ -619,6 +628,15 @@ def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
 
 
 @triton.jit
+def _h2_plain_sub(w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """The SUB word sum in plain Triton: sum q x * 2^-24 with the odd pairs' x packed / 16 (fp32 products)."""
+    return ((w & 15).to(tl.float32) * x0[:, :, None] + ((w >> 4) & 15).to(tl.float32) * (16.0 * x1)[:, :, None]
+            + ((w >> 8) & 15).to(tl.float32) * x2[:, :, None] + ((w >> 12) & 15).to(tl.float32) * (16.0 * x3)[:, :, None]
+            + ((w >> 16) & 15).to(tl.float32) * x4[:, :, None] + ((w >> 20) & 15).to(tl.float32) * (16.0 * x5)[:, :, None]
+            + ((w >> 24) & 15).to(tl.float32) * x6[:, :, None] + ((w >> 28) & 15).to(tl.float32) * (16.0 * x7)[:, :, None]) * 5.960464477539063e-08
+
+
+@triton.jit
 def _h2_unpack(pk, lo: tl.constexpr):
     """The fp32 value of one fp16 half of a packed pair."""
     h = (pk & 0xFFFF) if lo else ((pk >> 16) & 0xFFFF)
@@ -645,7 +663,7 @@ def _wo_gemv16_kernel(
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
     PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
-    CLU: tl.constexpr = False, FP4Q: tl.constexpr = False,
+    CLU: tl.constexpr = False, FP4Q: tl.constexpr = False, SUB: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -660,7 +678,9 @@ def _wo_gemv16_kernel(
     step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
     x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output), bit 2 (NVFP4) the
     sign's separate move in the decode (two instructions a pair: what a sign-beside-magnitude layout would cost),
-    (int4) the zero point (codes as fp16 subnormals: one and a pair). CLU: the SPLIT_K
+    (int4) nothing (SUB's word sum without its zero-point term). SUB (int4): the codes decoded as fp16 subnormals, one
+    instruction a pair (_H2S_ASM), the word pair's sum q x then less z times the sum of its sixteen x (packed with the
+    pairs: at K/2 + K/128 + 8 b + r of the scratch row, or from x in registers), in fp32, per block. CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
     memory (cluster.py) instead of the partials buffer and the tile counter."""
     if PDL:
@@ -695,7 +715,7 @@ def _wo_gemv16_kernel(
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
     # of at most 15 in magnitude stays under fp16's 65504; 2^(13 - e) and 2^14 for FP4), one per 128-channel
     # block taken in the packing pass (SCAN False) or one for the program's whole range from a scan first
-    UPX: tl.constexpr = 267 if FP4 else 261
+    UPX: tl.constexpr = 267 if FP4 else 269 if SUB else 261  # (SUB: |x| * up < 2^15, products q x up 2^-24 < 2^-5)
     NB: tl.constexpr = XB // 128  # blocks per packing step
     XPASS: tl.constexpr = not REGX and (ABL & 1) == 0  # the packing pass into the scratch row
     if SCAN and XPASS:  # (XB: the launcher sizes it to the program's whole range up to 4096, so that this is one load)
@@ -725,8 +745,13 @@ def _wo_gemv16_kernel(
             else:
                 fb = _prescale_bits(tl.max(tl.reshape(tl.maximum(tl.abs(xl), tl.abs(xh)), (NB, 64)), axis=1), UPX)
             up = tl.reshape(tl.broadcast_to((fb << 23).to(tl.float32, bitcast=True)[:, None], (NB, 64)), (XB // 2,))
-            tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
             bi = c // 64 + tl.arange(0, NB)
+            if SUB:  # the sum of each word pair's sixteen x (t = 64 b + 4 r + j: rows r and r + 8) * up * 2^-24
+                sx = tl.sum(tl.sum(tl.reshape((xl + xh) * up, (NB, 2, 8, 4)), axis=3), axis=1) * 5.960464477539063e-08
+                tl.store(srow + K // 2 + K // 128 + bi[:, None] * 8 + offs_r[None, :], sx.to(tl.int32, bitcast=True),
+                         mask=(bi < b1)[:, None])
+                up = tl.where((t % 2) == 1, up * 0.0625, up)  # the 0x00F0 nibbles' pairs (j = 1, 3) / 16
+            tl.store(srow + t, _h2_pack(xl * up, xh * up, PTX), mask=mt)
             tl.store(srow + K // 2 + bi, (254 - fb) << 23, mask=bi < b1)  # the bits of 1 / up, exactly
         tl.debug_barrier()  # the program's own pairs visible to all its threads
     acc = tl.zeros((KU, 8, BN), dtype=tl.float32)
@@ -744,12 +769,15 @@ def _wo_gemv16_kernel(
             a0 = tl.zeros((KU, 8), dtype=tl.int32) + 0x3C003C00
             a1, a2, a3, c0, c1, c2, c3 = a0, a0, a0, a0, a0, a0, a0
             dn = tl.zeros((KU,), dtype=tl.float32) + 1.0
+            sx = tl.zeros((KU, 8), dtype=tl.float32)
         elif REGX:
-            a0, a1, a2, a3, c0, c1, c2, c3, dn = _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX, HAS_PERM, PTX)
+            a0, a1, a2, a3, c0, c1, c2, c3, dn, sx = _h2_xpairs(xrow, perm_ptr, ub, mu, offs_r, UPX, HAS_PERM, PTX, SUB)
         else:
             pa = srow + ub[:, None] * 64 + offs_r[None, :] * 4  # [KU, 8]: pairs of rows 0..7; rows 8..15 at + 32
             mp = mu[:, None]
             dn = tl.load(srow + K // 2 + ub, mask=mu, other=0).to(tl.float32, bitcast=True)  # [KU]: 1 / prescale
+            if SUB:
+                sx = tl.load(srow + K // 2 + K // 128 + ub[:, None] * 8 + offs_r[None, :], mask=mp, other=0).to(tl.float32, bitcast=True)
             a0 = tl.load(pa, mask=mp, other=0)
             a1 = tl.load(pa + 1, mask=mp, other=0)
             a2 = tl.load(pa + 2, mask=mp, other=0)
@@ -794,11 +822,25 @@ def _wo_gemv16_kernel(
             else:
                 s, z = _h2_sz(s_ptr, z_ptr, gblk_ptr, b, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
             s = s.to(tl.float32)
-            if PTX:
+            if PTX and SUB:
+                part = tl.inline_asm_elementwise(
+                    asm=_H2S_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r",
+                    args=[ca, cb,
+                          tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
+                          tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
+                          tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
+                          tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            elif SUB:  # the same values in plain Triton
+                part = (_h2_plain_sub(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
+                                      _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False))
+                        + _h2_plain_sub(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
+                                        _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False)))
+            elif PTX:
                 zlo = 0x6400 | z  # fp16 1024 + z
                 zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
                 part = tl.inline_asm_elementwise(
-                    asm=_H2L_ASM if (ABL & 4) != 0 else _H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    asm=_H2_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r",
                     args=[ca, cb,
                           tl.broadcast_to(a0[:, :, None], S), tl.broadcast_to(a1[:, :, None], S),
                           tl.broadcast_to(a2[:, :, None], S), tl.broadcast_to(a3[:, :, None], S),
@@ -812,7 +854,12 @@ def _wo_gemv16_kernel(
                                   _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False), zf)
                         + _h2_plain(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
                                     _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False), zf))
-            acc += part * (s * dn[:, None])[:, None, :]
+            if SUB:  # sum (q - z) x = sum q x - z sum x, with the 2^-24 of the subnormal decode undone in the scale
+                if (ABL & 4) == 0:
+                    part = part - z.to(tl.float32)[:, None, :] * sx[:, :, None]
+                acc += part * (s * (dn * 16777216.0)[:, None])[:, None, :]
+            else:
+                acc += part * (s * dn[:, None])[:, None, :]
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (tl.load(gs_ptr) * 16384.0)
@@ -1537,11 +1584,13 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
                    scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
-                   regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False, fp4q: bool = False) -> torch.Tensor:
+                   regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False, fp4q: bool = False,
+                   sub: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
     through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
-    cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM)."""
+    cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM); sub: int4 codes decoded as fp16
+    subnormals, the zero point taken off per block (the kernel's SUB)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
@@ -1554,7 +1603,9 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     clu = clu and 1 < sk <= cluster.MAX and bn % sk == 0 and (abl & 3) == 0
     fused = fused and sk > 1 and not clu
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
-    scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128), torch.int32, x2.device)
+    sub = sub and st.wtype != WTYPE_NVFP4
+    # the x pairs, 1 / prescale of each block, and (SUB) the sums of each block's eight word pairs' x
+    scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128 + st.k // 16), torch.int32, x2.device)
     ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
     args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
             out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
@@ -1563,11 +1614,11 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
         GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu,
-        FP4Q=fp4q and st.wtype == WTYPE_NVFP4, num_warps=nw,
+        FP4Q=fp4q and st.wtype == WTYPE_NVFP4, SUB=sub, num_warps=nw,
         **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl, clu, fp4q)
+           regx, evf, abl, clu, fp4q, sub)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
                ctas=sk, smem_extra=bn * 4)
@@ -1889,7 +1940,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
-                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4"):
+                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1900,16 +1951,17 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; not yet timed)
-        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
+        # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
         abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
-        fp4q = path.startswith("gemv16-fp4q")
-        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf") or fp4q or path == "gemv16-abl4") and _clu_for(x2)
+        fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
+        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-abl4") or fp4q or sub) and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                             pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
-                                            fp4q=fp4q)
+                                            fp4q=fp4q, sub=sub)
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
