@@ -369,19 +369,22 @@ def main():
 
                         st0 = copies[0].state
                         sst = st0.act_static
-                        def unhinted(c):  # the same call without the quantizer's cache hints (the default since session 13)
+                        def unhinted(c):  # the same call without the quantizer's cache hints
                             was, act_quant.HINTS = act_quant.HINTS, False
                             try:
                                 return c(xs)
                             finally:
                                 act_quant.HINTS = was
 
-                        chunk = [(f"{name}[chunk]", [lambda c=c: w8a8.matmul(xs, c.state, "chunk") for c in copies])] if name == "fp8-rowwise" else []
-                        if chunk:  # row chunks whose codes fit in L2 (w8a8._chunks): its error as the default's
-                            y0 = w8a8.matmul(xs, copies[0].state)
-                            d = (w8a8.matmul(xs, copies[0].state, "chunk").float() - y0.float()).abs().max().item()
-                            print(f"  {name}[chunk] max |difference| to the default {d:.3g} (chunks {w8a8._chunks(xs.shape[0], k)})", flush=True)
-                        for label, fns in (*chunk, (f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
+                        def hinted(c):  # the same call with the hints at any size (the default: codes up to 32 MiB)
+                            was, act_quant.HINT_CODES_MAX = act_quant.HINT_CODES_MAX, 1 << 62
+                            try:
+                                return c(xs)
+                            finally:
+                                act_quant.HINT_CODES_MAX = was
+
+                        for label, fns in ((f"{name}[precise]", [lambda c=c: w8a8.matmul(xs, c.state, "precise") for c in copies]),
+                                           (f"{name}[quant hints always]", [lambda c=c: hinted(c) for c in copies]),
                                            (f"{name}[no quant hints]", [lambda c=c: unhinted(c) for c in copies]),
                                            (f"{name}[act quant]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst)]),
                                            (f"{name}[act quant no hints]", [lambda: act_quant.quantize(xs, "fp8_e4m3", static_scale=sst, hints=False)]),
@@ -410,7 +413,7 @@ def main():
                 # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
                 # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
                 # dot4t summing through the cluster (not the default: slower on an H100, session 15)
-                paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-sub", "gemv16-sub-abl4")
+                paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
                          if m == 1 else ("dot4t", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())

@@ -25,10 +25,12 @@ from triton.compiler import ASTSource
 from runtime.kernels import weight_only as wo
 
 pdl, bn, ku, clu, fp4 = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+sub = sys.argv[6] == "1"
 sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*bf16",
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
 c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=not clu, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
-         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu, FP4Q=fp4 == 2)
+         FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu, FP4Q=fp4 == 2,
+         SUB=sub)
 if fp4:  # NVFP4 (2: the pair-summed asm)
     sig.update(s_ptr="*u8", gs_ptr="*fp32")
     del c["gs_ptr"]
@@ -51,10 +53,11 @@ print(" ".join(ops))
 '''
 
 
-def sass_ops(pdl: bool, bn: int = 64, ku: int = 1, clu: bool = False, fp4: int = 0) -> list[str]:
+def sass_ops(pdl: bool, bn: int = 64, ku: int = 1, clu: bool = False, fp4: int = 0, sub: bool = False) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku), "1" if clu else "0", str(fp4)], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE, "1" if pdl else "0", str(bn), str(ku), "1" if clu else "0", str(fp4),
+                        "1" if sub else "0"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.split()
@@ -107,4 +110,18 @@ def test_nvfp4_pair_summed_asm_has_fewer_fp16_operations():
     words = 1 * 16 * 128 // (32 * 4) // 2  # word pairs per thread per step (KU 1, BN 128, 4 warps)
     assert fp16(old) - fp16(new) >= 4 * words
     assert sum(op.startswith("LOP3") for op in new) <= sum(op.startswith("LOP3") for op in old)
+    assert len(new) < len(old)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="no Triton, or Triton without its CUDA tools")
+def test_int4_subnormal_decode_has_fewer_fp16_operations():
+    """gemv16 with SUB (int4 codes as fp16 subnormals, _H2S_ASM): per word pair 8 fp16 pair operations (the x
+    products) instead of 16 (the zero point's HADD2 and the 0x00F0 nibbles' HFMA2 are gone), no LOP3 with the
+    0x6400 exponent (plain masks), and the kernel is shorter."""
+    def fp16(ops):
+        return sum(op.startswith(("HFMA2", "HMUL2", "HADD2")) for op in ops)
+    old, new = sass_ops(True, 256, 2), sass_ops(True, 256, 2, sub=True)
+    words = 2 * 8 * 256 // (32 * 4)  # word pairs per thread per step (KU 2, 8 row pairs, BN 256, 4 warps)
+    assert fp16(old) - fp16(new) >= 8 * words
+    assert fp16(new) >= 8 * words
     assert len(new) < len(old)

@@ -183,20 +183,12 @@ def test_fp8_w8a8(kind, m):
     assert rel_err(y, ref_linear(x, qt)) < 2e-3
 
 
-def test_fp8_rowwise_row_chunks(monkeypatch):
-    """The 'chunk' path (rows quantized and multiplied in chunks whose codes fit in L2) equals the default bit for
-    bit: per-token scales and rows of a GEMM do not depend on the other rows."""
-    n, k, m = 96, 256, 700
-    qt = fp8_qt(n, k, "token")
-    prep = kernels.prepare(qt)
-    assert w8a8._chunks(4096, 14336) == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]
-    assert w8a8._chunks(4096, 4096) == [(0, 4096)]  # 16 MiB of codes: one chunk (qkv, o, gate_up)
-    monkeypatch.setattr(w8a8, "CHUNK_BYTES", 256 * k)  # 256 rows of codes a chunk: 3 chunks, the last one short
-    assert w8a8._chunks(m, k) == [(0, 256), (256, 512), (512, 700)]
-    x = x_of(m, k)
-    y = w8a8.matmul(x, prep.state, "chunk")
-    assert torch.equal(y, w8a8.matmul(x, prep.state))
-    assert rel_err(y, ref_linear(x, qt)) < 2e-3
+def test_quantizer_cache_hints_only_where_the_codes_fit_in_l2(monkeypatch):
+    """The activation quantizer's cache hints (codes kept in L2 for the GEMM) by default only up to 32 MiB of codes:
+    Llama-3-8B at M=4096 qkv / o / gate_up (16 MiB) with them, down (56 MiB) without; QTOOL_CACHE_HINTS=0: never."""
+    assert act_quant.hints_for(4096, 4096) and not act_quant.hints_for(4096, 14336)
+    monkeypatch.setattr(act_quant, "HINTS", False)
+    assert not act_quant.hints_for(16, 4096)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -514,3 +506,11 @@ def test_dependent_launch_rule(monkeypatch):
     assert c["KU"] * c["SPLIT_K"] == 4096 // 128
     c = weight_only._gemv16_default(6144, 4096, pdl=True)
     assert 2 * c["KU"] * c["SPLIT_K"] == 4096 // 128
+    # SUB (int4 codes as subnormals, session 16) in qkv's and o's tiles only, and off with QTOOL_SUB=0
+    assert c.get("SUB") and weight_only._gemv16_default(4096, 4096, pdl=True, sms=132) == dict(
+        BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True, SUB=True)
+    assert not any(weight_only._gemv16_default(n, k, pdl=True).get("SUB") for n, k in ((28672, 4096), (4096, 14336)))
+    assert not weight_only._gemv16_default(6144, 4096, pdl=True, s16=False).get("SUB")
+    assert not weight_only._gemv16_default(6144, 4096, fp4=True, pdl=True).get("SUB")
+    monkeypatch.setattr(weight_only, "SUB_DEFAULT", False)
+    assert not weight_only._gemv16_default(6144, 4096, pdl=True).get("SUB")

@@ -154,3 +154,30 @@ def test_int4_word_sum():
     exact = ((q - z[None, :, None]) * x.astype(np.float64)).sum((0, 2))
     got = emulate(wo._H2_ASM.value, args).astype(np.float64)
     assert np.abs(got - exact).max() < np.abs(exact).max() * 2.0 ** -8 + 1e-3
+
+
+def test_int4_subnormal_word_sum():
+    """SUB (_H2S_ASM): the codes masked into fp16 halves are subnormals q * 2^-24 (the 0x00F0 nibbles 16 q * 2^-24,
+    their x pairs packed / 16), times x pairs prescaled under 2^15: the two words' sum q x * 2^-24 within fp16
+    rounding of the exact one, also for x spanning many orders of magnitude (subnormal products), and one
+    instruction a code pair (no zero point in the asm: the kernel takes z times the sum of x off per block)."""
+    rng = np.random.default_rng(2)
+    n = 4096
+    codes = rng.integers(0, 16, (2, n, 8))
+    words = [np.bitwise_or.reduce(codes[w].astype(np.uint64) << (4 * np.arange(8, dtype=np.uint64)), -1) for w in range(2)]
+    order = [(0, 4), (1, 5), (2, 6), (3, 7)]
+    for spread in (1.0, 1e-4):
+        mag = np.exp(rng.uniform(np.log(spread), 0, (2, n, 8)))
+        x = (rng.choice([-1.0, 1.0], (2, n, 8)) * mag * 2.0 ** 15 * 0.999).astype(np.float16)
+        xp = x.astype(np.float64).copy()
+        xp[:, :, [1, 5, 3, 7]] /= 16  # the odd pairs' x as packed (exact: powers of two)
+        args = [words[0], words[1]] + [_pairs(xp[w, :, i], xp[w, :, k]) for w in range(2) for i, k in order]
+        q = codes.astype(np.float64)
+        exact = (q * x.astype(np.float64)).sum((0, 2)) * 2.0 ** -24
+        got = emulate(wo._H2S_ASM.value, args).astype(np.float64)
+        # fp16 sums of up to 16 products under 15 * 2^-9 each: a few units of 2^-11 of the largest partial sum
+        bound = (q * np.abs(x.astype(np.float64))).sum((0, 2)) * 2.0 ** -24
+        assert np.all(np.abs(got - exact) <= bound * 2.0 ** -8 + 2.0 ** -20), spread
+    a = wo._H2S_ASM.value
+    assert len(re.findall(r"and\.b32", a)) == 8 and len(re.findall(r"(mul|fma\.rn)\.f16x2", a)) == 8
+    assert "lop3" not in a and "sub.f16x2" not in a

@@ -116,14 +116,22 @@ def _act_quant_kernel(
 # cache hints in the quantizer: session 13, H100, M=4096: the quantizer 17.8 -> 15.0 us (o), 17.9 -> 14.7 (qkv), FP8
 # row-wise with it 1.64 -> 1.68x bf16 (down's 59 MB of codes do not stay in L2: no gain there). QTOOL_CACHE_HINTS=0: off
 HINTS = os.environ.get("QTOOL_CACHE_HINTS", "1") != "0"
+# ... but only where the codes fit in L2 beside the GEMM's own traffic: session 16, H100, FP8 row-wise at M=4096,
+# down (59 MB of codes) 418 us with the hints against 387 without (qkv / o with them 161 / 117 against 163 / 120)
+HINT_CODES_MAX = 32 << 20
+
+
+def hints_for(m: int, k: int) -> bool:
+    """The default HINTS for an [m, k] quantization: on (HINTS) where its one-byte codes are at most HINT_CODES_MAX."""
+    return HINTS and m * k <= HINT_CODES_MAX
 
 
 def quantize(x2: torch.Tensor, dtype: str, group: int = 0, static_scale: torch.Tensor | None = None,
              offset: torch.Tensor | None = None, block: int = 16384, hints: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes [M, K] int8 / float8_e4m3fn, scales fp32 [M, K/group] or [M, 1]; the static scale
-    as given when static). group 0 = one scale per token. hints: the kernel's HINTS (default: HINTS)."""
-    hints = HINTS if hints is None else hints
+    as given when static). group 0 = one scale per token. hints: the kernel's HINTS (default: hints_for)."""
     m, k = x2.shape
+    hints = hints_for(m, k) if hints is None else hints
     is_int = dtype == "int8"
     q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.float8_e4m3fn, device=x2.device)
     gsz = group if group > 0 else k

@@ -177,34 +177,13 @@ def prepare(qt: QTensor) -> W8A8State | None:
 FP8_FAST_ACCUM = os.environ.get("QTOOL_FP8_FAST_ACCUM", "1") == "1"
 
 
-# FP8 row-wise at large M: rows in chunks whose codes fit in L2 (CHUNK_BYTES), each quantized then multiplied, so
-# that the GEMM reads the codes the quantizer just wrote (evict-last) from L2 instead of HBM (bench path 'chunk').
-CHUNK_BYTES = 16 << 20
-
-
-def _chunks(m: int, k: int) -> list:
-    """Row ranges of equal size (multiples of 128) whose fp8 codes are at most CHUNK_BYTES each."""
-    n = cdiv(m * k, CHUNK_BYTES)
-    step = cdiv(cdiv(m, n), 128) * 128
-    return [(r, min(r + step, m)) for r in range(0, m, step)]
-
-
 def matmul(x: torch.Tensor, st: W8A8State, path: str | None = None) -> torch.Tensor:
     """path: None (default), 'int_mm' (INT8 through torch._int_mm, M > 16), 'triton' (FP8 through the Triton kernel),
-    'precise' (FP8 _scaled_mm without fast accumulation), 'chunk' (FP8 row-wise: quantize and multiply by row
-    chunks whose codes fit in L2)."""
+    'precise' (FP8 _scaled_mm without fast accumulation)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if path == "chunk" and st.kind == "fp8" and st.act_static is None and st.sw.numel() > 1 and x2.shape[0] >= 256:
-        out = torch.empty((x2.shape[0], st.n), dtype=x2.dtype, device=x2.device)
-        sb = st.sw.reshape(1, -1)
-        for r0, r1 in _chunks(x2.shape[0], st.k):
-            xq, sx = act_quant.quantize(x2[r0:r1], "fp8_e4m3")
-            torch._scaled_mm(xq, st.w.t(), scale_a=sx.reshape(-1, 1), scale_b=sb, out_dtype=x2.dtype,
-                             use_fast_accum=FP8_FAST_ACCUM, out=out[r0:r1])
-        return out.reshape(*shape[:-1], st.n)
     if st.kind == "fp8_block":
         xq, sx = act_quant.quantize(x2, "fp8_e4m3", group=128)
         y = _gemm(xq, st.w, sx, st.sw, x2.dtype, False, True, key="fp8_block")

@@ -1535,6 +1535,11 @@ KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
 # QTOOL_PDL=0 turns it off. A weight's first call runs without it (see _pdl_for).
 PDL_DEFAULT = os.environ.get("QTOOL_PDL", "1") != "0"
 _PDL_OK: dict = {}
+# int4 codes decoded as fp16 subnormals with the zero point taken off per block (the kernel's SUB: 16.5 instead of
+# 19.3 instructions a word) in the default qkv / o tiles (session 16, H100, as dependent launches: o 5.9 -> 5.3 us,
+# qkv 8.1 -> 7.9; gate_up's 512-column tiles were slower with it, 23.7 -> 27.1 at best, down equal).
+# QTOOL_SUB=0 turns it off.
+SUB_DEFAULT = os.environ.get("QTOOL_SUB", "1") != "0"
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
@@ -1595,6 +1600,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
     evf = evf or cfg.get("EVF", False)
+    sub = sub or cfg.get("SUB", False)
     m = x2.shape[0]
     sk, bn = cfg["SPLIT_K"], cfg["BN"]
     tiles = cdiv(st.n, bn)
@@ -1662,11 +1668,12 @@ def _h2_ok(device: torch.device, kind: str = "int4") -> bool:
                 for dt in (torch.bfloat16, torch.float16):
                     x = (torch.randn(1, 512, generator=g) * 30).to(device=device, dtype=dt)
                     cfg = dict(BN=32, SPLIT_K=2, KU=2)
-                    a, b = _launch_gemv16(x, st, cfg, True).float(), _launch_gemv16(x, st, cfg, False).float()
-                    err = float((a - b).norm() / b.norm())
-                    if not err < 4e-3:  # fp16 products: about 1e-3 on an H100
-                        _H2_OK["why"] = f"{kind}: differs from the plain-Triton twin by {err:.2e} ({dt})"
-                        return False
+                    for sub in (False, True) if kind == "int4" else (False,):  # (SUB: the subnormal decode)
+                        a, b = _launch_gemv16(x, st, cfg, True, sub=sub).float(), _launch_gemv16(x, st, cfg, False, sub=sub).float()
+                        err = float((a - b).norm() / b.norm())
+                        if not err < 4e-3:  # fp16 products: about 1e-3 on an H100
+                            _H2_OK["why"] = f"{kind}: differs from the plain-Triton twin by {err:.2e} ({dt}, sub {sub})"
+                            return False
             _H2_OK[key] = True
         except Exception as e:  # noqa: BLE001 - no inline PTX on this device / Triton: the fp32 GEMV runs
             text = " ".join(str(e).split())
@@ -1940,7 +1947,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
-                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4"):
+                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1951,19 +1958,21 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; not yet timed)
-        like = path in ("gemv16", "gemv16-s12", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+        like = path in ("gemv16", "gemv16-s12", "gemv16-s15", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub",
+                        "gemv16-sub-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
         # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
         abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
         fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
-        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-abl4") or fp4q or sub) and _clu_for(x2)
+        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15") or fp4q or sub) and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                             pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
                                             fp4q=fp4q, sub=sub)
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
-        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device), path != "gemv16-s12")))
+        y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device),
+                                                                                     path != "gemv16-s12", path != "gemv16-s15")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu"):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
@@ -2024,7 +2033,8 @@ def _sms(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: int = 0, s13: bool = True) -> dict:
+def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: int = 0, s13: bool = True,
+                    s16: bool = True) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
     (bench/kernels.py, sessions 7 and 8): wide N 512 columns x split-K 8, long K 256 x 16 (two blocks per
     step), qkv and o 256 x 16; 4 warps. As dependent launches (pdl), qkv and o take more blocks per step, so
@@ -2034,16 +2044,18 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     4096 channels, one step) fit in one wave of one program per SM (o: 128 programs), they run without the split-K
     sum and with x from registers (REGX): o 6.6 -> 5.9 us (the split-K sum alone cost about 1.6-2.4 us in every
     shape, bench rows gemv16-abl2); the weights of gate_up and down (30-60 MB) read evict-first (EVF): 25.4 -> 23.8
-    and 14.6 -> 14.0 us (qkv and o: no gain); s13 False: without these two (bench row gemv16-s12). The interpreter
-    (CPU tests) keeps small tiles."""
+    and 14.6 -> 14.0 us (qkv and o: no gain); s13 False: without these two (bench row gemv16-s12). Session 16: qkv's
+    and o's tiles with SUB (SUB_DEFAULT; s16 False: without it, bench row gemv16-s15). The interpreter (CPU tests)
+    keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
     if not s13:
-        return {k_: v for k_, v in _gemv16_default(n, k, fp4, pdl, 0).items() if k_ != "EVF"}
+        return {k_: v for k_, v in _gemv16_default(n, k, fp4, pdl, 0, s16=False).items() if k_ != "EVF"}
+    sub = dict(SUB=True) if SUB_DEFAULT and s16 else {}
     if pdl and not fp4 and k <= 4096 and sms // 2 <= cdiv(n, 32) <= sms:  # (fewer programs: unmeasured, kept as before)
-        return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)), num_warps=8, REGX=True)
+        return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)), num_warps=8, REGX=True, **sub)
     if pdl and not fp4 and n < 16384 and k < 8192:
-        return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
+        return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4, **sub) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
     if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned)
         if n >= 16384:
             return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4)
