@@ -485,7 +485,7 @@ def _fp4_pairs_asm(light: bool = False) -> str:
     return out
 
 
-# (session 15, not yet timed on a GPU: the bench row gemv16-fp4q; sm_90 SASS: bench/sass.py with FP4Q=1)
+# (session 15; bench row gemv16-fp4q, not the default: slower on an H100 in session 16, 1.93x against 2.13x bf16)
 def _fp4q_asm(light: bool = False) -> str:
     return ("{\n    .reg .b32 a, b, v, u, t, p;\n    .reg .f16 h0, h1;\n"
             + _fp4_pairs_asm(light) + "    mov.b32 {h0, h1}, p;\n    add.f16 h0, h0, h1;\n    cvt.f32.f16 $0, h0;\n}")
@@ -1957,7 +1957,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
         # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
-        # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; not yet timed)
+        # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; slower, session 16)
         like = path in ("gemv16", "gemv16-s12", "gemv16-s15", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub",
                         "gemv16-sub-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
