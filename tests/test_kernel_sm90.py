@@ -116,8 +116,8 @@ def test_nvfp4_pair_summed_asm_has_fewer_fp16_operations():
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="no Triton, or Triton without its CUDA tools")
 def test_int4_subnormal_decode_has_fewer_fp16_operations():
     """gemv16 with SUB (int4 codes as fp16 subnormals, _H2S_ASM): per word pair 8 fp16 pair operations (the x
-    products) instead of 16 (the zero point's HADD2 and the 0x00F0 nibbles' HFMA2 are gone), no LOP3 with the
-    0x6400 exponent (plain masks), and the kernel is shorter."""
+    products) instead of 16 (the zero point's HADD2 and the 0x00F0 nibbles' HFMA2 are gone), and the kernel is
+    shorter."""
     def fp16(ops):
         return sum(op.startswith(("HFMA2", "HMUL2", "HADD2")) for op in ops)
     old, new = sass_ops(True, 256, 2), sass_ops(True, 256, 2, sub=True)

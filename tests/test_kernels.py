@@ -299,7 +299,7 @@ def test_gemv16_subnormal_decode(group, sym, act_order, dtype):
     """SUB: int4 codes as fp16 subnormals (q * 2^-24, one and a pair), sum q x per word pair, then z times the sum of
     the pair's sixteen x taken off per block in fp32 (the sums packed with the x pairs, or from x in registers).
     Under the interpreter the plain twin runs (its word sums q x with the odd pairs' x packed / 16): against the
-    fp32 reference as the default kernel is, through the scratch row and REGX, split-K 1-8, one prescale per
+    fp32 reference as the default kernel is, through the scratch row and REGX, split-K 3 and 8, one prescale per
     block or per program, and with blocks of very different magnitude."""
     n, k = 40, 1024
     qt = int_qt(n, k, 4, group, sym, act_order)
@@ -317,7 +317,7 @@ def test_gemv16_subnormal_decode(group, sym, act_order, dtype):
                 assert rel_err(y, ref) < tol, (cfg, rel_err(y, ref))
             if i == 0:  # the zero-point term is what makes it right: without it (ABL bit 2) the sums are far off
                 assert rel_err(weight_only._launch_gemv16(x, st, cfg, False, sub=True, abl=4), ref) > 0.1
-    # through matmul's bench path name, and NVFP4 weights ignore the flag
+    # through matmul's bench path name
     x = x_of(1, k).to(dtype)
     assert rel_err(weight_only.matmul(x, st, path="gemv16-sub"), x.float() @ ref_w.t()) < tol
 
