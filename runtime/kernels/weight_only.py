@@ -628,15 +628,6 @@ def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
 
 
 @triton.jit
-def _h2_plain_sub(w, x0, x1, x2, x3, x4, x5, x6, x7):
-    """The SUB word sum in plain Triton: sum q x * 2^-24 with the odd pairs' x packed / 16 (fp32 products)."""
-    return ((w & 15).to(tl.float32) * x0[:, :, None] + ((w >> 4) & 15).to(tl.float32) * (16.0 * x1)[:, :, None]
-            + ((w >> 8) & 15).to(tl.float32) * x2[:, :, None] + ((w >> 12) & 15).to(tl.float32) * (16.0 * x3)[:, :, None]
-            + ((w >> 16) & 15).to(tl.float32) * x4[:, :, None] + ((w >> 20) & 15).to(tl.float32) * (16.0 * x5)[:, :, None]
-            + ((w >> 24) & 15).to(tl.float32) * x6[:, :, None] + ((w >> 28) & 15).to(tl.float32) * (16.0 * x7)[:, :, None]) * 5.960464477539063e-08
-
-
-@triton.jit
 def _h2_unpack(pk, lo: tl.constexpr):
     """The fp32 value of one fp16 half of a packed pair."""
     h = (pk & 0xFFFF) if lo else ((pk >> 16) & 0xFFFF)
@@ -831,11 +822,12 @@ def _wo_gemv16_kernel(
                           tl.broadcast_to(c0[:, :, None], S), tl.broadcast_to(c1[:, :, None], S),
                           tl.broadcast_to(c2[:, :, None], S), tl.broadcast_to(c3[:, :, None], S)],
                     dtype=tl.float32, is_pure=True, pack=1)
-            elif SUB:  # the same values in plain Triton
-                part = (_h2_plain_sub(ca, _h2_unpack(a0, True), _h2_unpack(a1, True), _h2_unpack(a2, True), _h2_unpack(a3, True),
-                                      _h2_unpack(a0, False), _h2_unpack(a1, False), _h2_unpack(a2, False), _h2_unpack(a3, False))
-                        + _h2_plain_sub(cb, _h2_unpack(c0, True), _h2_unpack(c1, True), _h2_unpack(c2, True), _h2_unpack(c3, True),
-                                        _h2_unpack(c0, False), _h2_unpack(c1, False), _h2_unpack(c2, False), _h2_unpack(c3, False)))
+            elif SUB:  # the same values in plain Triton: sum q x (zero point 0, the odd pairs' x back * 16) * 2^-24
+                part = (_h2_plain(ca, _h2_unpack(a0, True), 16.0 * _h2_unpack(a1, True), _h2_unpack(a2, True), 16.0 * _h2_unpack(a3, True),
+                                  _h2_unpack(a0, False), 16.0 * _h2_unpack(a1, False), _h2_unpack(a2, False), 16.0 * _h2_unpack(a3, False), 0.0)
+                        + _h2_plain(cb, _h2_unpack(c0, True), 16.0 * _h2_unpack(c1, True), _h2_unpack(c2, True), 16.0 * _h2_unpack(c3, True),
+                                    _h2_unpack(c0, False), 16.0 * _h2_unpack(c1, False), _h2_unpack(c2, False), 16.0 * _h2_unpack(c3, False), 0.0)
+                        ) * 5.960464477539063e-08
             elif PTX:
                 zlo = 0x6400 | z  # fp16 1024 + z
                 zhi = 0xD400 | (z << 4)  # fp16 -(64 + z)
