@@ -271,6 +271,9 @@ def main():
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,RE];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first)")
+    ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
+    ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
+    ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
@@ -414,9 +417,11 @@ def main():
                 # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
                 # dot4t summing through the cluster (not the default: slower on an H100, session 15)
                 paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
-                         if m == 1 else ("dot4t", "dot4t-clu", "dot4t-fr") if m <= 16
+                         if m == 1 else ("dot4t", "dot4", "dot4t-nopdl", "dot4-nopdl", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
+                if a.w4_paths:
+                    paths = tuple(a.w4_paths.split(","))
                 path_rows(paths, preps["w4a16-g128"], xs, sname, m, t_bf, e_bf, io, peak, rows, checks, check=True)
                 if m >= 4096:  # the dequantize kernel alone (the dequant path's overhead over cuBLAS)
                     from runtime.kernels import weight_only
@@ -449,9 +454,25 @@ def main():
                             except Exception as e:
                                 print(f"  {gp} {c}: failed {str(e)[:200]}", flush=True)
                         tuning._cache.pop(key, None)
+            if 1 < m <= 16 and a.tc_configs and "w4a16-g128" in preps:  # the M <= 16 tensor-core paths at other tiles
+                st0 = preps["w4a16-g128"][0][0].state
+                for tp in a.tc_paths.split(","):
+                    key = weight_only._key(st0, tp, m)
+                    for c in a.tc_configs.split(";"):
+                        bn, sk, ku, w, ns = (int(v) for v in c.split(","))
+                        tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w, num_stages=ns)
+                        pf = [lambda s=s_.state: weight_only.matmul(xs, s, tp) for s_ in preps["w4a16-g128"][0]]
+                        try:
+                            err = rel_err_of(weight_only.matmul(xs, st0, tp), xs, preps["w4a16-g128"][2])
+                            t = time_graph(pf)
+                            print(f"  {'int4 ' + tp + ' ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16"
+                                  f"  err {err:.1e}", flush=True)
+                        except Exception as e:
+                            print(f"  {tp} {c}: failed {str(e)[:200]}", flush=True)
+                    tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move (wrong values)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4") if m == 1 else ("dot4f", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 instruction mix of the hot loop (the longest backward branch in the SASS), per word of weights.
 
     python bench/sass.py [--configs 128,4,1,4;16,1,8,2] [--keep DIR]
+    python bench/sass.py --dot4 128,4,4;64,8,4      (M <= 16: dot4t (wgmma) and dot4 (x left, mma.sync), BN,SPLIT_K,warps)
 
 Uses the ptxas / cuobjdump that ship with Triton. A kernel that is instruction-bound shows it here
 first: the count per packed word (eight int4 weights) is what the GPU must issue per eight weights."""
@@ -63,13 +64,37 @@ GEMV16_SIG = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gbl
                   part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
 
 
+DOT4_SIG = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="*i32", perm_ptr="*i32", out_ptr="*fp32",
+                M="i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32", res_ptr="*bf16", cnt_ptr="*i32")
+
+
+def dot4(configs: str, keep: str):
+    """The M <= 16 tensor-core kernel both ways round (BM = 16 tokens): per packed word, and where the decoded tile
+    goes (STS in the loop would mean a trip through shared memory)."""
+    print(f"# dot4t / dot4 (int4 g128 sym, bf16 x, 16 tokens) for sm_90, Triton {triton.__version__}; files in {keep}")
+    for cfg in configs.split(";"):
+        bn, sk, w = (int(v) for v in cfg.split(","))
+        for xl in (False, True):
+            c = dict(HAS_ZERO=False, HAS_PERM=False, FP16=False, PTX=True, INTERP=False, BM=16, BN=bn, SPLIT_K=sk, KU=1, GSH=0,
+                     FUSED=False, PDL=0, CLU=False, XL=xl, ABL=int(os.environ.get("ABL", "0")))
+            res, ops = build(wo._wo_dot4t_kernel, DOT4_SIG, c, w, keep, f"dot4{'' if xl else 't'}_{bn}_{sk}_{w}")
+            words = 16 * bn / (32 * w)  # packed words per thread per 128-channel block
+            tot = sum(ops.values())
+            print(f"{'dot4 ' if xl else 'dot4t'} BN={bn:<4} SPLIT_K={sk:<3} warps={w}: {res}; loop {tot} instructions, "
+                  f"{tot / words:.1f} per word")
+            print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(14)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="16,1,8,2;64,8,1,4;128,4,1,4;256,4,1,8", help="BN,SPLIT_K,KU,num_warps;...")
+    ap.add_argument("--dot4", default="", help="BN,SPLIT_K,num_warps;... : the M <= 16 tensor-core kernels instead")
     ap.add_argument("--keep", default="", help="folder for the ttgir / ptx / cubin / sass (default: a temporary one)")
     a = ap.parse_args()
     keep = a.keep or tempfile.mkdtemp(prefix="qtool-sass-")
     os.makedirs(keep, exist_ok=True)
+    if a.dot4:
+        return dot4(a.dot4, keep)
     print(f"# gemv16 (int4 g128 sym, bf16 x) for sm_90, Triton {triton.__version__}; files in {keep}")
     for cfg in a.configs.split(";"):
         bn, sk, ku, w = (int(v) for v in cfg.split(","))

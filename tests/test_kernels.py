@@ -378,8 +378,8 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         y1 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=1), **kw)
         y2 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), **kw)
         assert rel_err(y2, y1) < 1e-2
-        if path == "dot4t":  # partials summed by the last program (twice: the counters reset) or by a second
-            # kernel; the group of a block from the shift or from the table: the same sums
+        if path in ("dot4", "dot4t"):  # partials summed by the last program (twice: the counters reset) or by a
+            # second kernel; the group of a block from the shift or from the table: the same sums
             for fused, gshift in ((True, True), (True, True), (False, True), (True, False), (False, False)):
                 y3 = weight_only._launch_dot4(x_of(3, k).to(dtype), st, dict(BN=32, SPLIT_K=sk), kind=path, fused=fused, gshift=gshift)
                 assert torch.equal(y3, y2)
@@ -387,6 +387,11 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
                 assert int(st._counters.abs().sum()) == 0
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path) is False
+    if path == "dot4":  # dot4t's kernel with x the left operand (XL): the same products, summed in another order
+        x = x_of(5, k).to(dtype)
+        for cfg in (dict(BN=32, SPLIT_K=2), dict(BN=64, SPLIT_K=4, KU=1)):
+            a, b = weight_only._launch_dot4(x, st, cfg, kind="dot4"), weight_only._launch_dot4(x, st, cfg, kind="dot4t")
+            assert rel_err(a, b) < 1e-3
     if path == "dot4t":  # 32-row tiles of two warps (mma.sync on the GPU instead of wgmma): the same sums
         x = x_of(5, k).to(dtype)
         assert rel_err(weight_only.matmul(x, st, path="dot4t-mma"), x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)

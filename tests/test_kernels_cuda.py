@@ -157,6 +157,52 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("wtype", ["int4", "int4-asym", "nvfp4"])
+def test_split_k_sum_as_dependent_launch(wtype):
+    """The M <= 16 tensor-core kernels (dot4, dot4t; dot4f for NVFP4) with their split-K sum launched as a
+    programmatic dependent (triggered at the first kernel's start, waiting for its writes): the plain launch's
+    outputs bit for bit, eagerly and replayed from a CUDA graph with new x each time; and the partials are summed
+    (the dependent kernel ran) against the fp32 reference."""
+    from qtensor import QTensor
+    from runtime.kernels import weight_only
+
+    dev = torch.device("cuda")
+    if not weight_only._pdl_ok(dev):
+        pytest.skip(f"no dependent launches here: {weight_only._PDL_OK.get('why')}")
+    torch.manual_seed(0)
+    n, k = 1000, 2048
+    if wtype == "nvfp4":
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+        bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
+        qt = QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda"))
+    else:
+        zero = wtype == "int4-asym"
+        codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
+        zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
+        qt = QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128)
+    st = weight_only.prepare(qt)
+    w = qt.dequantize(torch.float32).to("cuda")
+    for kind in (("dot4f",) if wtype == "nvfp4" else ("dot4", "dot4t")):
+        for m in (4, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for bn, sk in [(64, 4), (128, 8), (128, 2)]:
+                cfg = dict(BN=bn, SPLIT_K=sk)
+                ref = weight_only._launch_dot4(x, st, cfg, kind=kind, rpdl=False)
+                got = weight_only._launch_dot4(x, st, cfg, kind=kind, rpdl=True)
+                assert torch.equal(got, ref), (kind, m, bn, sk)
+                exact = x.float() @ w.t()
+                assert float((got.float() - exact).abs().max()) < 8e-3 * float(exact.abs().max()), (kind, m, bn, sk)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                gy = weight_only._launch_dot4(x, st, dict(BN=128, SPLIT_K=8), kind=kind, rpdl=True)
+            for _ in range(3):
+                x.normal_()
+                g.replay()
+                assert torch.equal(gy, weight_only._launch_dot4(x, st, dict(BN=128, SPLIT_K=8), kind=kind, rpdl=False)), (kind, m)
+    assert weight_only._pdl_dev(torch.empty(1, device="cuda"))  # the default launches them so here
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("kind", ["int8", "int8-static-asym", "fp8-block", "fp8-token"])
 def test_direct_relaunch_w8a8(kind, monkeypatch):
     """The activation quantizer and the Triton scaled GEMM relaunched directly: the same outputs bit for bit as

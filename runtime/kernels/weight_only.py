@@ -903,125 +903,6 @@ def _tc_tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
     return pid_k, offs_m, offs_m < M, offs_n, offs_n < N, b0, tl.minimum(b0 + per_split, nblk)
 
 
-@triton.jit
-def _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr):
-    """Scale and (MAGIC + zero point) of 128-channel block b: one group per block."""
-    g = tl.load(gblk_ptr + b * 8)
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
-    else:
-        z = tl.zeros_like(s) + (MAGIC + 8.0)
-    return s, z
-
-
-_DEC4_ASM = tl.constexpr("""{
-        .reg .b32 lo, hi, t;
-        prmt.b32 lo, $8, $9, 0x5410;
-        prmt.b32 hi, $8, $9, 0x7632;
-        lop3.b32 $0, lo, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 4;
-        lop3.b32 $1, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 8;
-        lop3.b32 $2, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, lo, 12;
-        lop3.b32 $3, t, 0x000F000F, $10, 0xEA;
-        lop3.b32 $4, hi, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 4;
-        lop3.b32 $5, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 8;
-        lop3.b32 $6, t, 0x000F000F, $10, 0xEA;
-        shr.b32 t, hi, 12;
-        lop3.b32 $7, t, 0x000F000F, $10, 0xEA;
-        }""")
-
-
-@triton.jit
-def _dec4_ptx(words, magic, DT: tl.constexpr):
-    """Eight [16, BN] tensors of DT: MAGIC + slot i of each word. (The output dtypes are spelled out: a
-    tuple built from the constexpr DT does not lower.)"""
-    if DT == tl.float16:
-        return tl.inline_asm_elementwise(
-            asm=_DEC4_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise(
-            asm=_DEC4_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args=[words, magic],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-            is_pure=True, pack=2)
-
-
-@triton.jit
-def _dec4_slot(words, i: tl.constexpr, MAGIC16: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    v = (((words >> (i * 4)) & 15) | MAGIC16).to(tl.int16).to(DT, bitcast=True)
-    if INTERP:  # the interpreter's dot reads a bitcast 16-bit float as its raw bits
-        v = v.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _dot_slot(acc, xsum, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
-    kk = k0 + tl.arange(0, 16)
-    if HAS_PERM:
-        kk = tl.load(perm_ptr + kk)
-    xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-    if INTERP:
-        xs = xs.to(tl.float32)
-    acc = tl.dot(xs, v, acc)
-    xsum += tl.sum(xs.to(tl.float32), axis=1)
-    return acc, xsum
-
-
-@triton.jit
-def _wo_dot4_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, gblk_ptr, perm_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, stride_ok,
-    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
-    MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
-    DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K)
-    offs_r = tl.arange(0, 16)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
-    xb = x_ptr
-    for b in range(b0, b1):
-        words = tl.load(qw_ptr + (b * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        if PTX:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _dec4_ptx(words, magic, DT)
-        else:
-            v0 = _dec4_slot(words, 0, MAGIC16, DT, INTERP)
-            v1 = _dec4_slot(words, 1, MAGIC16, DT, INTERP)
-            v2 = _dec4_slot(words, 2, MAGIC16, DT, INTERP)
-            v3 = _dec4_slot(words, 3, MAGIC16, DT, INTERP)
-            v4 = _dec4_slot(words, 4, MAGIC16, DT, INTERP)
-            v5 = _dec4_slot(words, 5, MAGIC16, DT, INTERP)
-            v6 = _dec4_slot(words, 6, MAGIC16, DT, INTERP)
-            v7 = _dec4_slot(words, 7, MAGIC16, DT, INTERP)
-        blk = tl.zeros((BM, BN), dtype=tl.float32)
-        xsum = tl.zeros((BM,), dtype=tl.float32)
-        k0 = b * 128
-        blk, xsum = _dot_slot(blk, xsum, v0, xb, perm_ptr, offs_m, mask_m, stride_xm, k0, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v1, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v2, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v3, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v4, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v5, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v6, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96, HAS_PERM, INTERP)
-        blk, xsum = _dot_slot(blk, xsum, v7, xb, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112, HAS_PERM, INTERP)
-        s, z = _block_scale_zero(gblk_ptr, s_ptr, z_ptr, b, offs_n, mask_n, N, HAS_ZERO, MAGIC)
-        acc += (blk - xsum[:, None] * z[None, :]) * s[None, :]
-    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:  # fp32 partial sums [SPLIT_K, M, N], summed by _splitk_reduce
-        tl.store(optrs + pid_k * stride_ok, acc, mask=omask)
-
-
 def _dec4z_asm(fp16: bool, i: int, scaled: bool = False) -> str:
     """PTX for slot i of two words (word rows 2c, 2c + 1 of a block: a K pair of wgmma's register operand)
     -> one 16-bit float pair q - z: prmt pairs the half-words, lop3 ORs the nibble pair into the magic
@@ -1045,10 +926,20 @@ _DEC4Z_F16 = tl.constexpr(tuple(_dec4z_asm(True, i) for i in range(8)))
 _DEC4Z_BF16 = tl.constexpr(tuple(_dec4z_asm(False, i) for i in range(8)))
 
 
+_DEC4L = tl.constexpr(("prmt.b32 $0, $1, $2, 0x5410;", "prmt.b32 $0, $1, $2, 0x7632;"))  # ABL bit 2: the word pair only
+
+
 @triton.jit
-def _dec4z_ptx(words, i: tl.constexpr, magic, zneg, DT: tl.constexpr):
-    """[BN, 16] of DT: slot i of each word minus its zero point."""
-    if DT == tl.float16:
+def _dec4z_ptx(words, i: tl.constexpr, magic, zneg, DT: tl.constexpr, ABL: tl.constexpr = 0):
+    """[BN, 16] of DT: slot i of each word minus its zero point. ABL bit 2 (bench only): the pair alone, no decode."""
+    if ABL & 4:
+        if DT == tl.float16:
+            return tl.inline_asm_elementwise(asm=_DEC4L[i // 4], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(asm=_DEC4L[i // 4], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif DT == tl.float16:
         return tl.inline_asm_elementwise(asm=_DEC4Z_F16[i], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
                                          dtype=tl.float16, is_pure=True, pack=2)
     else:
@@ -1058,7 +949,8 @@ def _dec4z_ptx(words, i: tl.constexpr, magic, zneg, DT: tl.constexpr):
 
 @triton.jit
 def _dec4z_slot(words, i: tl.constexpr, zq, DT: tl.constexpr, INTERP: tl.constexpr):
-    v = ((words >> (i * 4)) & 15).to(tl.float32) - zq[:, None]
+    """zq: the zero points broadcast against the word tile."""
+    v = ((words >> (i * 4)) & 15).to(tl.float32) - zq
     if not INTERP:
         v = v.to(DT)
     return v
@@ -1071,14 +963,25 @@ def _h16_pair(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.constexpr, INTERP: tl.constexpr):
-    """acc [BN, BM] += v [BN, KC] . x[:, kk]^T"""
+def _sdot(acc, v, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, kk, HAS_PERM: tl.constexpr, INTERP: tl.constexpr,
+          XL: tl.constexpr = False, ABL: tl.constexpr = 0):
+    """acc [BN, BM] += v [BN, KC] . x[:, kk]^T; XL: acc [BM, BN] += x[:, kk] . v [KC, BN]. ABL bit 0 (bench only,
+    wrong values): x not read, a constant tile instead."""
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk)
-    xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
+    if ABL & 1:
+        xs = tl.full((offs_m.shape[0], kk.shape[0]) if XL else (kk.shape[0], offs_m.shape[0]), 1.0, x_ptr.dtype.element_ty)
+    elif XL:
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
+    else:
+        xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :], other=0.0)
     if INTERP:
         xs = xs.to(tl.float32)
-    return tl.dot(v, xs, acc)
+    if XL:
+        acc = tl.dot(xs, v, acc)
+    else:
+        acc = tl.dot(v, xs, acc)
+    return acc
 
 
 @triton.jit
@@ -1121,37 +1024,48 @@ def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok,
 @triton.jit
 def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
                  N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
-                 INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GSH: tl.constexpr):
-    """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b (s: the block's scales, [BN] fp32)."""
+                 INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GSH: tl.constexpr, XL: tl.constexpr = False,
+                 ABL: tl.constexpr = 0):
+    """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b (s: the block's scales, [BN] fp32); XL (x the
+    left operand): acc [BM, BN] += x . (q - z)^T * s, the word tile [16, BN]. ABL (bench only, wrong values): bit 0
+    x not read, bit 2 each slot only paired (one prmt, no decode)."""
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-    words = tl.load(qw_ptr + (b * 16 + offs_r)[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+    if XL:
+        wofs = (b * 16 + offs_r)[:, None] * N + offs_n[None, :]
+        wmask = mask_n[None, :]
+        zofs = offs_n[None, :] + 0 * offs_r[:, None]
+    else:
+        wofs = (b * 16 + offs_r)[None, :] * N + offs_n[:, None]
+        wmask = mask_n[:, None]
+        zofs = offs_n[:, None] + 0 * offs_r[None, :]
+    words = tl.load(qw_ptr + wofs, mask=wmask, other=0)
     if HAS_ZERO:
         g = _group(gblk_ptr, b, GSH)
     k0 = b * 128
-    if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a [BN, 16] tile (all arithmetic from loads:
-        # Triton then converts the loads, not the decoded tile, to wgmma's register layout)
+    if PTX:  # -(MAGIC + z) as a 16-bit float pair, loaded as a tile of the words' shape (all arithmetic from loads:
+        # Triton then converts the loads, not the decoded tile, to the tensor cores' register layout)
         if HAS_ZERO:
-            zt = tl.load(z_ptr + g * N + offs_n[:, None] + 0 * offs_r[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+            zt = tl.load(z_ptr + g * N + zofs, mask=wmask, other=0).to(tl.float32)
             zneg = _h16_pair(-(zt + MAGIC), DT)
         else:
-            zneg = tl.full((BN, 16), ZNEG8, tl.int32)
+            zneg = tl.full(words.shape, ZNEG8, tl.int32)
     else:
         if HAS_ZERO:
-            zq = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            zq = tl.load(z_ptr + g * N + zofs, mask=wmask, other=0).to(tl.float32)
         else:
-            zq = tl.full((BN,), 8.0, tl.float32)
+            zq = tl.full(words.shape, 8.0, tl.float32)
     # all eight slots decoded before the first dot (slot by slot between the dots: 1.70x vs 1.75x at M=16, same H100)
     if PTX:
-        v0 = _dec4z_ptx(words, 0, magic, zneg, DT)
-        v1 = _dec4z_ptx(words, 1, magic, zneg, DT)
-        v2 = _dec4z_ptx(words, 2, magic, zneg, DT)
-        v3 = _dec4z_ptx(words, 3, magic, zneg, DT)
-        v4 = _dec4z_ptx(words, 4, magic, zneg, DT)
-        v5 = _dec4z_ptx(words, 5, magic, zneg, DT)
-        v6 = _dec4z_ptx(words, 6, magic, zneg, DT)
-        v7 = _dec4z_ptx(words, 7, magic, zneg, DT)
+        v0 = _dec4z_ptx(words, 0, magic, zneg, DT, ABL)
+        v1 = _dec4z_ptx(words, 1, magic, zneg, DT, ABL)
+        v2 = _dec4z_ptx(words, 2, magic, zneg, DT, ABL)
+        v3 = _dec4z_ptx(words, 3, magic, zneg, DT, ABL)
+        v4 = _dec4z_ptx(words, 4, magic, zneg, DT, ABL)
+        v5 = _dec4z_ptx(words, 5, magic, zneg, DT, ABL)
+        v6 = _dec4z_ptx(words, 6, magic, zneg, DT, ABL)
+        v7 = _dec4z_ptx(words, 7, magic, zneg, DT, ABL)
     else:
         v0 = _dec4z_slot(words, 0, zq, DT, INTERP)
         v1 = _dec4z_slot(words, 1, zq, DT, INTERP)
@@ -1161,16 +1075,20 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
         v5 = _dec4z_slot(words, 5, zq, DT, INTERP)
         v6 = _dec4z_slot(words, 6, zq, DT, INTERP)
         v7 = _dec4z_slot(words, 7, zq, DT, INTERP)
-    blk = tl.zeros((BN, BM), dtype=tl.float32)
-    blk = _sdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96 + offs_r, HAS_PERM, INTERP)
-    blk = _sdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112 + offs_r, HAS_PERM, INTERP)
-    return acc + blk * s[:, None]
+    blk = tl.zeros(acc.shape, dtype=tl.float32)
+    blk = _sdot(blk, v0, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v1, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 16 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v2, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 32 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v3, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 48 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v4, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 64 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v5, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 80 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v6, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 96 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    blk = _sdot(blk, v7, x_ptr, perm_ptr, offs_m, mask_m, stride_xm, k0 + 112 + offs_r, HAS_PERM, INTERP, XL, ABL)
+    if XL:
+        acc += blk * s[None, :]
+    else:
+        acc += blk * s[:, None]
+    return acc
 
 
 @triton.jit
@@ -1180,6 +1098,7 @@ def _wo_dot4t_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
     res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = 0, CLU: tl.constexpr = False,
+    XL: tl.constexpr = False, ABL: tl.constexpr = 0, TRIG: tl.constexpr = False,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -1187,14 +1106,22 @@ def _wo_dot4t_kernel(
     tile, loaded once per block, gives the eight 16-channel slices in place; a thread holds the K pairs
     (2c, 2c + 1) that one PTX call decodes, zero point included (q - z exact in 16-bit floats). The
     group scale multiplies the block's fp32 result. KU blocks per loop step (the split's block count
-    is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait)."""
-    if PDL:
+    is a multiple of KU: the launcher checks). PDL: as gemv16's (the first scales read before the wait).
+    XL (kind dot4): x the left operand, out [BM, BN] = x W^T, the decoded [16, BN] slices the right one: at BM = 16
+    that is mma.sync (m16n8k16), whose register operands need no wait after each dot as wgmma's do (session 9's
+    SASS read); word rows 2c, 2c + 1 are again a thread's K pair of the operand. TRIG: the next kernel (the split-K
+    sum) may launch at once (it waits for this one's writes)."""
+    if PDL or TRIG:
         _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
     offs_r = tl.arange(0, 16)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
+    if XL:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        magic = tl.full((16, BN), MAGIC16 * 65537, tl.int32)
+    else:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        magic = tl.full((BN, 16), MAGIC16 * 65537, tl.int32)
     # the group scales are read one block ahead (a load whose address comes from another load: on the step's
     # critical path it was the top stall, "long scoreboard", in Nsight Compute)
     s_next = tl.load(s_ptr + _group(gblk_ptr, b0, GSH) * N + offs_n, mask=mask_n, other=0.0)
@@ -1206,7 +1133,9 @@ def _wo_dot4t_kernel(
             g_next = _group(gblk_ptr, tl.minimum(bb + u + 1, b1 - 1), GSH)
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
-                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH)
+                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH, XL, ABL)
+    if XL:
+        acc = tl.trans(acc)
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED, CLU, N)
 
 
@@ -1326,12 +1255,14 @@ def _wo_dot4f_kernel(
     M, N, K, stride_xm, stride_om, stride_ok,
     FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, CLU: tl.constexpr = False,
+    res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, CLU: tl.constexpr = False, TRIG: tl.constexpr = False,
 ):
     """NVFP4 weights at 2 <= M <= 16 as dot4t does int4 (out^T = W x^T, the decoded weights wgmma's register
     operand): each 16-channel slot of a 128-channel block is one NVFP4 group, so its e2m1 values (exact in
     fp16 / bf16) make one dot and the group's e4m3 scale multiplies that dot's fp32 result; the global scale
-    at the end."""
+    at the end. TRIG: as dot4t's."""
+    if TRIG:
+        _gdc_launch_dependents()
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
     pid_k, offs_m, mask_m, offs_n, mask_n, b0, b1 = _tc_tile(M, N, K, BM, BN, SPLIT_K, CLU)
     offs_r = tl.arange(0, 16)
@@ -1425,7 +1356,11 @@ def _wo_dequant_rows_kernel(
 
 
 @triton.jit
-def _splitk_reduce(part_ptr, out_ptr, total, SK: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_reduce(part_ptr, out_ptr, total, SK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """out = the sum of SK fp32 partials. PDL: launched as a programmatic dependent of the kernel that writes them
+    (which triggers it at its start): resident early, it waits here for that kernel's writes."""
+    if PDL:
+        _gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -1447,10 +1382,11 @@ SMALL_CONFIGS = [dict(BM=16, BN=bn, SPLIT_K=sk, num_warps=w) for bn, sk, w in [
 TILED_CONFIGS = [dict(BM=bm, BN=bn, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, w, st in [
     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
 ]]
-DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, w, st in [
-    (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3),
-    (128, 8, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3), (32, 2, 2, 4), (32, 4, 2, 4), (64, 4, 4, 5), (128, 4, 8, 4),
-    (256, 2, 8, 3), (256, 4, 8, 3), (64, 16, 4, 3), (32, 16, 2, 3),
+# dot4: x the left operand (BM = 16 tokens: mma.sync), BN weight rows per program
+DOT4_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w, num_stages=st) for bn, sk, ku, w, st in [
+    (64, 4, 1, 4, 3), (64, 8, 1, 4, 3), (64, 16, 1, 4, 3), (128, 2, 1, 4, 3), (128, 4, 1, 4, 3), (128, 8, 1, 4, 3),
+    (128, 16, 1, 4, 3), (256, 2, 1, 4, 3), (256, 4, 1, 4, 3), (256, 8, 1, 4, 3), (256, 2, 1, 8, 3), (256, 4, 1, 8, 3),
+    (128, 4, 1, 8, 3), (128, 4, 1, 4, 4), (128, 8, 1, 4, 4), (128, 4, 2, 4, 3), (64, 8, 1, 2, 3), (32, 8, 1, 2, 3),
 ]]
 # dot4t: BN rows of weights per program (wgmma's M: 64 per warp group), BM tokens (its N)
 DOT4T_CONFIGS = [dict(BN=bn, SPLIT_K=sk, num_warps=w, num_stages=st) for bn, sk, w, st in [
@@ -1547,10 +1483,11 @@ def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
 _REDUCE_LAUNCHES: dict = {}
 
 
-def _reduce(part: torch.Tensor, out: torch.Tensor, total: int, sk: int) -> None:
-    """out = the sum of the [sk, total] fp32 partials (a second kernel, when the split-K sum is not fused)."""
-    launch(_REDUCE_LAUNCHES, (total, sk, out.dtype), _splitk_reduce, (cdiv(total, 1024),), (part, out, total),
-           dict(SK=sk, BLOCK=1024, num_warps=4))
+def _reduce(part: torch.Tensor, out: torch.Tensor, total: int, sk: int, pdl: bool = False) -> None:
+    """out = the sum of the [sk, total] fp32 partials (a second kernel, when the split-K sum is not fused); pdl: as a
+    programmatic dependent launch of the kernel before it, which must trigger it (TRIG)."""
+    launch(_REDUCE_LAUNCHES, (total, sk, out.dtype, pdl), _splitk_reduce, (cdiv(total, 1024),), (part, out, total),
+           dict(SK=sk, BLOCK=1024, num_warps=4, PDL=pdl, **(dict(launch_pdl=True) if pdl else {})))
 
 
 def _launches(st: WeightOnlyState) -> dict:
@@ -1697,20 +1634,28 @@ def _pdl_ok(device: torch.device) -> bool:
     return _PDL_OK[key]
 
 
+def _pdl_dev(x: torch.Tensor) -> bool:
+    """Programmatic dependent launches on x's device: QTOOL_PDL not 0, and the once-per-device check passed (not
+    started inside someone's graph capture: it synchronizes)."""
+    if not PDL_DEFAULT or tuning.interpreting() or x.device.type != "cuda":
+        return False
+    if (x.device.type, x.device.index) not in _PDL_OK:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _pdl_ok(x.device)
+    return bool(_PDL_OK[(x.device.type, x.device.index)])
+
+
 def _pdl_for(st: WeightOnlyState, x: torch.Tensor) -> int:
     """1 when this call may be a programmatic dependent launch. Such a kernel reads its weights before it waits
     for the kernel before it, so a weight's first call runs plainly: whatever wrote the weights (repacking, a
     copy) is then ordered before it, and nothing writes them after."""
-    if not PDL_DEFAULT or tuning.interpreting() or x.device.type != "cuda":
+    if not _pdl_dev(x):
         return 0
-    if (x.device.type, x.device.index) not in _PDL_OK:
-        if torch.cuda.is_current_stream_capturing():  # the check synchronizes: not inside someone's capture
-            return 0
-        _pdl_ok(x.device)
     if not getattr(st, "_pdl_ready", False):
         st._pdl_ready = True
         return 0
-    return 1 if _PDL_OK[(x.device.type, x.device.index)] else 0
+    return 1
 
 
 # split-K sums through a thread-block cluster's shared memory (cluster.py) on sm_90+ (QTOOL_CLUSTER=0: off)
@@ -1817,39 +1762,44 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
-                 gshift: bool | None = None, pdl: int = 0, clu: bool = False) -> torch.Tensor:
-    """int4 through tensor cores: kind dot4 (x the left operand), dot4t (the decoded weights the left one,
-    wgmma's register operand) or dot4s (dot4t with the scale in the decode); NVFP4: dot4f (as dot4t). dot4t
-    and dot4f sum split-K partials in the kernel when fused (default KERNEL_NEXT: not faster on an H100, session 10),
-    dot4t takes the group of a block as b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16).
-    clu (dot4t, dot4f): the split-K sum through the tile's cluster (split 2 .. cluster.MAX dividing the tile; the
-    caller checks cluster.ok)."""
+                 gshift: bool | None = None, pdl: int = 0, clu: bool = False, abl: int = 0,
+                 rpdl: bool | None = None) -> torch.Tensor:
+    """int4 through tensor cores: kind dot4 (dot4t's kernel with x the left operand: mma.sync at M <= 16), dot4t
+    (the decoded weights the left one, wgmma's register operand) or dot4s (dot4t with the scale in the decode);
+    NVFP4: dot4f (as dot4t). Split-K partials are summed by a second kernel, launched as a programmatic dependent
+    of the first when rpdl (default: where dependent launches work, `_pdl_dev`); in the kernel when fused (default
+    KERNEL_NEXT: not faster on an H100, session 10); or through the tile's cluster when clu (dot4t, dot4f: split 2 ..
+    cluster.MAX dividing the tile; the caller checks cluster.ok). dot4 / dot4t take the group of a block as
+    b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16). abl (dot4 / dot4t, bench only, wrong
+    values): the kernel's ABL bits 0 and 2, bit 1 leaves the split-K partials unsummed."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
     if ptx is None:
         ptx = not interp and _ptx_ok(x2.device, kind)
     clu = clu and kind in ("dot4t", "dot4f") and 1 < sk <= cluster.MAX and bn % sk == 0
-    fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4t", "dot4f") and sk > 1 and not clu
+    fused = (KERNEL_NEXT and FUSED_REDUCE if fused is None else fused) and kind in ("dot4", "dot4t", "dot4f") and sk > 1 and not clu
     gshift = True if gshift is None else gshift
     out = torch.empty((m, st.n), dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 or clu else torch.empty((sk, m, st.n), dtype=torch.float32, device=x2.device)
     grid = (cdiv(st.n, bn), sk, cdiv(m, bm))
     cnt = _counters(st, grid[0] * grid[2], x2.device) if fused else None
     ctas = dict(ctas=sk, smem_extra=bn * bm * 4) if clu else {}
+    reduce2 = sk > 1 and not fused and not clu and not abl & 2  # the partials summed by a second kernel
+    trig = reduce2 and kind != "dot4s" and (_pdl_dev(x2) if rpdl is None else rpdl)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         grid = (cluster.grid_x(x2.device, sk), cdiv(st.n, bn), cdiv(m, bm))
     kw = dict(FP16=x2.dtype == torch.float16, PTX=ptx, INTERP=interp, BM=bm, BN=bn, SPLIT_K=sk, CLU=clu,
               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     # the compiled kernel is decided by the weight, the constexprs and x's dtype, row stride and alignment (launch.py)
     key = (kind, m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, bm, ptx, fused, gshift, int(pdl), cfg.get("KB", cfg.get("KU", 1)),
-           kw["num_warps"], kw["num_stages"], clu)
+           kw["num_warps"], kw["num_stages"], clu, abl, trig)
     if kind == "dot4f":
         launch(_launches(st), key, _wo_dot4f_kernel, grid, (x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n),
-               dict(cnt_ptr=cnt, FUSED=fused, **kw), live=dict(res_ptr=out), **ctas)
+               dict(cnt_ptr=cnt, FUSED=fused, TRIG=trig, **kw), live=dict(res_ptr=out), **ctas)
     else:
         has_perm = st.perm is not None
-        if has_perm and kind != "dot4":  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
+        if has_perm:  # act order: gather x once (M <= 16 rows: one small kernel) instead of per tile
             x2, has_perm = x2.index_select(1, st.perm), False
         nblk, ku = st.k // 128, cfg.get("KB", cfg.get("KU", 1))
         if ku > 1 and nblk % (sk * ku):
@@ -1860,16 +1810,12 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
         if kind == "dot4s":
             del kw["CLU"]
             _wo_dot4s_kernel[grid](*args, KB=ku, **kw)
-        elif kind == "dot4t":
+        else:  # dot4t, or dot4: the same kernel with x the left operand (XL)
             launch(_launches(st), key, _wo_dot4t_kernel, grid, args,
-                   dict(KU=ku, GSH=st.gshift if gshift else -1, cnt_ptr=cnt, FUSED=fused, PDL=int(pdl), **kw,
+                   dict(KU=ku, GSH=st.gshift if gshift else -1, cnt_ptr=cnt, FUSED=fused, PDL=int(pdl), XL=kind == "dot4", ABL=abl, TRIG=trig, **kw,
                         **(dict(launch_pdl=True) if pdl else {})), live=dict(res_ptr=out), **ctas)
-        else:
-            del kw["CLU"]
-            _wo_dot4_kernel[grid](*args, **kw)
-    if sk > 1 and not fused and not clu:
-        total = m * st.n
-        _reduce(dst, out, total, sk)
+    if reduce2:
+        _reduce(dst, out, m * st.n, sk, pdl=trig)
     return out
 
 
@@ -1966,8 +1912,12 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device),
                                                                                      path != "gemv16-s12", path != "gemv16-s15")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
-                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu"):
+                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu", "dot4-nopdl", "dot4t-nopdl", "dot4f-nopdl") or \
+            path.startswith(("dot4-abl", "dot4t-abl")):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
+        # -ablN (bench only, wrong values, for a time breakdown): bit 0 without x, 1 without the split-K sum, 2 without
+        # the decode (each slot's word pair as it is); -nopdl: the split-K sum launched plainly (session 16's default)
+        abl = int(path.split("-abl")[1]) if "-abl" in path else 0
         # -fr: split-K partials summed in the kernel (KERNEL_NEXT); -v0: group from the gblk table, reduced by a
         # second kernel (session 8's dot4t)
         # -pdl: -fr as a programmatic dependent launch (one kernel per call)
@@ -1977,10 +1927,11 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -clu: split-K partials summed through the tile's cluster (slower than the default's second kernel on an
         # H100 at every M=16 shape, session 15: cluster.py)
         clu = path in ("dot4t-clu", "dot4f-clu") and _clu_for(x2)
-        one = lambda cfg, c: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=c)  # noqa: E731
+        one = lambda cfg, c: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=c, abl=abl,  # noqa: E731
+                                             rpdl=False if path.endswith("-nopdl") else None)
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, m))  # noqa: E731
         if kind == "dot4":
-            configs, default = DOT4_CONFIGS, _dot4_default(st.n)
+            configs, default = (DOT4T_LARGE if m > 16 else DOT4_CONFIGS), _dot4_default(st.n, st.k, m)
         elif kind == "dot4f":  # dot4t's configs of one block per step
             configs = [c for c in (DOT4T_LARGE if m > 16 else DOT4T_CONFIGS) if c.get("KU", 1) == 1]
             default = _dot4f_default(st.n, st.k, m)
@@ -2061,13 +2012,9 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)  # qkv and o (session 8: o took 256 x 16 on both)
 
 
-def _dot4_default(n: int) -> dict:
-    """Untuned dot4 config: what the tuner chose on an H100 for every Llama-3-8B shape at M = 1 and 16
-    (bench/kernels.py, session 6): BN 128, split-K 8 up to N = 14336 (2 for gate_up's 28672 outputs).
-    The interpreter (CPU tests) keeps small tiles."""
-    if tuning.interpreting():
-        return dict(BN=64, SPLIT_K=4, num_warps=4, num_stages=3)
-    return dict(BN=128, SPLIT_K=8 if n <= 16384 else 2, num_warps=4, num_stages=3)
+def _dot4_default(n: int, k: int, m: int) -> dict:
+    """Untuned dot4 config: dot4t's tiles (not yet tuned for x as the left operand)."""
+    return _dot4t_default(n, k, m)
 
 
 def _dot4t_large_default(m: int) -> dict:
