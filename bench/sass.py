@@ -2,7 +2,8 @@
 instruction mix of the hot loop (the longest backward branch in the SASS), per word of weights.
 
     python bench/sass.py [--configs 128,4,1,4;16,1,8,2] [--keep DIR]
-    python bench/sass.py --dot4 128,4,4;64,8,4      (M <= 16: dot4t (wgmma) and dot4 (x left, mma.sync), BN,SPLIT_K,warps)
+    python bench/sass.py --dot4 128,4,4;64,8,4      (M <= 16: dot4t (wgmma) and dot4 (x left, mma.sync), BN,SPLIT_K,warps;
+                                                     env ABL, STAGES)
 
 Uses the ptxas / cuobjdump that ship with Triton. A kernel that is instruction-bound shows it here
 first: the count per packed word (eight int4 weights) is what the GPU must issue per eight weights."""
@@ -41,12 +42,12 @@ def loop_body(sass: str) -> collections.Counter:
     return collections.Counter(op for a, op, _ in ins if best and best[0] <= a <= best[1])
 
 
-def build(fn, signature: dict, constexprs: dict, num_warps: int, keep: str, name: str):
+def build(fn, signature: dict, constexprs: dict, num_warps: int, keep: str, name: str, num_stages: int = 3):
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t != "constexpr"}
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     cub = os.path.join(keep, name + ".cubin")
     with open(cub, "wb") as f:
         f.write(k.asm["cubin"])
@@ -76,8 +77,9 @@ def dot4(configs: str, keep: str):
         bn, sk, w = (int(v) for v in cfg.split(","))
         for xl in (False, True):
             c = dict(HAS_ZERO=False, HAS_PERM=False, FP16=False, PTX=True, INTERP=False, BM=16, BN=bn, SPLIT_K=sk, KU=1, GSH=0,
-                     FUSED=False, PDL=0, CLU=False, XL=xl, ABL=int(os.environ.get("ABL", "0")))
-            res, ops = build(wo._wo_dot4t_kernel, DOT4_SIG, c, w, keep, f"dot4{'' if xl else 't'}_{bn}_{sk}_{w}")
+                     FUSED=False, PDL=0, CLU=False, XL=xl, ABL=int(os.environ.get("ABL", "0")), TRIG=True)
+            res, ops = build(wo._wo_dot4t_kernel, DOT4_SIG, c, w, keep, f"dot4{'' if xl else 't'}_{bn}_{sk}_{w}",
+                             int(os.environ.get("STAGES", "3")))
             words = 16 * bn / (32 * w)  # packed words per thread per 128-channel block
             tot = sum(ops.values())
             print(f"{'dot4 ' if xl else 'dot4t'} BN={bn:<4} SPLIT_K={sk:<3} warps={w}: {res}; loop {tot} instructions, "
