@@ -2013,7 +2013,7 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
 
 
 def _dot4_default(n: int, k: int, m: int) -> dict:
-    """Untuned dot4 config: dot4t's tiles (not yet tuned for x as the left operand)."""
+    """Untuned dot4 config: dot4t's tiles (the session-17 sweep found the same best tiles for both)."""
     return _dot4t_default(n, k, m)
 
 
@@ -2030,14 +2030,16 @@ def _tc_small_default(m: int, cfg: dict) -> dict:
 
 
 def _dot4t_default(n: int, k: int, m: int) -> dict:
-    """Untuned dot4t config: what the CUDA-graph tuner chose on an H100 for the Llama-3-8B shapes at M = 16
-    with the group shift (bench/kernels.py, session 10): 128 rows x split-K 4 for qkv, x 8 for o and down's
-    long K, 256 rows x split-K 2 (4 stages) for gate_up's 28672 rows. One warp group."""
+    """Untuned dot4t / dot4 config at M <= 16: the fastest tiles of the M = 16 sweep on an H100 with the split-K sum
+    as a dependent launch (session 17, `bench/kernels.py --tc-configs`): 64 rows x split-K 4 on two warps (mma.sync)
+    for qkv and o, 128 x 8 on one warp group for down's long K, 256 x 2 for gate_up's 28672 rows."""
     if n >= 16384:
-        cfg = dict(BN=256, SPLIT_K=2, num_stages=4)
+        cfg = dict(BN=256, SPLIT_K=2, num_warps=4)
+    elif k >= 8192:
+        cfg = dict(BN=128, SPLIT_K=8, num_warps=4)
     else:
-        cfg = dict(BN=128, SPLIT_K=8 if k >= 8192 or n * k <= 20 << 20 else 4, num_stages=3)
-    return _tc_small_default(m, dict(cfg, num_warps=4))
+        cfg = dict(BN=64, SPLIT_K=4, num_warps=2)
+    return _tc_small_default(m, dict(cfg, num_stages=3))
 
 
 def _dot4f_default(n: int, k: int, m: int) -> dict:
