@@ -22,7 +22,7 @@ def recorded(monkeypatch):
                           smem=smem_extra))
 
     monkeypatch.setattr(weight_only, "launch", rec)
-    monkeypatch.setattr(weight_only, "_reduce", lambda *a: calls.append("reduce"))
+    monkeypatch.setattr(weight_only, "_reduce", lambda *a, pdl=False: calls.append(("reduce", pdl)))
     return calls
 
 
@@ -76,7 +76,28 @@ def test_dot4_cluster_launch(recorded, kind):
     assert y.shape == (5, 96)
     recorded.clear()
     weight_only._launch_dot4(x, st, dict(BN=64, SPLIT_K=4), False, kind)
-    assert recorded[0]["grid"] == (2, 4, 1) and recorded[0]["ctas"] == 1 and recorded[1:] == ["reduce"]
+    assert recorded[0]["grid"] == (2, 4, 1) and recorded[0]["ctas"] == 1 and recorded[1:] == [("reduce", False)]
+    assert recorded[0]["consts"]["TRIG"] is False  # no dependent launches under the interpreter
+
+
+@pytest.mark.parametrize("kind", ["dot4", "dot4t", "dot4f"])
+def test_split_k_sum_as_dependent_launch(recorded, kind):
+    """rpdl: the first kernel triggers (TRIG) and the second kernel is a dependent launch (pdl); nothing to trigger
+    without a split, with the cluster sum or with the sum in the kernel (fused)."""
+    st = _int4() if kind != "dot4f" else weight_only.prepare(QTensor(
+        "e2m1", 4, torch.randint(0, 16, (96, 1024), dtype=torch.uint8), torch.ones(96, 64).to(torch.float8_e4m3fn), None, 16,
+        global_scale=torch.tensor(1.0)))
+    x = torch.randn(5, 1024, dtype=torch.bfloat16)
+    weight_only._launch_dot4(x, st, dict(BN=64, SPLIT_K=4), False, kind, rpdl=True)
+    assert recorded[0]["consts"]["TRIG"] is True and recorded[1:] == [("reduce", True)]
+    assert recorded[0]["key"][-1] is True  # (key: ..., trig)
+    cases = [(dict(BN=64, SPLIT_K=1), {}), (dict(BN=64, SPLIT_K=4), dict(fused=True))]
+    if kind != "dot4":  # (dot4 has no cluster sum)
+        cases.append((dict(BN=64, SPLIT_K=4), dict(clu=True)))
+    for cfg, kw in cases:
+        recorded.clear()
+        weight_only._launch_dot4(x, st, cfg, False, kind, rpdl=True, **kw)
+        assert recorded[0]["consts"]["TRIG"] is False and recorded[1:] == [], (cfg, kw)
 
 
 def test_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
