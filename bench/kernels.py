@@ -416,7 +416,7 @@ def main():
                 # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
                 # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
                 # dot4t summing through the cluster (not the default: slower on an H100, session 15)
-                paths = (("gemv16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
+                paths = (("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
                          if m == 1 else ("dot4t", "dot4", "dot4t-nopdl", "dot4-nopdl", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
@@ -472,7 +472,7 @@ def main():
                     tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move (wrong values)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

@@ -291,6 +291,10 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     # 32-channel groups and 8-bit weights take the fp32 GEMV
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
+    # one row only (M = 1): more rows go to the tensor-core kernels; forced, gemv16 refuses them
+    assert not weight_only.gemv16_fits(st, x_of(2, k).to(dtype))
+    with pytest.raises(ValueError, match="one row"):
+        weight_only.matmul(x_of(2, k).to(dtype), st, path="gemv16")
 
 
 @pytest.mark.parametrize("group,sym,act_order,dtype", [(128, True, False, torch.bfloat16), (128, False, True, torch.float16),

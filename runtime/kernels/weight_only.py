@@ -1358,8 +1358,10 @@ def _wo_dequant_rows_kernel(
 @triton.jit
 def _splitk_reduce(part_ptr, out_ptr, total, SK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out = the sum of SK fp32 partials. PDL: launched as a programmatic dependent of the kernel that writes them
-    (which triggers it at its start): resident early, it waits here for that kernel's writes."""
+    (which triggers it at its start): resident early, it waits here for that kernel's writes; it triggers the next
+    kernel at once (a dependent gemv16 then reads its weights early, and waits for this one before anything else)."""
     if PDL:
+        _gdc_launch_dependents()
         _gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
@@ -1462,6 +1464,9 @@ KERNEL_NEXT = os.environ.get("QTOOL_KERNEL_NEXT", "0") == "1"
 # the four Llama-3-8B shapes: 2.34-2.38x -> 2.58-2.63x bf16; dot4t at M <= 16 was slower with it: 2.02 -> 1.62).
 # QTOOL_PDL=0 turns it off. A weight's first call runs without it (see _pdl_for).
 PDL_DEFAULT = os.environ.get("QTOOL_PDL", "1") != "0"
+# gemv16 as a dependent launch sums its split-K partials in a second, dependent kernel rather than through the cluster
+# (QTOOL_RSUM=0: the cluster, session 16's default)
+RSUM_DEFAULT = os.environ.get("QTOOL_RSUM", "1") != "0"
 _PDL_OK: dict = {}
 # int4 codes decoded as fp16 subnormals with the zero point taken off per block (the kernel's SUB: 16.5 instead of
 # 19.3 instructions a word) in the default qkv / o tiles (session 16, H100, as dependent launches: o 5.9 -> 5.3 us,
@@ -1471,9 +1476,9 @@ SUB_DEFAULT = os.environ.get("QTOOL_SUB", "1") != "0"
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
-    """The packed-fp16 GEMV: 4-bit int weights whose 128-channel blocks each lie in one group, or NVFP4
-    weights (e4m3 scales per 16 channels)."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or st.bits != 4:
+    """The packed-fp16 GEMV for one row of x: 4-bit int weights whose 128-channel blocks each lie in one group, or
+    NVFP4 weights (e4m3 scales per 16 channels)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or st.bits != 4 or x.numel() != x.shape[-1]:
         return False
     if st.wtype == WTYPE_NVFP4:
         return st.scales.shape[0] * 16 == st.k and st.perm is None
@@ -1527,6 +1532,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
     cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM); sub: int4 codes decoded as fp16
     subnormals, the zero point taken off per block (the kernel's SUB)."""
+    if x2.shape[0] != 1:  # forced at M = 16 on an H100 it gave wrong sums (session 17; M = 1 is what is checked)
+        raise ValueError(f"gemv16 takes one row of x (M = 1), not {x2.shape[0]}")
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
@@ -1561,9 +1568,8 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
                ctas=sk, smem_extra=bn * 4)
     else:
         launch(_launches(st), key, _wo_gemv16_kernel, (m, tiles, sk), args, consts)
-    if sk > 1 and not fused and not clu:
-        total = m * st.n
-        _reduce(part, out, total, sk)
+    if sk > 1 and not fused and not clu:  # a dependent launch when this one is (it triggers at its start)
+        _reduce(part, out, m * st.n, sk, pdl=bool(pdl) and (abl & 2) == 0)
     return out
 
 
@@ -1887,7 +1893,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
             path = "gemv" if m == 1 else "small" if m <= 16 else "tiled" if m < DEQUANT_MIN_M else "dequant"
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
-                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15"):
+                "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15",
+                "gemv16-rpdl", "gemv16-s16"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1899,14 +1906,18 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; slower, session 16)
         like = path in ("gemv16", "gemv16-s12", "gemv16-s15", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub",
-                        "gemv16-sub-abl4") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+                        "gemv16-sub-abl4", "gemv16-rpdl", "gemv16-s16") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
         # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
         abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
         fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
-        clu = (path in ("gemv16", "gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15") or fp4q or sub) and _clu_for(x2)
-        one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and FUSED_REDUCE,  # noqa: E731
+        # the default's split-K sum: a second kernel launched as a dependent (-rpdl forces it: H100, session 17, 2.96x ->
+        # 3.12x bf16 against the cluster sum) where this launch is one, else through the cluster (-s16: always so)
+        rsum = path == "gemv16-rpdl" or (path == "gemv16" and pdl > 0 and RSUM_DEFAULT)
+        clu = (path in ("gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15", "gemv16-s16") or (path == "gemv16" and not rsum)
+               or fp4q or sub) and _clu_for(x2)
+        one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and not rsum and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                             pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
                                             fp4q=fp4q, sub=sub)
