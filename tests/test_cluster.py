@@ -130,3 +130,27 @@ def test_a_refused_cluster_launch_falls_back_to_the_global_sum(monkeypatch):
     assert calls == [(256, False), (64, True), (64, False)]
     with pytest.raises(ValueError):  # anything but a launch error is not swallowed
         weight_only._clu_run(lambda cfg, clu: (_ for _ in ()).throw(ValueError("bad")), dict(BN=8), True, what)
+
+
+@pytest.mark.parametrize("path,pdl,rsum_on,want", [
+    ("gemv16", 1, True, "second"),  # the default as a dependent launch: a dependent second kernel sums
+    ("gemv16", 1, False, "cluster"),  # QTOOL_RSUM=0: session 16's cluster sum
+    ("gemv16", 0, True, "cluster"),  # a plain launch (a weight's first call): the cluster
+    ("gemv16-s16", 1, True, "cluster"),
+    ("gemv16-rpdl", 1, False, "second"),
+    ("gemv16-noclu", 1, True, "fused"),
+])
+def test_gemv16_split_k_sum_by_launch_kind(recorded, monkeypatch, path, pdl, rsum_on, want):
+    """Which split-K sum matmul's gemv16 paths take (the launcher recorded, nothing runs): as a dependent launch the
+    default hands its partials to a second kernel, itself a dependent launch (pdl); plainly launched it sums through
+    the tile's cluster; -noclu in the kernel (the tile's last program)."""
+    monkeypatch.setattr(weight_only, "_pdl_for", lambda st, x: pdl)
+    monkeypatch.setattr(weight_only, "_clu_for", lambda x: True)
+    monkeypatch.setattr(weight_only, "RSUM_DEFAULT", rsum_on)
+    monkeypatch.setattr(weight_only.tuning, "pick", lambda key, configs, run, default: dict(BN=32, SPLIT_K=4, KU=1))
+    st, x = _int4(), torch.randn(1, 1024, dtype=torch.bfloat16)
+    weight_only.matmul(x, st, path)
+    c = recorded[0]
+    assert c["consts"]["PDL"] == pdl
+    assert c["consts"]["CLU"] is (want == "cluster") and c["consts"]["FUSED_REDUCE"] is (want == "fused")
+    assert recorded[1:] == ([("reduce", bool(pdl))] if want == "second" else [])

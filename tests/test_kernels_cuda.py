@@ -199,6 +199,14 @@ def test_split_k_sum_as_dependent_launch(wtype):
                 x.normal_()
                 g.replay()
                 assert torch.equal(gy, weight_only._launch_dot4(x, st, dict(BN=128, SPLIT_K=8), kind=kind, rpdl=False)), (kind, m)
+    # gemv16 (M = 1) as a dependent launch handing its partials to the dependent second kernel (the default where
+    # gemv16 launches dependently): the in-kernel sum's output bit for bit (the same fp32 additions in the same order)
+    x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    for bn, sk in [(64, 4), (128, 8), (256, 16)]:
+        cfg = dict(BN=bn, SPLIT_K=sk, KU=1)
+        ref = weight_only._launch_gemv16(x1, st, cfg, True)
+        got = weight_only._launch_gemv16(x1, st, cfg, True, fused=False, pdl=1)
+        assert torch.equal(got, ref), ("gemv16", bn, sk)
     assert weight_only._pdl_dev(torch.empty(1, device="cuda"))  # the default launches them so here
 
 
