@@ -162,7 +162,7 @@ def test_split_k_sum_as_dependent_launch(wtype):
     """The M <= 16 tensor-core kernels (dot4, dot4t; dot4f for NVFP4) with their split-K sum launched as a
     programmatic dependent (triggered at the first kernel's start, waiting for its writes): the plain launch's
     outputs bit for bit, eagerly and replayed from a CUDA graph with new x each time; and the partials are summed
-    (the dependent kernel ran) against the fp32 reference."""
+    (the dependent kernel ran) against the fp32 reference. gemv16 (M = 1) likewise against its in-kernel sum."""
     from qtensor import QTensor
     from runtime.kernels import weight_only
 
