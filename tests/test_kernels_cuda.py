@@ -104,6 +104,21 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
             assert torch.equal(y, ref[-1]), name
 
 
+def _random_qt(wtype: str, n: int, k: int):
+    """A random CUDA weight: int4 g128 sym ("int4") or asym ("int4-asym"), or NVFP4 ("nvfp4") with e4m3 scales from
+    0.01 to 400 (N not a multiple of the kernels' tiles at n = 1000)."""
+    from qtensor import QTensor
+
+    if wtype == "nvfp4":
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+        bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
+        return QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda"))
+    zero = wtype == "int4-asym"
+    codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
+    zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
+    return QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128)
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("wtype", ["int4", "int4-asym", "nvfp4"])
 def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
@@ -111,7 +126,6 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
     give the global-memory sums bit for bit (the same fp32 additions in the same order): gemv16 at M = 1 for splits
     2 .. 8 and tiles of 32 .. 512 columns, plain and as dependent launches, eagerly and replayed from a CUDA graph;
     dot4t (int4) / dot4f (NVFP4) at M = 4 and 16 against their two-kernel sum; N not a multiple of the tile."""
-    from qtensor import QTensor
     from runtime.kernels import cluster, weight_only
 
     monkeypatch.setattr(cluster, "ON", True)  # (whatever QTOOL_CLUSTER says)
@@ -120,15 +134,7 @@ def test_cluster_split_k_sum_matches_the_global_sum(wtype, monkeypatch):
         pytest.skip(f"no cluster sums here: {weight_only._CLU_OK.get('why')} / {cluster.WHY}")
     torch.manual_seed(0)
     n, k = 1000, 2048
-    if wtype == "nvfp4":
-        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
-        bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
-        qt = QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda"))
-    else:
-        zero = wtype == "int4-asym"
-        codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
-        zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
-        qt = QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128)
+    qt = _random_qt(wtype, n, k)
     st = weight_only.prepare(qt)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     for bn, sk, ku in [(32, 2, 2), (64, 4, 1), (128, 8, 1), (256, 8, 2), (512, 8, 1), (256, 16, 1)]:
@@ -163,7 +169,6 @@ def test_split_k_sum_as_dependent_launch(wtype):
     programmatic dependent (triggered at the first kernel's start, waiting for its writes): the plain launch's
     outputs bit for bit, eagerly and replayed from a CUDA graph with new x each time; and the partials are summed
     (the dependent kernel ran) against the fp32 reference. gemv16 (M = 1) likewise against its in-kernel sum."""
-    from qtensor import QTensor
     from runtime.kernels import weight_only
 
     dev = torch.device("cuda")
@@ -171,15 +176,7 @@ def test_split_k_sum_as_dependent_launch(wtype):
         pytest.skip(f"no dependent launches here: {weight_only._PDL_OK.get('why')}")
     torch.manual_seed(0)
     n, k = 1000, 2048
-    if wtype == "nvfp4":
-        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
-        bs = (torch.rand(n, k // 16, device="cuda") * 400 + 0.01).to(torch.float8_e4m3fn)
-        qt = QTensor("e2m1", 4, codes, bs, None, 16, global_scale=torch.tensor(3e-3, device="cuda"))
-    else:
-        zero = wtype == "int4-asym"
-        codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), device="cuda").to(torch.uint8 if zero else torch.int8)
-        zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") if zero else None
-        qt = QTensor("int", 4, codes, (torch.rand(n, k // 128, device="cuda") * 0.02 + 0.002).half(), zeros, 128)
+    qt = _random_qt(wtype, n, k)
     st = weight_only.prepare(qt)
     w = qt.dequantize(torch.float32).to("cuda")
     for kind in (("dot4f",) if wtype == "nvfp4" else ("dot4", "dot4t")):
