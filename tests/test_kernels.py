@@ -291,10 +291,24 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     # 32-channel groups and 8-bit weights take the fp32 GEMV
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
-    # one row only (M = 1): more rows go to the tensor-core kernels; forced, gemv16 refuses them
+    # one row only (M = 1): more rows go to the tensor-core kernels; forced, matmul's gemv16 refuses them
     assert not weight_only.gemv16_fits(st, x_of(2, k).to(dtype))
     with pytest.raises(ValueError, match="one row"):
         weight_only.matmul(x_of(2, k).to(dtype), st, path="gemv16")
+    # the kernel itself keeps each row of x in its own scratch row (pairs, 1 / prescale per block, SUB's x sums): two
+    # rows at once leave the same scratch as each row alone (a row stride of K / 2 once let row 1 overwrite row 0's
+    # prescales on the GPU, where the rows' programs run at once; the interpreter runs them one after another)
+    x2, row = x_of(2, k).to(dtype), k // 2 + k // 128 + k // 16
+    for sub in (False, True):
+        cfg = dict(BN=16, SPLIT_K=2, KU=2)
+        both = weight_only._scratch(st, "pairs", (2, row), torch.int32, x2.device)
+        both.zero_()  # (the buffer the launch takes; what a call does not write stays zero)
+        weight_only._launch_gemv16(x2, st, cfg, False, sub=sub)
+        for r in range(2):
+            one = weight_only._scratch(st, "pairs", (1, row), torch.int32, x2.device)
+            one.zero_()
+            weight_only._launch_gemv16(x2[r:r + 1], st, cfg, False, sub=sub)
+            assert torch.equal(both[r], one[0]) and bool(one[0, : k // 2].any()), (sub, r)
 
 
 @pytest.mark.parametrize("group,sym,act_order,dtype", [(128, True, False, torch.bfloat16), (128, False, True, torch.float16),
