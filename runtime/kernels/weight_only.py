@@ -1945,7 +1945,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                                              rpdl=False if path.endswith("-nopdl") else None)
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, m))  # noqa: E731
         if kind == "dot4":
-            configs, default = (DOT4T_LARGE if m > 16 else DOT4_CONFIGS), _dot4_default(st.n, st.k, m)
+            configs, default = (DOT4T_LARGE if m > 16 else DOT4_CONFIGS), _dot4t_default(st.n, st.k, m)  # dot4t's tiles
         elif kind == "dot4f":  # dot4t's configs of one block per step
             configs = [c for c in (DOT4T_LARGE if m > 16 else DOT4T_CONFIGS) if c.get("KU", 1) == 1]
             default = _dot4f_default(st.n, st.k, m)
@@ -2024,11 +2024,6 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
         return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4, EVF=True)
     return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)  # qkv and o (session 8: o took 256 x 16 on both)
-
-
-def _dot4_default(n: int, k: int, m: int) -> dict:
-    """Untuned dot4 config: dot4t's tiles (the session-17 sweep found the same best tiles for both)."""
-    return _dot4t_default(n, k, m)
 
 
 def _dot4t_large_default(m: int) -> dict:
