@@ -3,7 +3,7 @@ instruction mix of the hot loop (the longest backward branch in the SASS), per w
 
     python bench/sass.py [--configs 128,4,1,4;16,1,8,2] [--keep DIR]
     python bench/sass.py --dot4 128,4,4;64,8,4      (M <= 16: dot4t (wgmma) and dot4 (x left, mma.sync), BN,SPLIT_K,warps;
-                                                     env ABL, STAGES)
+                                                     env ABL, STAGES, TMA)
 
 Uses the ptxas / cuobjdump that ship with Triton. A kernel that is instruction-bound shows it here
 first: the count per packed word (eight int4 weights) is what the GPU must issue per eight weights."""
@@ -76,9 +76,11 @@ def dot4(configs: str, keep: str):
     for cfg in configs.split(";"):
         bn, sk, w = (int(v) for v in cfg.split(","))
         for xl in (False, True):
+            tma = os.environ.get("TMA", "0") == "1"  # the word tiles by TMA through a descriptor
             c = dict(HAS_ZERO=False, HAS_PERM=False, FP16=False, PTX=True, INTERP=False, BM=16, BN=bn, SPLIT_K=sk, KU=1, GSH=0,
-                     FUSED=False, PDL=0, CLU=False, XL=xl, ABL=int(os.environ.get("ABL", "0")), TRIG=True)
-            res, ops = build(wo._wo_dot4t_kernel, DOT4_SIG, c, w, keep, f"dot4{'' if xl else 't'}_{bn}_{sk}_{w}",
+                     FUSED=False, PDL=0, CLU=False, XL=xl, ABL=int(os.environ.get("ABL", "0")), TRIG=True, TMA=tma, **({} if tma else dict(wdesc=None)))
+            sig = dict(DOT4_SIG, wdesc=f"tensordesc<i32[16, {bn}]>") if tma else DOT4_SIG
+            res, ops = build(wo._wo_dot4t_kernel, sig, c, w, keep, f"dot4{'' if xl else 't'}_{bn}_{sk}_{w}",
                              int(os.environ.get("STAGES", "3")))
             words = 16 * bn / (32 * w)  # packed words per thread per 128-channel block
             tot = sum(ops.values())

@@ -403,6 +403,12 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
                 assert torch.equal(y3, y2)
             if sk > 1:
                 assert int(st._counters.abs().sum()) == 0
+    if path in ("dot4", "dot4t"):  # the word tiles through a tensor descriptor (TMA on the GPU; 40 rows: the last
+        # tile's rows past N read as zeros): the same sums as the pointer loads, sym and asym, split or not
+        x = x_of(3, k).to(dtype)
+        for cfg in (dict(BN=32, SPLIT_K=1), dict(BN=32, SPLIT_K=4), dict(BN=64, SPLIT_K=2, KU=2)):
+            assert torch.equal(weight_only._launch_dot4(x, st, cfg, kind=path, tma=True), weight_only._launch_dot4(x, st, cfg, kind=path))
+        assert rel_err(weight_only.matmul(x, st, path=path + "-tma"), x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path) is False
     if path == "dot4":  # dot4t's kernel with x the left operand (XL): the same products, summed in another order

@@ -1025,10 +1025,11 @@ def _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok,
 def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, magic,
                  N, stride_xm, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr,
                  INTERP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GSH: tl.constexpr, XL: tl.constexpr = False,
-                 ABL: tl.constexpr = 0):
+                 ABL: tl.constexpr = 0, wdesc=None, n0=0, TMA: tl.constexpr = False):
     """acc [BN, BM] += s * ((q - z) . x^T) over 128-channel block b (s: the block's scales, [BN] fp32); XL (x the
     left operand): acc [BM, BN] += x . (q - z)^T * s, the word tile [16, BN]. ABL (bench only, wrong values): bit 0
-    x not read, bit 2 each slot only paired (one prmt, no decode)."""
+    x not read, bit 2 each slot only paired (one prmt, no decode). TMA: the word tile read through wdesc (a tensor
+    descriptor of the [K / 8, N] words, block [16, BN]) at columns n0.., by the Tensor Memory Accelerator."""
     MAGIC: tl.constexpr = 1024.0 if FP16 else 128.0
     ZNEG8: tl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)  # -(MAGIC + 8) in fp16 / bf16, a pair (int32)
     DT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
@@ -1040,7 +1041,12 @@ def _dot4t_block(acc, b, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, ma
         wofs = (b * 16 + offs_r)[None, :] * N + offs_n[:, None]
         wmask = mask_n[:, None]
         zofs = offs_n[:, None] + 0 * offs_r[None, :]
-    words = tl.load(qw_ptr + wofs, mask=wmask, other=0)
+    if TMA:
+        words = wdesc.load([b * 16, n0])
+        if not XL:
+            words = tl.trans(words)
+    else:
+        words = tl.load(qw_ptr + wofs, mask=wmask, other=0)
     if HAS_ZERO:
         g = _group(gblk_ptr, b, GSH)
     k0 = b * 128
@@ -1098,7 +1104,7 @@ def _wo_dot4t_kernel(
     HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, FP16: tl.constexpr, PTX: tl.constexpr, INTERP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, GSH: tl.constexpr = -1,
     res_ptr=None, cnt_ptr=None, FUSED: tl.constexpr = False, PDL: tl.constexpr = 0, CLU: tl.constexpr = False,
-    XL: tl.constexpr = False, ABL: tl.constexpr = 0, TRIG: tl.constexpr = False,
+    XL: tl.constexpr = False, ABL: tl.constexpr = 0, TRIG: tl.constexpr = False, wdesc=None, TMA: tl.constexpr = False,
 ):
     """int4 through tensor cores with the operands swapped: out^T [BN, BM] = W x^T. The decoded weights
     are the left operand (BN >= 64 rows: Hopper's wgmma takes it from registers, no trip through shared
@@ -1110,7 +1116,7 @@ def _wo_dot4t_kernel(
     XL (kind dot4): x the left operand, out [BM, BN] = x W^T, the decoded [16, BN] slices the right one: at BM = 16
     that is mma.sync (m16n8k16), whose register operands need no wait after each dot as wgmma's do (session 9's
     SASS read); word rows 2c, 2c + 1 are again a thread's K pair of the operand. TRIG: the next kernel (the split-K
-    sum) may launch at once (it waits for this one's writes)."""
+    sum) may launch at once (it waits for this one's writes). TMA: the words through wdesc (_dot4t_block)."""
     if PDL or TRIG:
         _gdc_launch_dependents()
     MAGIC16: tl.constexpr = 0x6400 if FP16 else 0x4300
@@ -1133,7 +1139,8 @@ def _wo_dot4t_kernel(
             g_next = _group(gblk_ptr, tl.minimum(bb + u + 1, b1 - 1), GSH)
             s_next = tl.load(s_ptr + g_next * N + offs_n, mask=mask_n, other=0.0)
             acc = _dot4t_block(acc, bb + u, s, x_ptr, qw_ptr, z_ptr, gblk_ptr, perm_ptr, offs_m, mask_m, offs_n, mask_n,
-                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH, XL, ABL)
+                               offs_r, magic, N, stride_xm, HAS_ZERO, HAS_PERM, FP16, PTX, INTERP, BN, BM, GSH, XL, ABL,
+                               wdesc, tl.program_id(1 if CLU else 0) * BN, TMA)
     if XL:
         acc = tl.trans(acc)
     _store_t(out_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_ok, pid_k, SPLIT_K, res_ptr, cnt_ptr, FUSED, CLU, N)
@@ -1767,9 +1774,20 @@ def _ptx_ok(device: torch.device, kind: str = "dot4") -> bool:
     return _PTX_OK[key]
 
 
+def _wdesc(st: WeightOnlyState, bn: int):
+    """A tensor descriptor of the words st.qw [K / 8, N] for [16, bn] tiles (one 128-channel block of bn rows), kept
+    per weight and tile width."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = st.__dict__.setdefault("_wdesc", {})
+    if bn not in d:
+        d[bn] = TensorDescriptor.from_tensor(st.qw, [16, bn])
+    return d[bn]
+
+
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
                  gshift: bool | None = None, pdl: int = 0, clu: bool = False, abl: int = 0,
-                 rpdl: bool | None = None) -> torch.Tensor:
+                 rpdl: bool | None = None, tma: bool = False) -> torch.Tensor:
     """int4 through tensor cores: kind dot4 (dot4t's kernel with x the left operand: mma.sync at M <= 16), dot4t
     (the decoded weights the left one, wgmma's register operand) or dot4s (dot4t with the scale in the decode);
     NVFP4: dot4f (as dot4t). Split-K partials are summed by a second kernel, launched as a programmatic dependent
@@ -1777,7 +1795,8 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
     KERNEL_NEXT: not faster on an H100, session 10); or through the tile's cluster when clu (dot4t, dot4f: split 2 ..
     cluster.MAX dividing the tile; the caller checks cluster.ok). dot4 / dot4t take the group of a block as
     b >> st.gshift when gshift (default: on; H100 M=16 1.76x -> 1.91x bf16). abl (dot4 / dot4t, bench only, wrong
-    values): the kernel's ABL bits 0 and 2, bit 1 leaves the split-K partials unsummed."""
+    values): the kernel's ABL bits 0 and 2, bit 1 leaves the split-K partials unsummed. tma (dot4 / dot4t): the word
+    tiles read by the Tensor Memory Accelerator through a descriptor of st.qw (_wdesc)."""
     m = x2.shape[0]
     sk, bn, bm = cfg["SPLIT_K"], cfg["BN"], cfg.get("BM", 16)
     interp = tuning.interpreting()
@@ -1799,7 +1818,7 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     # the compiled kernel is decided by the weight, the constexprs and x's dtype, row stride and alignment (launch.py)
     key = (kind, m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, bm, ptx, fused, gshift, int(pdl), cfg.get("KB", cfg.get("KU", 1)),
-           kw["num_warps"], kw["num_stages"], clu, abl, trig)
+           kw["num_warps"], kw["num_stages"], clu, abl, trig, tma)
     if kind == "dot4f":
         launch(_launches(st), key, _wo_dot4f_kernel, grid, (x2, st.qw, st.scales, st.global_scale, dst, m, st.n, st.k, x2.stride(0), st.n, m * st.n),
                dict(cnt_ptr=cnt, FUSED=fused, TRIG=trig, **kw), live=dict(res_ptr=out), **ctas)
@@ -1819,7 +1838,8 @@ def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, ki
         else:  # dot4t, or dot4: the same kernel with x the left operand (XL)
             launch(_launches(st), key, _wo_dot4t_kernel, grid, args,
                    dict(KU=ku, GSH=st.gshift if gshift else -1, cnt_ptr=cnt, FUSED=fused, PDL=int(pdl), XL=kind == "dot4", ABL=abl, TRIG=trig, **kw,
-                        **(dict(launch_pdl=True) if pdl else {})), live=dict(res_ptr=out), **ctas)
+                        **(dict(launch_pdl=True) if pdl else {}), **(dict(wdesc=_wdesc(st, bn), TMA=True) if tma else {})),
+                   live=dict(res_ptr=out), **ctas)
     if reduce2:
         _reduce(dst, out, m * st.n, sk, pdl=trig)
     return out
@@ -1926,7 +1946,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device),
                                                                                      path != "gemv16-s12", path != "gemv16-s15")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
-                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu", "dot4-nopdl", "dot4t-nopdl", "dot4f-nopdl") or \
+                  "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu", "dot4-nopdl", "dot4t-nopdl", "dot4f-nopdl", "dot4t-tma", "dot4-tma") or \
             path.startswith(("dot4-abl", "dot4t-abl")):
         kind, ptx = path.split("-")[0], None if "-plain" not in path else False
         # -ablN (bench only, wrong values, for a time breakdown): bit 0 without x, 1 without the split-K sum, 2 without
@@ -1942,7 +1962,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # H100 at every M=16 shape, session 15: cluster.py)
         clu = path in ("dot4t-clu", "dot4f-clu") and _clu_for(x2)
         one = lambda cfg, c: _launch_dot4(x2, st, cfg, ptx, kind, fused=fused, gshift=gsh, pdl=pdl, clu=c, abl=abl,  # noqa: E731
-                                             rpdl=False if path.endswith("-nopdl") else None)
+                                             rpdl=False if path.endswith("-nopdl") else None, tma=path.endswith("-tma"))
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, m))  # noqa: E731
         if kind == "dot4":
             configs, default = (DOT4T_LARGE if m > 16 else DOT4_CONFIGS), _dot4t_default(st.n, st.k, m)  # dot4t's tiles
