@@ -669,7 +669,7 @@ def _wo_gemv16_kernel(
     step). EVF: weight words loaded evict-first. ABL (bench only, wrong results, for a time breakdown): bit 0 skips
     x (constant pairs), bit 1 the split-K sum (each program stores its partial as the output), bit 2 (NVFP4) the
     sign's separate move in the decode (two instructions a pair: what a sign-beside-magnitude layout would cost),
-    (int4) nothing (SUB's word sum without its zero-point term). SUB (int4): the codes decoded as fp16 subnormals, one
+    (int4) nothing (SUB's word sum without its zero-point term), bit 3 (NVFP4) the block scales (1.0 each, not read). SUB (int4): the codes decoded as fp16 subnormals, one
     instruction a pair (_H2S_ASM), the word pair's sum q x then less z times the sum of its sixteen x (packed with the
     pairs: at K/2 + K/128 + 8 b + r of the scratch row, or from x in registers), in fp32, per block. CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
@@ -785,6 +785,9 @@ def _wo_gemv16_kernel(
                 n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b + KU, b1, offs_u, offs_n, mask_n, N)
             else:
                 e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
+            if (ABL & 8) != 0:  # bench only: the block scales not read (1.0 each; the loads left dead)
+                e0 = tl.zeros((KU, BN), dtype=tl.int32) + 0x38
+                e1, e2, e3, e4, e5, e6, e7 = e0, e0, e0, e0, e0, e0, e0
             if PTX:
                 part = tl.inline_asm_elementwise(
                     asm=(_FP4QL_ASM if FP4Q else _FP4L_ASM) if (ABL & 4) != 0 else _FP4Q_ASM if FP4Q else _FP4_ASM, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
@@ -1912,7 +1915,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
                 "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15",
-                "gemv16-rpdl", "gemv16-s16"):
+                "gemv16-rpdl", "gemv16-s16", "gemv16-abl8"):
         if m != 1:  # (session 17: forced at M=16 on an H100 the rows' scratch regions overlapped, a row stride of K / 2
             # for rows of K / 2 + K / 128 + K / 16: fixed, but not yet checked on a GPU; M > 1 goes to the dot kernels)
             raise ValueError(f"gemv16 takes one row of x (M = 1), not {m}")
@@ -1931,11 +1934,12 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
         # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
+        # -abl8 (NVFP4, bench only, wrong results): the block scales not read, launched as the default is
         abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
         fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
         # the default's split-K sum: a second kernel launched as a dependent (-rpdl forces it: H100, session 17, 2.96x ->
         # 3.12x bf16 against the cluster sum) where this launch is one, else through the cluster (-s16: always so)
-        rsum = path == "gemv16-rpdl" or (path == "gemv16" and pdl > 0 and RSUM_DEFAULT)
+        rsum = path == "gemv16-rpdl" or (path in ("gemv16", "gemv16-abl8") and pdl > 0 and RSUM_DEFAULT)
         clu = (path in ("gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15", "gemv16-s16") or (path == "gemv16" and not rsum)
                or fp4q or sub) and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and not rsum and FUSED_REDUCE,  # noqa: E731
