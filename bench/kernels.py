@@ -471,9 +471,9 @@ def main():
                             print(f"  {tp} {c}: failed {str(e)[:200]}", flush=True)
                     tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the
-            # block scales' loads, -abl2 without the split-K sum (wrong values)
+            # block scales' loads, -abl2 without the split-K sum (wrong values); -spk: the scales packed (_spk)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-abl8", "gemv16-abl2") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-abl8", "gemv16-abl2", "gemv16-spk") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

@@ -364,6 +364,8 @@ def test_gemv16_nvfp4(dtype):
             assert rel_err(y2, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
             for spre in (True, False):  # the scales loaded a step ahead or in their own step: the same sums
                 assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, spre=spre), y2)
+                # the block scales packed two words per column and block (SPK): the same sums
+                assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=sk, KU=2), False, spre=spre, spk=True), y2)
         # x pairs from registers (no scratch row): the same sums, at every magnitude
         assert torch.equal(weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=4, KU=2), False, regx=True),
                            weight_only._launch_gemv16(x, st, dict(BN=16, SPLIT_K=4, KU=2), False))

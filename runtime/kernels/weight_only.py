@@ -619,6 +619,27 @@ def _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N):
 
 
 @triton.jit
+def _h2_e8p(s_ptr, b, b1, offs_u, offs_n, mask_n, N):
+    """_h2_e8 from the packed scales (_spk: two int32 per column and block, (e0, e4, e1, e5) and (e2, e6, e3, e7) from
+    the low byte up): two loads instead of eight, each pair (j, j + 4) one half-word."""
+    ub = b + offs_u
+    m2 = (ub < b1)[:, None] & mask_n[None, :]
+    gp = s_ptr + (ub[:, None] * 2) * N + offs_n[None, :]
+    wa = tl.load(gp, mask=m2, other=0)
+    wb = tl.load(gp + N, mask=m2, other=0)
+    return (wa & 0xFF, (wa >> 16) & 0xFF, wb & 0xFF, (wb >> 16) & 0xFF,
+            (wa >> 8) & 0xFF, (wa >> 24) & 0xFF, (wb >> 8) & 0xFF, (wb >> 24) & 0xFF)
+
+
+@triton.jit
+def _h2_e8x(s_ptr, b, b1, offs_u, offs_n, mask_n, N, SPK: tl.constexpr):
+    if SPK:
+        return _h2_e8p(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
+    else:
+        return _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
+
+
+@triton.jit
 def _h2_plain(w, x0, x1, x2, x3, x4, x5, x6, x7, zf):
     """The PTX word sum in plain Triton (fp32 products)."""
     return (((w & 15).to(tl.float32) - zf) * x0[:, :, None] + (((w >> 4) & 15).to(tl.float32) - zf) * x1[:, :, None]
@@ -654,7 +675,7 @@ def _wo_gemv16_kernel(
     BN: tl.constexpr, SPLIT_K: tl.constexpr, KU: tl.constexpr, XB: tl.constexpr, PREFETCH: tl.constexpr,
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
     PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
-    CLU: tl.constexpr = False, FP4Q: tl.constexpr = False, SUB: tl.constexpr = False,
+    CLU: tl.constexpr = False, FP4Q: tl.constexpr = False, SUB: tl.constexpr = False, SPK: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -673,7 +694,8 @@ def _wo_gemv16_kernel(
     instruction a pair (_H2S_ASM), the word pair's sum q x then less z times the sum of its sixteen x (packed with the
     pairs: at K/2 + K/128 + 8 b + r of the scratch row, or from x in registers), in fp32, per block. CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
-    memory (cluster.py) instead of the partials buffer and the tile counter."""
+    memory (cluster.py) instead of the partials buffer and the tile counter. SPK (NVFP4): s_ptr holds the block scales
+    packed two int32 per column and 128-channel block (_spk, _h2_e8p)."""
     if PDL:
         _gdc_launch_dependents()
     if CLU:
@@ -700,7 +722,7 @@ def _wo_gemv16_kernel(
     if SPRE and not FP4:
         sa, za = _h2_sz(s_ptr, z_ptr, gblk_ptr, b0, b1, offs_u, offs_n, mask_n, N, HAS_ZERO, GSH)
     if SPRE and FP4:  # (n: next; the plain decode below uses f0..f7)
-        n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b0, b1, offs_u, offs_n, mask_n, N)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8x(s_ptr, b0, b1, offs_u, offs_n, mask_n, N, SPK)
     if PDL:  # x, the scratch, the outputs and the counters only after the previous kernel is done
         _gdc_wait()
     # prescale: a power of two 2^(7 - e) from the largest |x| (|x| * up < 256, so a sum of sixteen products
@@ -782,9 +804,9 @@ def _wo_gemv16_kernel(
         if FP4:  # eight block scales per word (slot j of block b: group b * 8 + j), one f16 pair per (j, j + 4)
             if SPRE:
                 e0, e1, e2, e3, e4, e5, e6, e7 = n0, n1, n2, n3, n4, n5, n6, n7
-                n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8(s_ptr, b + KU, b1, offs_u, offs_n, mask_n, N)
+                n0, n1, n2, n3, n4, n5, n6, n7 = _h2_e8x(s_ptr, b + KU, b1, offs_u, offs_n, mask_n, N, SPK)
             else:
-                e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8(s_ptr, b, b1, offs_u, offs_n, mask_n, N)
+                e0, e1, e2, e3, e4, e5, e6, e7 = _h2_e8x(s_ptr, b, b1, offs_u, offs_n, mask_n, N, SPK)
             if (ABL & 8) != 0:  # bench only: the block scales not read (1.0 each; the loads left dead)
                 e0 = tl.zeros((KU, BN), dtype=tl.int32) + 0x38
                 e1, e2, e3, e4, e5, e6, e7 = e0, e0, e0, e0, e0, e0, e0
@@ -1536,7 +1558,7 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
                    scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
                    regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False, fp4q: bool = False,
-                   sub: bool = False) -> torch.Tensor:
+                   sub: bool = False, spk: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
     through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
@@ -1556,21 +1578,22 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     fused = fused and sk > 1 and not clu
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
     sub = sub and st.wtype != WTYPE_NVFP4
+    spk = (spk or cfg.get("SPK", False)) and st.wtype == WTYPE_NVFP4
     # the x pairs, 1 / prescale of each block, and (SUB) the sums of each block's eight word pairs' x
     scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128 + st.k // 16), torch.int32, x2.device)
     ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
-    args = (x2, st.qw, st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk, st.perm if st.perm is not None else st.gblk,
-            out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
+    args = (x2, st.qw, _spk(st) if spk else st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
+            st.perm if st.perm is not None else st.gblk, out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
     consts = lambda: dict(  # noqa: E731 - built on a key's first launch only
         HAS_ZERO=st.zeros is not None, HAS_PERM=st.perm is not None, PTX=ptx, FUSED_REDUCE=fused,
         BN=bn, SPLIT_K=sk, KU=ku, XB=min(next_pow2(cdiv(st.k // 128, sk) * 128), 4096),
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
         GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu,
-        FP4Q=fp4q and st.wtype == WTYPE_NVFP4, SUB=sub, num_warps=nw,
+        FP4Q=fp4q and st.wtype == WTYPE_NVFP4, SUB=sub, SPK=spk, num_warps=nw,
         **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl, clu, fp4q, sub)
+           regx, evf, abl, clu, fp4q, sub, spk)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
                ctas=sk, smem_extra=bn * 4)
@@ -1579,6 +1602,19 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     if sk > 1 and not fused and not clu:  # a dependent launch when this one is (it triggers at its start)
         _reduce(part, out, m * st.n, sk, pdl=bool(pdl) and (abl & 2) == 0)
     return out
+
+
+def _spk(st: WeightOnlyState) -> torch.Tensor:
+    """NVFP4's e4m3 block scales [K / 16, N] packed for gemv16 (SPK), kept per weight: int32 [K / 128, 2, N], for
+    block b and column n (e0 | e4 << 8 | e1 << 16 | e5 << 24, e2 | e6 << 8 | e3 << 16 | e7 << 24), e_j the scale of
+    group 8 b + j: the pair (j, j + 4) that one f16 pair of the decode takes is one half-word."""
+    p = st.__dict__.get("_spk")
+    if p is None:
+        e = st.scales.view(torch.uint8).reshape(st.k // 128, 8, st.n).to(torch.int32)
+        a = e[:, 0] | e[:, 4] << 8 | e[:, 1] << 16 | e[:, 5] << 24
+        b = e[:, 2] | e[:, 6] << 8 | e[:, 3] << 16 | e[:, 7] << 24
+        p = st.__dict__["_spk"] = torch.stack([a, b], 1).contiguous()
+    return p
 
 
 _H2_OK: dict = {}
@@ -1915,7 +1951,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
                 "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15",
-                "gemv16-rpdl", "gemv16-s16", "gemv16-abl8"):
+                "gemv16-rpdl", "gemv16-s16", "gemv16-abl8", "gemv16-spk"):
         if m != 1:  # (session 17: forced at M=16 on an H100 the rows' scratch regions overlapped, a row stride of K / 2
             # for rows of K / 2 + K / 128 + K / 16: fixed, but not yet checked on a GPU; M > 1 goes to the dot kernels)
             raise ValueError(f"gemv16 takes one row of x (M = 1), not {m}")
@@ -1930,22 +1966,23 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; slower, session 16)
         like = path in ("gemv16", "gemv16-s12", "gemv16-s15", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub",
-                        "gemv16-sub-abl4", "gemv16-rpdl", "gemv16-s16") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+                        "gemv16-sub-abl4", "gemv16-rpdl", "gemv16-s16", "gemv16-spk") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
         # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
-        # -abl8 (NVFP4, bench only, wrong results): the block scales not read, launched as the default is
+        # -abl8 (NVFP4, bench only, wrong results): the block scales not read, launched as the default is; -spk (NVFP4):
+        # the block scales packed two words per column and block (_spk)
         abl = int(path[-1]) if path.startswith("gemv16-abl") or path.endswith("-abl4") else 0
         fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
         # the default's split-K sum: a second kernel launched as a dependent (-rpdl forces it: H100, session 17, 2.96x ->
         # 3.12x bf16 against the cluster sum) where this launch is one, else through the cluster (-s16: always so)
-        rsum = path == "gemv16-rpdl" or (path in ("gemv16", "gemv16-abl8") and pdl > 0 and RSUM_DEFAULT)
+        rsum = path == "gemv16-rpdl" or (path in ("gemv16", "gemv16-abl8", "gemv16-spk") and pdl > 0 and RSUM_DEFAULT)
         clu = (path in ("gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15", "gemv16-s16") or (path == "gemv16" and not rsum)
                or fp4q or sub) and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and not rsum and FUSED_REDUCE,  # noqa: E731
                                             prefetch=path != "gemv16-nopf", scan=path == "gemv16-scan", gshift=nxt, spre=nxt,
                                             pdl=pdl, regx=path == "gemv16-regx", evf=path == "gemv16-evf", abl=abl, clu=c,
-                                            fp4q=fp4q, sub=sub)
+                                            fp4q=fp4q, sub=sub, spk=path == "gemv16-spk")
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device),
                                                                                      path != "gemv16-s12", path != "gemv16-s15")))
