@@ -105,8 +105,9 @@ def main():
         for fp4 in (False, True):
             c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=sk > 1 and os.environ.get("CLU", "0") != "1", BN=bn, SPLIT_K=sk, KU=ku, XB=1024, PREFETCH=True, FP4=fp4, SCAN=False, GSH=-1 if fp4 else int(os.environ.get("GSH", 0)), SPRE=os.environ.get("SPRE", "1") == "1", PDL=os.environ.get("PDL", "0") == "1",
                      REGX=os.environ.get("REGX", "0") == "1", EVF=os.environ.get("EVF", "0") == "1", ABL=int(os.environ.get("ABL", "0")),
-                     CLU=os.environ.get("CLU", "0") == "1", FP4Q=os.environ.get("FP4Q", "0") == "1", SUB=os.environ.get("SUB", "0") == "1")
-            sig = dict(GEMV16_SIG, s_ptr="*u8", gs_ptr="*fp32") if fp4 else GEMV16_SIG
+                     CLU=os.environ.get("CLU", "0") == "1", FP4Q=os.environ.get("FP4Q", "0") == "1", SUB=os.environ.get("SUB", "0") == "1",
+                     SPK=os.environ.get("SPK", "0") == "1")
+            sig = dict(GEMV16_SIG, s_ptr="*i32" if c["SPK"] else "*u8", gs_ptr="*fp32") if fp4 else GEMV16_SIG
             if not fp4:
                 c["gs_ptr"] = None
             res, ops = build(wo._wo_gemv16_kernel, sig, c, w, keep, f"gemv16{'_fp4' if fp4 else ''}_{bn}_{sk}_{ku}_{w}")

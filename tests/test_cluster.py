@@ -42,7 +42,7 @@ def test_gemv16_cluster_launch(recorded, sk, bn, clu):
     weight_only._launch_gemv16(x, st, dict(BN=bn, SPLIT_K=sk, KU=1), False, clu=True)
     c = recorded[0]
     tiles = -(-96 // bn)
-    assert c["consts"]["CLU"] is clu and c["key"][-3] is clu  # (key: ..., clu, fp4q, sub)
+    assert c["consts"]["CLU"] is clu and c["key"][-4] is clu  # (key: ..., clu, fp4q, sub, spk)
     if clu:
         assert c["grid"] == (cluster.grid_x(x.device, sk), tiles, 1) and c["ctas"] == sk and c["smem"] == bn * 4
         assert c["consts"]["FUSED_REDUCE"] is False and recorded[1:] == []
@@ -90,7 +90,7 @@ def test_split_k_sum_as_dependent_launch(recorded, kind):
     x = torch.randn(5, 1024, dtype=torch.bfloat16)
     weight_only._launch_dot4(x, st, dict(BN=64, SPLIT_K=4), False, kind, rpdl=True)
     assert recorded[0]["consts"]["TRIG"] is True and recorded[1:] == [("reduce", True)]
-    assert recorded[0]["key"][-1] is True  # (key: ..., trig)
+    assert recorded[0]["key"][-2] is True  # (key: ..., trig, tma)
     cases = [(dict(BN=64, SPLIT_K=1), {}), (dict(BN=64, SPLIT_K=4), dict(fused=True))]
     if kind != "dot4":  # (dot4 has no cluster sum)
         cases.append((dict(BN=64, SPLIT_K=4), dict(clu=True)))

@@ -30,7 +30,7 @@ sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", gblk_ptr="
            part_ptr="*fp32", cnt_ptr="*i32", scr_ptr="*i32", N="i32", K="i32", stride_xm="i32", stride_om="i32", stride_ok="i32")
 c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=not clu, BN=bn, SPLIT_K=8, KU=ku, XB=512, PREFETCH=True,
          FP4=False, SCAN=False, GSH=0, SPRE=False, PDL=pdl, gs_ptr=None, REGX=False, EVF=False, ABL=0, CLU=clu, FP4Q=fp4 == 2,
-         SUB=sub)
+         SUB=sub, SPK=False)
 if fp4:  # NVFP4 (2: the pair-summed asm)
     sig.update(s_ptr="*u8", gs_ptr="*fp32")
     del c["gs_ptr"]
