@@ -291,10 +291,10 @@ def test_gemv16_packed_fp16_path(group, sym, act_order, dtype):
     # 32-channel groups and 8-bit weights take the fp32 GEMV
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 4, 32, True)).state, x_of(1, k))
     assert not weight_only.gemv16_fits(kernels.prepare(int_qt(n, k, 8, 128, True)).state, x_of(1, k))
-    # one row only (M = 1): more rows go to the tensor-core kernels; forced, matmul's gemv16 refuses them
+    # one row by default (M = 1): more rows go to the tensor-core kernels; forced, gemv16 runs a program per row
     assert not weight_only.gemv16_fits(st, x_of(2, k).to(dtype))
-    with pytest.raises(ValueError, match="one row"):
-        weight_only.matmul(x_of(2, k).to(dtype), st, path="gemv16")
+    x3 = x_of(3, k).to(dtype)
+    assert rel_err(weight_only.matmul(x3, st, path="gemv16"), x3.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
     # the kernel itself keeps each row of x in its own scratch row (pairs, 1 / prescale per block, SUB's x sums): two
     # rows at once leave the same scratch as each row alone (a row stride of K / 2 once let row 1 overwrite row 0's
     # prescales on the GPU, where the rows' programs run at once; the interpreter runs them one after another)
@@ -411,6 +411,7 @@ def test_dot4_tensor_core_path(group, sym, act_order, dtype, path):
         for cfg in (dict(BN=32, SPLIT_K=1), dict(BN=32, SPLIT_K=4), dict(BN=64, SPLIT_K=2, KU=2)):
             assert torch.equal(weight_only._launch_dot4(x, st, cfg, kind=path, tma=True), weight_only._launch_dot4(x, st, cfg, kind=path))
         assert rel_err(weight_only.matmul(x, st, path=path + "-tma"), x.float() @ ref_w.t()) < (2e-3 if dtype == torch.float16 else 1e-2)
+        assert not weight_only._tma_ok(st, x)  # the default takes TMA only on a CUDA device of sm_90 or later
     # the PTX decode cannot run under the interpreter: the self-check says so and the plain decode runs
     assert weight_only._ptx_ok(torch.device("cpu"), path) is False
     if path == "dot4":  # dot4t's kernel with x the left operand (XL): the same products, summed in another order

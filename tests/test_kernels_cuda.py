@@ -300,3 +300,44 @@ def test_int4_subnormal_decode(sym, act_order):
             assert (sub - ref).abs().max() <= 1e-2 * scale, cfg
     y = weight_only.matmul(x, st, "gemv16-sub").float()
     assert (y - ref).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("wtype", ["int4", "int4-asym"])
+@pytest.mark.parametrize("m", [2, 16])
+def test_tma_word_tiles_match_pointer_loads(wtype, m):
+    """dot4 with its word tiles read by TMA (the M <= 16 default on sm_90+, session 18): bit for bit dot4 with pointer
+    loads, eagerly and from a CUDA graph (N = 1000: the last tile's rows past N read as zeros by the TMA unit)."""
+    from runtime import kernels
+    from runtime.kernels import weight_only
+
+    st = kernels.prepare(_random_qt(wtype, 1000, 1024)).state
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert not weight_only._tma_ok(st, x)
+        return
+    assert weight_only._tma_ok(st, x)
+    cfg = weight_only._dot4t_default(st.n, st.k, m)
+    ref = weight_only._launch_dot4(x, st, cfg, kind="dot4")
+    assert torch.equal(weight_only._launch_dot4(x, st, cfg, kind="dot4", tma=True), ref)
+    assert torch.equal(weight_only.matmul(x, st), ref)  # the default path
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = weight_only.matmul(x, st)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("n", [1000, 4096])
+def test_nvfp4_packed_scales_match_byte_loads(n):
+    """gemv16 on NVFP4 with the block scales packed (SPK, the default since session 18): bit for bit the byte loads."""
+    from runtime import kernels
+    from runtime.kernels import weight_only
+
+    st = kernels.prepare(_random_qt("nvfp4", n, 4096)).state
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = weight_only._gemv16_default(st.n, st.k, True)
+    assert cfg.get("SPK") is True
+    a = weight_only._launch_gemv16(x, st, cfg, True)
+    b = weight_only._launch_gemv16(x, st, dict(cfg, SPK=False), True)
+    assert torch.equal(a, b)

@@ -1446,6 +1446,17 @@ DEQUANT_MIN_M = 128  # at or above: dequantize + cuBLAS (H100, M = 128: 0.45x bf
 # geometric mean of the four Llama-3-8B shapes, session 8: dot4t 1.69-1.75x bf16, dot4 1.14x, the fused
 # dequant "small" kernel 0.92x). QTOOL_DOT4=0 turns it off.
 DOT4_DEFAULT = os.environ.get("QTOOL_DOT4", "1") == "1"
+# ... as dot4 (x the left operand, mma.sync) with its word tiles read by TMA on Hopper and later (session 18, H100,
+# `--no-tune --ms 16 --w4-paths dot4t,dot4t-tma,dot4,dot4-tma`: 2.44 / 2.48 / 2.45 / 2.51x bf16; faster in every
+# shape: qkv 9.5 -> 9.3 us, o 7.7 -> 7.5, gate_up 30.4 -> 29.1, down 16.7 -> 16.4). QTOOL_TMA=0: dot4t as before.
+TMA_DEFAULT = os.environ.get("QTOOL_TMA", "1") != "0"
+
+
+def _tma_ok(st: "WeightOnlyState", x: torch.Tensor) -> bool:
+    """The word tiles of st may be read by TMA: a CUDA device of compute capability 9 or more, rows of 16-byte
+    multiples (N % 4 == 0) from a 16-byte aligned base (the tensor descriptor's rules)."""
+    return (TMA_DEFAULT and not tuning.interpreting() and x.device.type == "cuda" and st.n % 4 == 0
+            and st.qw.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def _launch_gemv(x2, st: WeightOnlyState, cfg: dict) -> torch.Tensor:
@@ -1505,11 +1516,17 @@ _PDL_OK: dict = {}
 # qkv 8.1 -> 7.9; gate_up's 512-column tiles were slower with it, 23.7 -> 27.1 at best, down equal).
 # QTOOL_SUB=0 turns it off.
 SUB_DEFAULT = os.environ.get("QTOOL_SUB", "1") != "0"
+# NVFP4's block scales read by gemv16 from a packed copy (_spk: two words per column and block instead of eight
+# bytes; session 18, H100: 2.18x -> 2.32x bf16 at M=1, qkv 10.5 -> 10.2 us, o 7.3 -> 7.0, gate_up 37.7 -> 35.2, down
+# 18.1 -> 16.0; the byte loads' tile spilled). QTOOL_SPK=0 turns it off.
+SPK_DEFAULT = os.environ.get("QTOOL_SPK", "1") != "0"
 
 
 def gemv16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """The packed-fp16 GEMV for one row of x: 4-bit int weights whose 128-channel blocks each lie in one group, or
-    NVFP4 weights (e4m3 scales per 16 channels)."""
+    NVFP4 weights (e4m3 scales per 16 channels). (Forced, its paths take M > 1 too, a program per row: right on an
+    H100 in session 18, but slower than the tensor-core kernels: 2.15x / 1.32x / 0.38x bf16 at M = 2 / 4 / 16
+    against dot4t's 2.60x / 2.57x / 2.44x.)"""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or st.bits != 4 or x.numel() != x.shape[-1]:
         return False
     if st.wtype == WTYPE_NVFP4:
@@ -1941,7 +1958,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 tuning.interpreting() or _h2_ok(x2.device, "nvfp4" if st.wtype == WTYPE_NVFP4 else "int4")):
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
-            path = "dot4t"
+            path = "dot4-tma" if _tma_ok(st, x2) else "dot4t"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4f_fits(st, x2):
             path = "dot4f"
         elif 64 < m <= 128 and st.n >= 16384 and DOT4_DEFAULT and dot4_fits(st, x2):
@@ -1952,9 +1969,6 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
                 "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15",
                 "gemv16-rpdl", "gemv16-s16", "gemv16-abl8", "gemv16-spk"):
-        if m != 1:  # (session 17: forced at M=16 on an H100 the rows' scratch regions overlapped, a row stride of K / 2
-            # for rows of K / 2 + K / 128 + K / 16: fixed, but not yet checked on a GPU; M > 1 goes to the dot kernels)
-            raise ValueError(f"gemv16 takes one row of x (M = 1), not {m}")
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -2074,12 +2088,14 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
         return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)), num_warps=8, REGX=True, **sub)
     if pdl and not fp4 and n < 16384 and k < 8192:
         return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4, **sub) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
-    if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned)
+    if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned), the block
+        # scales packed (SPK; session 18, H100, bench rows gemv16 / gemv16-spk: 2.18x -> 2.32x; QTOOL_SPK=0 off)
+        spk = dict(SPK=True) if SPK_DEFAULT else {}
         if n >= 16384:
-            return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4)
+            return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4, **spk)
         if k < 8192 and n > 4096:
-            return dict(BN=128, SPLIT_K=8, KU=1, num_warps=4)
-        return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)
+            return dict(BN=128, SPLIT_K=8, KU=1, num_warps=4, **spk)
+        return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4, **spk)
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4, EVF=True)
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
