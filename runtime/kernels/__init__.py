@@ -18,7 +18,9 @@ QTOOL_FAST_LAUNCH=0 launches every kernel through Triton's JIT binding (else a k
 directly after its first launch: launch.py); QTOOL_PDL=0 launches the M = 1 GEMV plainly (else as a programmatic
 dependent launch on sm_90+); QTOOL_CLUSTER=0 turns off cluster split-K sums (on sm_90+ the programs of
 a gemv16 tile split 2 .. 8 ways run as one thread-block cluster that sums through its shared memory: cluster.py); QTOOL_KERNEL_NEXT=1 turns on changes that were not faster on an H100 (gemv16's scales a step ahead with the
-group from the block index, dot4t's split-K sum in the kernel; bench rows gemv16-sp, dot4t-fr).
+group from the block index, dot4t's split-K sum in the kernel; bench rows gemv16-sp, dot4t-fr); QTOOL_TMA=0 runs int4 at
+2 <= M <= 16 through dot4t with pointer loads (else dot4 with its word tiles read by TMA on sm_90+); QTOOL_SPK=0 has the
+NVFP4 GEMV read the e4m3 block scales byte by byte (else from a packed copy, two words per column and block).
 Measurements: runtime/kernels/NOTES.md, `python bench/kernels.py`, `python bench/sass.py` (no GPU needed),
 `python bench/stalls.py` (one call for Nsight Compute).
 """
