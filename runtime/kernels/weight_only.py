@@ -676,7 +676,6 @@ def _wo_gemv16_kernel(
     FP4: tl.constexpr = False, gs_ptr=None, SCAN: tl.constexpr = False, GSH: tl.constexpr = -1, SPRE: tl.constexpr = False,
     PDL: tl.constexpr = 0, REGX: tl.constexpr = False, EVF: tl.constexpr = False, ABL: tl.constexpr = 0,
     CLU: tl.constexpr = False, FP4Q: tl.constexpr = False, SUB: tl.constexpr = False, SPK: tl.constexpr = False,
-    wdesc=None, TMA: tl.constexpr = False,
 ):
     """int4 (FP4 False) or NVFP4 (FP4 True: group 16, e4m3 scales raw in s_ptr, global scale at gs_ptr).
     Word rows r and r + 8 of each 128-channel block go through one PTX call: sixteen fp16 products per
@@ -696,9 +695,7 @@ def _wo_gemv16_kernel(
     pairs: at K/2 + K/128 + 8 b + r of the scratch row, or from x in registers), in fp32, per block. CLU: the SPLIT_K
     programs of a tile are one cluster (grid axis 0 the split) and sum their partials through distributed shared
     memory (cluster.py) instead of the partials buffer and the tile counter. SPK (NVFP4): s_ptr holds the block scales
-    packed two int32 per column and 128-channel block (_spk, _h2_e8p). TMA: the words through wdesc, a descriptor of
-    qw as [K / 128, 16, N] for [KU, 8, BN] tiles (_wdesc3): rows past N and blocks past K come zero-filled, blocks
-    past the program's range are read but meet zero x pairs (every decoded code is finite)."""
+    packed two int32 per column and 128-channel block (_spk, _h2_e8p)."""
     if PDL:
         _gdc_launch_dependents()
     if CLU:
@@ -719,10 +716,7 @@ def _wo_gemv16_kernel(
     b1 = tl.minimum(b0 + per_split, nblk)
     xrow = x_ptr + row * stride_xm
     srow = scr_ptr + row * (K // 2 + K // 128 + K // 16)  # a row: pairs, 1 / prescale per block, (SUB) x sums
-    if PREFETCH and TMA:
-        wa = wdesc.load([b0, 0, pid_n * BN])
-        wb = wdesc.load([b0, 8, pid_n * BN])
-    elif PREFETCH:  # the first words in flight while x is scanned and packed
+    if PREFETCH:  # the first words in flight while x is scanned and packed
         wa = _h2_words(qw_ptr, b0, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
         wb = _h2_words(qw_ptr, b0, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
     if SPRE and not FP4:
@@ -777,17 +771,10 @@ def _wo_gemv16_kernel(
     for b in range(b0, b1, KU):
         ub = b + offs_u
         mu = ub < b1
-        if PREFETCH and TMA:
-            ca, cb = wa, wb
-            wa = wdesc.load([b + KU, 0, pid_n * BN])
-            wb = wdesc.load([b + KU, 8, pid_n * BN])
-        elif PREFETCH:  # the next step's words in flight during this step's arithmetic
+        if PREFETCH:  # the next step's words in flight during this step's arithmetic
             ca, cb = wa, wb
             wa = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
             wb = _h2_words(qw_ptr, b + KU, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
-        elif TMA:
-            ca = wdesc.load([b, 0, pid_n * BN])
-            cb = wdesc.load([b, 8, pid_n * BN])
         else:
             ca = _h2_words(qw_ptr, b, b1, offs_u, offs_r, offs_n, mask_n, N, EVF)
             cb = _h2_words(qw_ptr, b, b1, offs_u, offs_r + 8, offs_n, mask_n, N, EVF)
@@ -1588,13 +1575,12 @@ def _counters(st: WeightOnlyState, n: int, device: torch.device) -> torch.Tensor
 def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = True, prefetch: bool = True,
                    scan: bool = False, gshift: bool | None = None, spre: bool | None = None, pdl: int = 0,
                    regx: bool = False, evf: bool = False, abl: int = 0, clu: bool = False, fp4q: bool = False,
-                   sub: bool = False, spk: bool = False, tma: bool = False) -> torch.Tensor:
+                   sub: bool = False, spk: bool = False) -> torch.Tensor:
     """gshift (group b >> st.gshift) and spre (scales a step ahead, with prefetch) default to KERNEL_NEXT; pdl: a
     programmatic dependent launch (GPU only); regx, evf, abl: the kernel's REGX, EVF and ABL; clu: the split-K sum
     through a cluster's shared memory (when the split is 2 .. cluster.MAX and divides the tile; the caller checks
     cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM); sub: int4 codes decoded as fp16
-    subnormals, the zero point taken off per block (the kernel's SUB); tma: the words by TMA (the kernel's TMA; the
-    caller checks _tma_ok; tiles of at most 256 columns and blocks per step)."""
+    subnormals, the zero point taken off per block (the kernel's SUB)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
     spre = KERNEL_NEXT and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
@@ -1610,7 +1596,6 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     cnt = _counters(st, m * tiles, x2.device) if fused else st.gblk
     sub = sub and st.wtype != WTYPE_NVFP4
     spk = (spk or cfg.get("SPK", False)) and st.wtype == WTYPE_NVFP4
-    tma = (tma or (cfg.get("TMA", False) and _tma_ok(st, x2))) and bn <= 256
     # the x pairs, 1 / prescale of each block, and (SUB) the sums of each block's eight word pairs' x
     scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128 + st.k // 16), torch.int32, x2.device)
     ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
@@ -1622,10 +1607,10 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
         GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu,
         FP4Q=fp4q and st.wtype == WTYPE_NVFP4, SUB=sub, SPK=spk, num_warps=nw,
-        **(dict(launch_pdl=True) if pdl else {}), **(dict(wdesc=_wdesc3(st, ku, bn), TMA=True) if tma else {}))
+        **(dict(launch_pdl=True) if pdl else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl, clu, fp4q, sub, spk, tma)
+           regx, evf, abl, clu, fp4q, sub, spk)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
                ctas=sk, smem_extra=bn * 4)
@@ -1854,17 +1839,6 @@ def _wdesc(st: WeightOnlyState, bn: int):
     if bn not in d:
         d[bn] = TensorDescriptor.from_tensor(st.qw, [16, bn])
     return d[bn]
-
-
-def _wdesc3(st: WeightOnlyState, ku: int, bn: int):
-    """A tensor descriptor of the words st.qw as [K / 128, 16, N] (block, word row, column) for gemv16's [ku, 8, bn]
-    tiles (rows 0..7 or 8..15 of ku blocks), kept per weight and tile."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    d = st.__dict__.setdefault("_wdesc3", {})
-    if (ku, bn) not in d:
-        d[(ku, bn)] = TensorDescriptor.from_tensor(st.qw.view(st.k // 128, 16, st.n), [ku, 8, bn])
-    return d[(ku, bn)]
 
 
 def _launch_dot4(x2, st: WeightOnlyState, cfg: dict, ptx: bool | None = None, kind: str = "dot4", fused: bool | None = None,
