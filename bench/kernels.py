@@ -270,7 +270,7 @@ def main():
     ap.add_argument("--ms", default="1,16,128,4096")
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
-    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals)")
+    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
     ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
@@ -416,7 +416,7 @@ def main():
                 # split-K sum (-abl2; also -abl1 without x, -abl3 without both, -regx / -evf forced: session 13's rows)
                 # -noclu: the default with the split-K sum through global memory instead of the tile's cluster; dot4t-clu:
                 # dot4t summing through the cluster (not the default: slower on an H100, session 15)
-                paths = (("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
+                paths = (("gemv16", "gemv16-s18", "gemv16-s16", "gemv16-noclu", "gemv16-s12", "gemv16-nopdl", "gemv16-abl2", "gemv16-s15", "gemv16-sub-abl4")
                          if m == 1 else ("dot4t", "dot4", "dot4t-nopdl", "dot4-nopdl", "dot4t-clu", "dot4t-fr") if m <= 16
                          else ("dequant", "dequant-nohint", "dequant-hint", "dot4t") if m >= 4096
                          else ("tiled", "dequant", "dot4t") if m >= 128 else ())
@@ -473,7 +473,7 @@ def main():
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the
             # block scales' loads, -abl2 without the split-K sum (wrong values); -spk: the scales packed (_spk)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
-                path_rows(("gemv16", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-abl8", "gemv16-abl2", "gemv16-spk") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
+                path_rows(("gemv16", "gemv16-s18", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-abl8", "gemv16-abl2", "gemv16-spk") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
         del preps, bf16_copies
         torch.cuda.empty_cache()

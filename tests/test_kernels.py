@@ -538,10 +538,15 @@ def test_dependent_launch_rule(monkeypatch):
     assert c["KU"] * c["SPLIT_K"] == 4096 // 128
     c = weight_only._gemv16_default(6144, 4096, pdl=True)
     assert 2 * c["KU"] * c["SPLIT_K"] == 4096 // 128
-    # SUB (int4 codes as subnormals, session 16) in qkv's and o's tiles only, and off with QTOOL_SUB=0
+    # SUB (int4 codes as subnormals, session 16) in qkv's, o's and (session 19) down's tiles, not gate_up's 512 columns,
+    # and off with QTOOL_SUB=0; on 132 SMs qkv's 192 32-column tiles walk the whole K range in two steps (session 19)
     assert c.get("SUB") and weight_only._gemv16_default(4096, 4096, pdl=True, sms=132) == dict(
         BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True, SUB=True)
-    assert not any(weight_only._gemv16_default(n, k, pdl=True).get("SUB") for n, k in ((28672, 4096), (4096, 14336)))
+    assert weight_only._gemv16_default(6144, 4096, pdl=True, sms=132) == dict(BN=32, SPLIT_K=1, KU=16, num_warps=4, REGX=True, SUB=True)
+    assert weight_only._gemv16_default(6144, 4096, pdl=True, sms=132, s19=False)["BN"] == 256  # bench row gemv16-s18
+    assert not weight_only._gemv16_default(28672, 4096, pdl=True).get("SUB")
+    assert weight_only._gemv16_default(4096, 14336, pdl=True).get("SUB")
+    assert not weight_only._gemv16_default(4096, 14336, pdl=True, s19=False).get("SUB")
     assert not weight_only._gemv16_default(6144, 4096, pdl=True, s16=False).get("SUB")
     assert not weight_only._gemv16_default(6144, 4096, fp4=True, pdl=True).get("SUB")
     monkeypatch.setattr(weight_only, "SUB_DEFAULT", False)

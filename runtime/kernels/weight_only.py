@@ -1968,7 +1968,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path in ("gemv16", "gemv16-plain", "gemv16-sep", "gemv16-nopf", "gemv16-scan", "gemv16-sp", "gemv16-v0",
                 "gemv16-pdl", "gemv16-nopdl", "gemv16-regx", "gemv16-evf", "gemv16-abl1", "gemv16-abl2", "gemv16-abl3", "gemv16-s12",
                 "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-sub", "gemv16-sub-abl4", "gemv16-s15",
-                "gemv16-rpdl", "gemv16-s16", "gemv16-abl8", "gemv16-spk"):
+                "gemv16-rpdl", "gemv16-s16", "gemv16-abl8", "gemv16-spk", "gemv16-s18"):
         ptx = path != "gemv16-plain" and not tuning.interpreting()
         # -sp: group b >> gshift and the scales a step ahead (KERNEL_NEXT); -v0: neither (session 8's kernel)
         nxt = {"gemv16-sp": True, "gemv16-v0": False}.get(path)
@@ -1976,11 +1976,11 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         # of first measured 2.42x against 2.58x, session 11)
         # -regx: x pairs from x in registers, no scratch row; -evf: weights evict-first; -abl1/2/3 (bench only, wrong
         # results): without x / without the split-K sum / without both, launched as the default is (time breakdown)
-        # -s12: session 12's defaults (no whole-K REGX tiles, no EVF)
+        # -s12: session 12's defaults (no whole-K REGX tiles, no EVF); -s18: session 18's tiles (before session 19's sweep)
         # -noclu: the default with the split-K sum through global memory (the tile's last program), not the cluster
         # -fp4q: NVFP4 with the two words' pairs summed before their scale (_FP4Q_ASM; slower, session 16)
         like = path in ("gemv16", "gemv16-s12", "gemv16-s15", "gemv16-noclu", "gemv16-fp4q", "gemv16-fp4q-abl4", "gemv16-sub",
-                        "gemv16-sub-abl4", "gemv16-rpdl", "gemv16-s16", "gemv16-spk") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
+                        "gemv16-sub-abl4", "gemv16-rpdl", "gemv16-s16", "gemv16-spk", "gemv16-s18") or path.startswith(("gemv16-regx", "gemv16-evf", "gemv16-abl"))
         pdl = _pdl_for(st, x2) if like else int(path == "gemv16-pdl" and not tuning.interpreting())
         # -abl4 / -fp4q-abl4 (NVFP4, bench only, wrong results): the decode without the sign's own move, as the default
         # -sub (int4): the codes as fp16 subnormals, the zero point per block after (SUB); -sub-abl4: without that term
@@ -1990,7 +1990,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         fp4q, sub = path.startswith("gemv16-fp4q"), path.startswith("gemv16-sub")
         # the default's split-K sum: a second kernel launched as a dependent (-rpdl forces it: H100, session 17, 2.96x ->
         # 3.12x bf16 against the cluster sum) where this launch is one, else through the cluster (-s16: always so)
-        rsum = path == "gemv16-rpdl" or (path in ("gemv16", "gemv16-abl8", "gemv16-spk") and pdl > 0 and RSUM_DEFAULT)
+        rsum = path == "gemv16-rpdl" or (path in ("gemv16", "gemv16-abl8", "gemv16-spk", "gemv16-s18") and pdl > 0 and RSUM_DEFAULT)
         clu = (path in ("gemv16-regx", "gemv16-evf", "gemv16-abl4", "gemv16-s15", "gemv16-s16") or (path == "gemv16" and not rsum)
                or fp4q or sub) and _clu_for(x2)
         one = lambda cfg, c: _launch_gemv16(x2, st, cfg, ptx, fused=path != "gemv16-sep" and not rsum and FUSED_REDUCE,  # noqa: E731
@@ -1999,7 +1999,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                                             fp4q=fp4q, sub=sub, spk=path == "gemv16-spk")
         run = lambda cfg: _clu_run(one, cfg, clu, (path, st.n, st.k, st.wtype))  # noqa: E731
         y = run(tuning.pick(_key(st, path, m), GEMV16_CONFIGS, run, default=_gemv16_default(st.n, st.k, st.wtype == WTYPE_NVFP4, pdl > 0, _sms(x2.device),
-                                                                                     path != "gemv16-s12", path != "gemv16-s15")))
+                                                                                     path != "gemv16-s12", path != "gemv16-s15",
+                                                                                     path != "gemv16-s18")))
     elif path in ("dot4", "dot4-plain", "dot4t", "dot4t-plain", "dot4t-fr", "dot4t-v0", "dot4t-pdl", "dot4t-mma", "dot4s",
                   "dot4s-plain", "dot4f", "dot4f-plain", "dot4t-clu", "dot4f-clu", "dot4-nopdl", "dot4t-nopdl", "dot4f-nopdl", "dot4t-tma", "dot4-tma") or \
             path.startswith(("dot4-abl", "dot4t-abl")):
@@ -2066,7 +2067,7 @@ def _sms(device: torch.device) -> int:
 
 
 def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: int = 0, s13: bool = True,
-                    s16: bool = True) -> dict:
+                    s16: bool = True, s19: bool = True) -> dict:
     """Untuned packed-fp16 GEMV config: what the tuner chose on an H100 for the Llama-3-8B shapes at M = 1
     (bench/kernels.py, sessions 7 and 8): wide N 512 columns x split-K 8, long K 256 x 16 (two blocks per
     step), qkv and o 256 x 16; 4 warps. As dependent launches (pdl), qkv and o take more blocks per step, so
@@ -2077,8 +2078,11 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     sum and with x from registers (REGX): o 6.6 -> 5.9 us (the split-K sum alone cost about 1.6-2.4 us in every
     shape, bench rows gemv16-abl2); the weights of gate_up and down (30-60 MB) read evict-first (EVF): 25.4 -> 23.8
     and 14.6 -> 14.0 us (qkv and o: no gain); s13 False: without these two (bench row gemv16-s12). Session 16: qkv's
-    and o's tiles with SUB (SUB_DEFAULT; s16 False: without it, bench row gemv16-s15). The interpreter (CPU tests)
-    keeps small tiles."""
+    and o's tiles with SUB (SUB_DEFAULT; s16 False: without it, bench row gemv16-s15). Session 19 (H100, two sweeps of
+    25-29 configs, `--gemv16-configs`): qkv's 6144 columns as 32-column tiles over the whole K range in two steps of
+    4 warps, x from registers, no split-K sum (7.3-7.5 -> 6.9-7.0 us), down with SUB (13.5-13.6 -> 13.2-13.3); NVFP4
+    qkv two blocks per step (10.1-10.3 -> 9.4-9.5), gate_up 256 x 2 (35.2 -> 30.7); s19 False: session 18's tiles
+    (bench row gemv16-s18). The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
     if not s13:
@@ -2086,20 +2090,22 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     sub = dict(SUB=True) if SUB_DEFAULT and s16 else {}
     if pdl and not fp4 and k <= 4096 and sms // 2 <= cdiv(n, 32) <= sms:  # (fewer programs: unmeasured, kept as before)
         return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)), num_warps=8, REGX=True, **sub)
+    if pdl and not fp4 and s19 and sub and 256 <= k <= 4096 and sms < cdiv(n, 32) <= 2 * sms:  # qkv: two steps
+        return dict(BN=32, SPLIT_K=1, KU=next_pow2(cdiv(k, 128)) // 2, num_warps=4, REGX=True, **sub)
     if pdl and not fp4 and n < 16384 and k < 8192:
         return dict(BN=256, SPLIT_K=8, KU=2, num_warps=4, **sub) if n > 4096 else dict(BN=128, SPLIT_K=8, KU=4, num_warps=4)
     if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned), the block
         # scales packed (SPK; session 18, H100, bench rows gemv16 / gemv16-spk: 2.18x -> 2.32x; QTOOL_SPK=0 off)
         spk = dict(SPK=True) if SPK_DEFAULT else {}
         if n >= 16384:
-            return dict(BN=512, SPLIT_K=4, KU=1, num_warps=4, **spk)
+            return dict(BN=256, SPLIT_K=2, KU=1, num_warps=4, **spk) if s19 and spk else dict(BN=512, SPLIT_K=4, KU=1, num_warps=4, **spk)
         if k < 8192 and n > 4096:
-            return dict(BN=128, SPLIT_K=8, KU=1, num_warps=4, **spk)
+            return dict(BN=128, SPLIT_K=8, KU=2 if s19 and spk else 1, num_warps=4, **spk)
         return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4, **spk)
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4, EVF=True)
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
-        return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4, EVF=True)
+        return dict(BN=256, SPLIT_K=16, KU=2, num_warps=4, EVF=True, **(sub if pdl and s19 else {}))
     return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4)  # qkv and o (session 8: o took 256 x 16 on both)
 
 
