@@ -475,6 +475,9 @@ def main():
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1
                 path_rows(("gemv16", "gemv16-s18", "gemv16-s16", "gemv16-noclu", "gemv16-fp4q", "gemv16-abl4", "gemv16-fp4q-abl4", "gemv16-abl8", "gemv16-abl2", "gemv16-spk") if m == 1 else ("dot4f", "dot4f-nopdl", "dot4f-clu"), preps["nvfp4(w only)"], xs, sname, m,
                           t_bf, e_bf, io, peak, rows, checks, check=True, name="nvfp4(w only)")
+            if m >= 128:  # bf16 again after the kernels: drift of the card's clocks over the shape's rows (not in any ratio)
+                t2 = time_graph(bf_fns)
+                print(f"  {'bf16 (again, after)':<22} {sname:<8} M={m:<5} {t2 * 1e6:9.1f} us  x{t_bf / t2:5.2f} the first", flush=True)
         del preps, bf16_copies
         torch.cuda.empty_cache()
     # summary: geometric mean over the four shapes of the ratio to bf16
