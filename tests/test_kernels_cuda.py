@@ -290,7 +290,8 @@ def test_int4_subnormal_decode(sym, act_order):
               (torch.randn(1, k, device="cuda") * torch.logspace(-4, 2, k, device="cuda")).to(torch.bfloat16)):
         ref = x.float() @ ref_w.t()
         scale = ref.abs().max()
-        for cfg in (dict(BN=256, SPLIT_K=8, KU=2), dict(BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True)):
+        for cfg in (dict(BN=256, SPLIT_K=8, KU=2), dict(BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True),
+                    dict(BN=32, SPLIT_K=1, KU=16, num_warps=4, REGX=True)):  # (o's default; qkv's since session 19)
             plain = weight_only._launch_gemv16(x, st, cfg, False, sub=True).float()
             sub = weight_only._launch_gemv16(x, st, cfg, True, sub=True).float()
             ptx = weight_only._launch_gemv16(x, st, cfg, True).float()

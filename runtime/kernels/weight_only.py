@@ -2081,7 +2081,8 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     and o's tiles with SUB (SUB_DEFAULT; s16 False: without it, bench row gemv16-s15). Session 19 (H100, two sweeps of
     25-29 configs, `--gemv16-configs`): qkv's 6144 columns as 32-column tiles over the whole K range in two steps of
     4 warps, x from registers, no split-K sum (7.3-7.5 -> 6.9-7.0 us), down with SUB (13.5-13.6 -> 13.2-13.3); NVFP4
-    qkv two blocks per step (10.1-10.3 -> 9.4-9.5), gate_up 256 x 2 (35.2 -> 30.7); s19 False: session 18's tiles
+    qkv two blocks per step (10.1-10.3 -> 9.4-9.5), gate_up 256 x 2 (35.2 -> 30.7), gate_up's and down's words
+    evict-first; s19 False: session 18's tiles
     (bench row gemv16-s18). The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
@@ -2097,11 +2098,12 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     if fp4:  # NVFP4: the CUDA-graph tuner's choices on an H100 (session 10: 1.78x -> 2.05x bf16 tuned), the block
         # scales packed (SPK; session 18, H100, bench rows gemv16 / gemv16-spk: 2.18x -> 2.32x; QTOOL_SPK=0 off)
         spk = dict(SPK=True) if SPK_DEFAULT else {}
+        evf = dict(EVF=True) if s19 and spk else {}  # (gate_up 30.5 -> 29.8 us, down 15.9-16.0 -> 15.7-15.8)
         if n >= 16384:
-            return dict(BN=256, SPLIT_K=2, KU=1, num_warps=4, **spk) if s19 and spk else dict(BN=512, SPLIT_K=4, KU=1, num_warps=4, **spk)
+            return dict(BN=256, SPLIT_K=2, KU=1, num_warps=4, **spk, **evf) if s19 and spk else dict(BN=512, SPLIT_K=4, KU=1, num_warps=4, **spk)
         if k < 8192 and n > 4096:
             return dict(BN=128, SPLIT_K=8, KU=2 if s19 and spk else 1, num_warps=4, **spk)
-        return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4, **spk)
+        return dict(BN=256, SPLIT_K=16, KU=1, num_warps=4, **spk, **(evf if k >= 8192 else {}))
     if n >= 16384:
         return dict(BN=512, SPLIT_K=8, KU=1, num_warps=4, EVF=True)
     if k >= 8192:  # session 8's CUDA-graph tuner, two H100s: 256 x 16, two blocks per step
