@@ -340,6 +340,26 @@ def test_gemv16_subnormal_decode(group, sym, act_order, dtype):
     assert rel_err(weight_only.matmul(x, st, path="gemv16-sub"), x.float() @ ref_w.t()) < tol
 
 
+def test_gemv16_tuner_configs_with_switches():
+    """The tuner's gemv16 configs that carry switches (session 19's winners: REGX, SUB, EVF, SPK) run and match the
+    fp32 reference, int4 (asym, act order: SUB's zero-point term and x gathered by the permutation) and NVFP4; a switch
+    that does not apply to the weight type is ignored."""
+    n, k = 40, 1024
+    qt = int_qt(n, k, 4, 128, False, True)
+    st = kernels.prepare(qt).state
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    bs, gs = nm.nvfp4_qparams(w, 16)
+    fq = QTensor("e2m1", 4, nm.nvfp4_quantize(w, bs, gs, 16), bs, None, 16, global_scale=gs)
+    fst = kernels.prepare(fq).state
+    x = x_of(1, k).to(torch.bfloat16)
+    swit = [c for c in weight_only.GEMV16_CONFIGS if set(c) - {"BN", "SPLIT_K", "KU", "num_warps"}]
+    assert len(swit) >= 7
+    for cfg in swit:
+        for t, q in ((st, qt), (fst, fq)):
+            y = weight_only._launch_gemv16(x, t, cfg, False)
+            assert rel_err(y, x.float() @ q.dequantize(torch.float32).t()) < 1e-2, cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv16_nvfp4(dtype):
     """NVFP4 weights through the packed-fp16 GEMV: e2m1 codes placed in fp16 bit fields (value * 2^-14),

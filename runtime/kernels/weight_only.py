@@ -1491,7 +1491,12 @@ GEMV16_CONFIGS = [dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w) for bn, sk, ku, w 
     (128, 4, 1, 4), (256, 2, 1, 8), (256, 4, 1, 8), (16, 1, 8, 2), (16, 2, 4, 2), (32, 16, 1, 4),
     (256, 8, 1, 4), (256, 16, 1, 4), (512, 8, 1, 4), (512, 16, 1, 8), (256, 4, 2, 4), (512, 4, 1, 4),
     (64, 8, 4, 4), (128, 8, 4, 4), (32, 8, 4, 4), (64, 16, 2, 4), (256, 16, 2, 4), (512, 8, 2, 4),
-]]
+]] + [  # session 19's sweep winners, with the switches they need (each ignored where it does not apply)
+    dict(BN=32, SPLIT_K=1, KU=16, num_warps=4, REGX=True, SUB=True), dict(BN=32, SPLIT_K=1, KU=32, num_warps=8, REGX=True, SUB=True),
+    dict(BN=256, SPLIT_K=16, KU=2, num_warps=4, EVF=True, SUB=True), dict(BN=256, SPLIT_K=8, KU=2, num_warps=4, SUB=True),
+    dict(BN=128, SPLIT_K=8, KU=2, num_warps=4, SPK=True), dict(BN=256, SPLIT_K=2, KU=1, num_warps=4, SPK=True, EVF=True),
+    dict(BN=256, SPLIT_K=16, KU=1, num_warps=4, SPK=True, EVF=True),
+]
 # the packed-fp16 GEMV for M = 1 (QTOOL_GEMV16=0 keeps the fp32 one); split-K partials summed by the last
 # program of each tile (QTOOL_FUSED_REDUCE=0: by a second kernel)
 GEMV16_DEFAULT = os.environ.get("QTOOL_GEMV16", "1") == "1"
