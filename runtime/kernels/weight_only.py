@@ -2087,8 +2087,7 @@ def _gemv16_default(n: int, k: int, fp4: bool = False, pdl: bool = False, sms: i
     25-29 configs, `--gemv16-configs`): qkv's 6144 columns as 32-column tiles over the whole K range in two steps of
     4 warps, x from registers, no split-K sum (7.3-7.5 -> 6.9-7.0 us), down with SUB (13.5-13.6 -> 13.2-13.3); NVFP4
     qkv two blocks per step (10.1-10.3 -> 9.4-9.5), gate_up 256 x 2 (35.2 -> 30.7), gate_up's and down's words
-    evict-first; s19 False: session 18's tiles
-    (bench row gemv16-s18). The interpreter (CPU tests) keeps small tiles."""
+    evict-first; s19 False: session 18's tiles (bench row gemv16-s18). The interpreter (CPU tests) keeps small tiles."""
     if tuning.interpreting():
         return dict(BN=32, SPLIT_K=2, KU=2, num_warps=4)
     if not s13:
