@@ -273,6 +273,7 @@ def main():
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
+    ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps;... : the Gluon mma16 kernel (int4, M <= 16) at each")
     ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
@@ -470,6 +471,21 @@ def main():
                         except Exception as e:
                             print(f"  {tp} {c}: failed {str(e)[:200]}", flush=True)
                     tuning._cache.pop(key, None)
+            if m <= 16 and a.mma16_configs and "w4a16-g128" in preps:  # the Gluon mma16 kernel at other tiles (any M <= 16)
+                st0 = preps["w4a16-g128"][0][0].state
+                key = weight_only._key(st0, "mma16", m)
+                for c in a.mma16_configs.split(";"):
+                    bn, sk, w = (int(v) for v in c.split(","))
+                    tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, NW=w)
+                    pf = [lambda s=s_.state: weight_only.matmul(xs, s, "mma16") for s_ in preps["w4a16-g128"][0]]
+                    try:
+                        err = rel_err_of(weight_only.matmul(xs, st0, "mma16"), xs, preps["w4a16-g128"][2])
+                        t = time_graph(pf)
+                        print(f"  {'int4 mma16 ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16"
+                              f"  err {err:.1e}", flush=True)
+                    except Exception as e:
+                        print(f"  mma16 {c}: failed {str(e)[:300]}", flush=True)
+                tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the
             # block scales' loads, -abl2 without the split-K sum (wrong values); -spk: the scales packed (_spk)
             if "nvfp4(w only)" in preps and m <= 16:  # NVFP4 through tensor cores (dot4f, the default at 2..16), gemv16 at 1

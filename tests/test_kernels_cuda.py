@@ -342,3 +342,32 @@ def test_nvfp4_packed_scales_match_byte_loads(n):
     a = weight_only._launch_gemv16(x, st, cfg, True)
     b = weight_only._launch_gemv16(x, st, dict(cfg, SPK=False), True)
     assert torch.equal(a, b)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("wtype", ["int4", "int4-asym"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma16_matches_reference(wtype, m, dtype):
+    """mma16 (Gluon: the repacked words loaded straight into mma.sync's operand registers) against x @ the dequantized
+    weight in fp32, at split-K 1, 2 and 8 and tiles of 64 .. 256 columns on 2 .. 8 warps; a CUDA graph replays it."""
+    from runtime import kernels
+    from runtime.kernels import mma16, weight_only
+
+    qt = _random_qt(wtype, 1024, 2048)
+    st = kernels.prepare(qt).state
+    x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+    ref = x.float() @ qt.dequantize(torch.float32).t()
+    scale = ref.abs().max().item()
+    for cfg in (dict(BN=128, SPLIT_K=8, NW=4), dict(BN=256, SPLIT_K=2, NW=8), dict(BN=64, SPLIT_K=1, NW=2),
+                mma16.default_config(st.n, st.k)):
+        y = mma16.matmul(x, st, cfg)
+        assert y.dtype == dtype and y.shape == (m, 1024)
+        assert (y.float() - ref).abs().max().item() <= 1e-2 * scale, cfg
+    y0 = weight_only.matmul(x, st, "mma16")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = weight_only.matmul(x, st, "mma16")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)

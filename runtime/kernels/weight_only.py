@@ -2037,6 +2037,11 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
+    elif path == "mma16":  # Gluon, the words straight into mma.sync's operand registers (mma16.py; forced only)
+        from . import mma16
+
+        cfg = tuning._cache.get(_key(st, path, m)) or mma16.default_config(st.n, st.k)
+        y = mma16.matmul(x2, st, cfg)
     elif path in ("dequant", "dequant-v0", "dequant-hint", "dequant-nohint"):
         # cache hints (the weight written evict-last for cuBLAS to read from L2) when it fits in half an H100's L2 or
         # so: session 13, M=4096, H100: o 205.5 -> 198.6 us, qkv 288.9 -> 286.4; down (117 MB) 701 -> 719: off there

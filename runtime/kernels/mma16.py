@@ -1,0 +1,165 @@
+"""int4 weight-only GEMM for 1 <= M <= 16 in Gluon: the words loaded straight into the tensor cores' operand
+registers (no trip through shared memory), as Marlin does.
+
+Plain Triton chooses its layouts itself and sends a register-loaded weight tile through shared memory before
+mma (session 17); Gluon (`triton.experimental.gluon`) states them. Here the weight tile of one 16-channel slot,
+[16 (K), BN (N)], is `mma.sync` m16n8k16's right operand in `DotOperandLayout(1, k_width=2)`: lane (g, c) of a
+warp holds K rows 2c, 2c + 1, 2c + 8, 2c + 9 of column g of each 8-column subtile. The words are repacked once
+per weight (`repack`) so that those four words sit in two 8-byte pairs, each warp instruction reading 256
+contiguous bytes, and so that the slot's decode (one PTX call per K pair, the `dot4` decode: q - z exact in
+16-bit floats) gives the operand pairs in place. x is the left operand, read from L1/L2 per slot.
+
+Word (r, n) of 128-channel block b holds the eight slots i = 0..7 of channel b * 128 + 16 i + r, as in
+`WeightOnlyState.qw`; only the order of the words in memory changes:
+    [b][n // 8][r // 8][n % 8][r % 8]   (int32, N / 8 * 128 words a block)
+The group scales multiply each block's fp32 result (groups of 128 channels or more: `st.gshift >= 0`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState
+
+
+def repack(qw: torch.Tensor) -> torch.Tensor:
+    """[K / 8, N] words (block b's word row r at row 16 b + r) -> the mma16 order, flat int32."""
+    k8, n = qw.shape
+    nb = k8 // 16
+    t = qw.reshape(nb, 2, 8, n // 8, 8)  # b, r // 8, r % 8, n // 8, n % 8
+    return t.permute(0, 3, 1, 4, 2).contiguous().reshape(-1)
+
+
+def unpack(qm: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The inverse of repack (tests)."""
+    nb = k // 128
+    return qm.reshape(nb, n // 8, 2, 8, 8).permute(0, 2, 4, 1, 3).reshape(k // 8, n)
+
+
+def words(st: WeightOnlyState) -> torch.Tensor:
+    """The repacked words of a weight, made once and kept on the state."""
+    qm = st.__dict__.get("_mma16")
+    if qm is None:
+        qm = st.__dict__["_mma16"] = repack(st.qw)
+    return qm
+
+
+def fits(st: WeightOnlyState, x: torch.Tensor) -> str | None:
+    """None when mma16 can run this weight and input, else why not."""
+    if st.wtype != WTYPE_INT or st.bits != 4:
+        return "int4 only"
+    if st.gshift < 0:
+        return "groups narrower than 128 channels"
+    if st.perm is not None:
+        return "act order"
+    if st.n % 8:
+        return "N not a multiple of 8"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return "x must be fp16 or bf16"
+    if x.shape[0] > 16:
+        return "more than 16 rows"
+    return None
+
+
+@gluon.jit
+def _dec(words, magic, zneg, i: gl.constexpr, FP16: gl.constexpr):
+    """Slot i of a word tile, as 16-bit floats q - z (the K pairs of the operand layout, one PTX call each)."""
+    if FP16:
+        return gl.inline_asm_elementwise(asm=_DEC4Z_F16[i], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(asm=_DEC4Z_BF16[i], constraints="=r,r,r,r,r,r,r", args=[words, magic, zneg],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_ok,
+                  BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
+                  HAS_ZERO: gl.constexpr, FP16: gl.constexpr):
+    """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
+    (1)'s share of the 128-channel blocks; the next block's words are loaded before this one's are decoded."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+    la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    MAGIC16: gl.constexpr = 0x6400 if FP16 else 0x4300
+    ZNEG8: gl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    nblk = K // 128
+    per = (nblk + SPLIT_K - 1) // SPLIT_K
+    b0 = pid_k * per
+    b1 = gl.minimum(b0 + per, nblk)
+
+    r = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
+    nw = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, lb))
+    wofs = ((r // 8) * 64 + r % 8)[:, None] + ((nw // 8) * 128 + (nw % 8) * 8)[None, :]
+    wstep = N * 16
+    magic = gl.full([16, BN], MAGIC16 * 65537, gl.int32, layout=lb)
+    if HAS_ZERO:
+        zofs = nw[None, :] + 0 * r[:, None]
+    else:
+        zneg = gl.full([16, BN], ZNEG8, gl.int32, layout=lb)
+
+    xm = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
+    xk = gl.arange(0, 16, layout=gl.SliceLayout(0, la))
+    xofs = xm[:, None] * stride_xm + xk[None, :]
+    xmask = (xm < M)[:, None] & (xk < 16)[None, :]
+
+    on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+    om = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    acc = gl.zeros([16, BN], gl.float32, layout=mma)
+
+    w_next = gl.load(qm_ptr + b0 * wstep + wofs)
+    for b in range(b0, b1):
+        w = w_next
+        w_next = gl.load(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs)
+        s = gl.load(s_ptr + (b >> GSH) * N + on).to(gl.float32)
+        if HAS_ZERO:
+            zt = gl.load(z_ptr + (b >> GSH) * N + zofs).to(gl.float32)
+            zneg = (-(zt + (1024.0 if FP16 else 128.0))).to(gl.float16 if FP16 else gl.bfloat16).to(gl.int16, bitcast=True)
+            zneg = (zneg.to(gl.int32) & 0xFFFF) * 65537
+        blk = gl.zeros([16, BN], gl.float32, layout=mma)
+        for i in gl.static_range(8):
+            xs = gl.load(x_ptr + xofs + (b * 128 + 16 * i), mask=xmask, other=0.0)
+            blk = mma_v2(xs, _dec(w, magic, zneg, i, FP16), blk)
+        acc += blk * s[None, :]
+
+    omask = (om < M)[:, None] & (on < N)[None, :]
+    oofs = om[:, None] * stride_om + on[None, :]
+    if SPLIT_K == 1:
+        gl.store(out_ptr + oofs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        gl.store(out_ptr + pid_k * stride_ok + oofs, acc, mask=omask)
+
+
+def default_config(n: int, k: int) -> dict:
+    """Untimed first guess: 128 columns on four warps, split-K 8 (N < 16384), 256 x 2 above (dot4's tiles)."""
+    return dict(BN=256, SPLIT_K=2, NW=4) if n >= 16384 else dict(BN=128, SPLIT_K=8, NW=4)
+
+
+def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> torch.Tensor:
+    """x2 [M <= 16, K] . W^T -> [M, N] in x's dtype (the split-K partials summed by weight_only's reduce kernel)."""
+    from .weight_only import _reduce
+
+    why = fits(st, x2)
+    if why:
+        raise ValueError(f"mma16: {why}")
+    cfg = cfg or default_config(st.n, st.k)
+    m, n, k = x2.shape[0], st.n, st.k
+    bn, sk, nw = cfg["BN"], cfg["SPLIT_K"], cfg["NW"]
+    if n % bn:
+        raise ValueError(f"mma16: N {n} not a multiple of BN {bn}")
+    x2 = x2.contiguous()
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
+    zeros = st.zeros if st.zeros is not None else st.scales
+    _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
+                                BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
+                                FP16=x2.dtype == torch.float16, num_warps=nw)
+    if sk > 1:
+        _reduce(dst, out, m * n, sk)
+    return out

@@ -1,0 +1,95 @@
+"""runtime/kernels/mma16.py on the CPU: the repacked word order against WeightOnlyState.qw (the addresses the kernel
+computes, from the format's statement), what it refuses, and the kernel compiled for sm_90 (ptxas ships with
+Triton): no shared memory at all, mma.sync in its loop, no spill. Its numbers are checked on the GPU
+(tests/test_kernels_cuda.py::test_mma16_matches_reference): Gluon kernels do not run under the interpreter."""
+
+import collections
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
+
+from qtensor import QTensor  # noqa: E402
+from runtime import kernels  # noqa: E402
+from runtime.kernels import mma16  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _state(n=64, k=256, zero=False, group=128):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), generator=g).to(torch.uint8 if zero else torch.int8)
+    ng = k // group if group else 1
+    zeros = torch.randint(0, 16, (n, ng), dtype=torch.uint8, generator=g) if zero else None
+    scales = (torch.rand(n, ng, generator=g) * 0.02 + 0.002).half()
+    return kernels.prepare(QTensor("int", 4, codes, scales, zeros, group)).state
+
+
+def test_repack_is_the_kernels_address_order():
+    """Word (r, n) of block b (qw row 16 b + r) sits at b * 16 N + (r // 8) * 64 + r % 8 + (n // 8) * 128 + (n % 8) * 8
+    (the kernel's offsets: lane (g, c)'s K rows 2c, 2c + 1 and 2c + 8, 2c + 9 as two 8-byte pairs, each warp load 256
+    contiguous bytes); unpack inverts it."""
+    st = _state(n=48, k=384)
+    qm = mma16.repack(st.qw)
+    assert qm.shape == (st.qw.numel(),)
+    rows, n = st.qw.shape
+    for b in range(rows // 16):
+        for r in range(16):
+            for c in range(n):
+                a = b * 16 * n + (r // 8) * 64 + r % 8 + (c // 8) * 128 + (c % 8) * 8
+                assert int(qm[a]) == int(st.qw[16 * b + r, c])
+    assert torch.equal(mma16.unpack(qm, st.k, st.n), st.qw)
+    # lane (g, c) of the subtile: its four words, rows 2c, 2c + 1, 2c + 8, 2c + 9 of column g, are two adjacent pairs
+    for g_ in range(8):
+        for c in range(4):
+            a0 = (2 * c) % 8 + g_ * 8
+            assert [int(qm[a0]), int(qm[a0 + 1]), int(qm[a0 + 64]), int(qm[a0 + 65])] == \
+                [int(st.qw[r, g_]) for r in (2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9)]
+
+
+def test_fits_refuses_what_the_kernel_cannot_run():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    assert mma16.fits(_state(), x) is None
+    assert mma16.fits(_state(zero=True), x) is None
+    assert mma16.fits(_state(group=256), x) is None  # two blocks a group (gshift 1)
+    assert "128" in mma16.fits(_state(group=32), x)
+    assert "16 rows" in mma16.fits(_state(), torch.zeros(17, 256, dtype=torch.bfloat16))
+    assert "fp16 or bf16" in mma16.fits(_state(), x.float())
+    with pytest.raises(ValueError, match="mma16"):
+        mma16.matmul(x.float(), _state())
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
+@pytest.mark.parametrize("zero,bn,nw", [(False, 128, 4), (True, 256, 8)])
+def test_mma16_compiles_without_shared_memory(zero, bn, nw):
+    from triton.backends.compiler import GPUTarget
+
+    sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
+               stride_xm="i32", stride_om="i32", stride_ok="i32")
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False)
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
+    k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
+                                               constexprs=cx, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+    assert k.metadata.shared == 0
+    assert "ld.shared" not in k.asm["ptx"] and "st.shared" not in k.asm["ptx"]
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mma16_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    try:
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    finally:
+        os.remove(path)
+    ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
+    assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // 8
+    assert ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
+    assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)
+    assert "STACK:0" in res and "LOCAL:0" in res
