@@ -65,20 +65,22 @@ def test_fits_refuses_what_the_kernel_cannot_run():
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("zero,bn,nw", [(False, 128, 4), (True, 256, 8)])
-def test_mma16_compiles_without_shared_memory(zero, bn, nw):
+@pytest.mark.parametrize("zero,bn,nw,xs", [(False, 128, 4, False), (True, 256, 8, False), (False, 128, 4, True)])
+def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs):
+    """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier."""
     from triton.backends.compiler import GPUTarget
 
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
-    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False)
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
     k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
                                                constexprs=cx, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
-    assert k.metadata.shared == 0
-    assert "ld.shared" not in k.asm["ptx"] and "st.shared" not in k.asm["ptx"]
+    if not xs:
+        assert k.metadata.shared == 0
+        assert "ld.shared" not in k.asm["ptx"] and "st.shared" not in k.asm["ptx"]
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mma16_{os.getpid()}.cubin")
     with open(path, "wb") as f:
         f.write(k.asm["cubin"])
@@ -91,5 +93,9 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw):
     # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
     assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // 8
     assert ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
-    assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)
+    if xs:
+        assert ops["LDSM.16.M88.4"] == 8  # one ldmatrix.x4 a slot
+        assert ops["BAR.SYNC.DEFER_BLOCKING"] <= 4 + 1  # (the fill's, outside the loop)
+    else:
+        assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)
     assert "STACK:0" in res and "LOCAL:0" in res

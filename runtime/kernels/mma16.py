@@ -76,12 +76,26 @@ def _dec(words, magic, zneg, i: gl.constexpr, FP16: gl.constexpr):
                                          dtype=gl.bfloat16, is_pure=True, pack=2)
 
 
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (Triton 3.6 / 3.8)
+
+
+@gluon.jit
+def _wload(ptr, EVF: gl.constexpr):
+    if EVF:
+        return gl.load(ptr, eviction_policy="evict_first")
+    else:
+        return gl.load(ptr)
+
+
 @gluon.jit
 def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_ok,
                   BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
-                  HAS_ZERO: gl.constexpr, FP16: gl.constexpr):
+                  HAS_ZERO: gl.constexpr, FP16: gl.constexpr, KB: gl.constexpr = 1, XS: gl.constexpr = False,
+                  PF: gl.constexpr = 1, EVF: gl.constexpr = False):
     """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
-    (1)'s share of the 128-channel blocks; the next block's words are loaded before this one's are decoded."""
+    (1)'s share of the 128-channel blocks (at most KB); the words of the next PF (1 or 2) blocks are loaded before
+    this one's are decoded. XS: the program's x [16, KB * 128] read once into shared memory (then one ldmatrix a
+    slot) instead of from L1 per slot. EVF: the words read evict-first."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -90,9 +104,8 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     nblk = K // 128
-    per = (nblk + SPLIT_K - 1) // SPLIT_K
-    b0 = pid_k * per
-    b1 = gl.minimum(b0 + per, nblk)
+    b0 = pid_k * KB
+    b1 = gl.minimum(b0 + KB, nblk)
 
     r = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
     nw = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, lb))
@@ -104,19 +117,38 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
     else:
         zneg = gl.full([16, BN], ZNEG8, gl.int32, layout=lb)
 
-    xm = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
-    xk = gl.arange(0, 16, layout=gl.SliceLayout(0, la))
-    xofs = xm[:, None] * stride_xm + xk[None, :]
-    xmask = (xm < M)[:, None] & (xk < 16)[None, :]
+    if XS:  # x [8 slots, 16, 16] tiles of each block into shared memory, once (static slices)
+        xl3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [NW, 1, 1], [2, 1, 0])
+        xsm3 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [KB * 8, 16, 16], gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
+        t0 = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, xl3)))
+        t1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
+        t2 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, xl3)))
+        x3 = t0[:, None, None] * 16 + t1[None, :, None] * stride_xm + t2[None, None, :]
+        m3 = (t1 < M)[None, :, None] & (t2 < 16)[None, None, :] & (t0 < 8)[:, None, None]
+        for j in gl.static_range(KB):
+            xsm3.slice(j * 8, 8).store(gl.load(x_ptr + (b0 + j) * 128 + x3, mask=m3 & (b0 + j < b1), other=0.0))
+        xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KB * 8, 16, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
+        _barrier()
+    else:
+        xm = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
+        xk = gl.arange(0, 16, layout=gl.SliceLayout(0, la))
+        xofs = xm[:, None] * stride_xm + xk[None, :]
+        xmask = (xm < M)[:, None] & (xk < 16)[None, :]
 
     on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
     om = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     acc = gl.zeros([16, BN], gl.float32, layout=mma)
 
-    w_next = gl.load(qm_ptr + b0 * wstep + wofs)
+    w_n1 = _wload(qm_ptr + b0 * wstep + wofs, EVF)
+    if PF == 2:
+        w_n2 = _wload(qm_ptr + gl.minimum(b0 + 1, b1 - 1) * wstep + wofs, EVF)
     for b in range(b0, b1):
-        w = w_next
-        w_next = gl.load(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs)
+        w = w_n1
+        if PF == 2:
+            w_n1 = w_n2
+            w_n2 = _wload(qm_ptr + gl.minimum(b + 2, b1 - 1) * wstep + wofs, EVF)
+        else:
+            w_n1 = _wload(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs, EVF)
         s = gl.load(s_ptr + (b >> GSH) * N + on).to(gl.float32)
         if HAS_ZERO:
             zt = gl.load(z_ptr + (b >> GSH) * N + zofs).to(gl.float32)
@@ -124,7 +156,10 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
             zneg = (zneg.to(gl.int32) & 0xFFFF) * 65537
         blk = gl.zeros([16, BN], gl.float32, layout=mma)
         for i in gl.static_range(8):
-            xs = gl.load(x_ptr + xofs + (b * 128 + 16 * i), mask=xmask, other=0.0)
+            if XS:
+                xs = xsm.index((b - b0) * 8 + i).load(la)
+            else:
+                xs = gl.load(x_ptr + xofs + (b * 128 + 16 * i), mask=xmask, other=0.0)
             blk = mma_v2(xs, _dec(w, magic, zneg, i, FP16), blk)
         acc += blk * s[None, :]
 
@@ -155,11 +190,14 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
         raise ValueError(f"mma16: N {n} not a multiple of BN {bn}")
     x2 = x2.contiguous()
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
     zeros = st.zeros if st.zeros is not None else st.scales
+    kb = -(-(k // 128) // sk)
+    sk = -(-(k // 128) // kb)  # (no empty split)
+    dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
-                                FP16=x2.dtype == torch.float16, num_warps=nw)
+                                FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
+                                EVF=cfg.get("EVF", False), num_warps=nw)
     if sk > 1:
         _reduce(dst, out, m * n, sk)
     return out
