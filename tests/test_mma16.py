@@ -65,14 +65,17 @@ def test_fits_refuses_what_the_kernel_cannot_run():
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("zero,bn,nw,xs", [(False, 128, 4, False), (True, 256, 8, False), (False, 128, 4, True)])
-def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs):
-    """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier."""
+@pytest.mark.parametrize("zero,bn,nw,xs,wa", [(False, 128, 4, False, False), (True, 256, 8, False, False),
+                                              (False, 128, 4, True, False), (False, 128, 4, False, True),
+                                              (True, 128, 4, True, True)])
+def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa):
+    """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier;
+    WA (weights left, 8 tokens) takes half the mma.sync of the x-left form."""
     from triton.backends.compiler import GPUTarget
 
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
-    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False)
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
     k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
@@ -91,10 +94,10 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs):
         os.remove(path)
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
     # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
-    assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // 8
+    assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // (16 if wa else 8)
     assert ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
     if xs:
-        assert ops["LDSM.16.M88.4"] == 8  # one ldmatrix.x4 a slot
+        assert ops["LDSM.16.M88.2" if wa else "LDSM.16.M88.4"] == 8  # one ldmatrix a slot
         assert ops["BAR.SYNC.DEFER_BLOCKING"] <= 4 + 1  # (the fill's, outside the loop)
     else:
         assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)

@@ -91,14 +91,28 @@ def _wload(ptr, EVF: gl.constexpr):
 def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_ok,
                   BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
                   HAS_ZERO: gl.constexpr, FP16: gl.constexpr, KB: gl.constexpr = 1, XS: gl.constexpr = False,
-                  PF: gl.constexpr = 1, EVF: gl.constexpr = False):
+                  PF: gl.constexpr = 1, EVF: gl.constexpr = False, TRIG: gl.constexpr = False, WA: gl.constexpr = False,
+                  BM: gl.constexpr = 16):
     """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
     (1)'s share of the 128-channel blocks (at most KB); the words of the next PF (1 or 2) blocks are loaded before
-    this one's are decoded. XS: the program's x [16, KB * 128] read once into shared memory (then one ldmatrix a
-    slot) instead of from L1 per slot. EVF: the words read evict-first."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+    this one's are decoded. XS: the program's x [BM, KB * 128] read once into shared memory (then one ldmatrix a
+    slot) instead of from L1 per slot. EVF: the words read evict-first. TRIG: the split-K sum (a programmatic dependent
+    launch) may start at once; it waits for this kernel's writes. WA (weights the left operand): out^T [BN, BM] =
+    W . x^T, the decoded [BN, 16] slot tile mma's m16 side and x^T [16, BM] its n8 side (BM = 8: M <= 8 in half the
+    mma.sync and x loads); the same repacked words, read as [BN, 16] (the operand's K pairs are again two adjacent
+    words)."""
+    if TRIG:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    if WA:
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+        WSH: gl.constexpr = [BN, 16]
+    else:
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        WSH: gl.constexpr = [16, BN]
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    lw: gl.constexpr = la if WA else lb  # the weights' operand
+    lx: gl.constexpr = lb if WA else la  # x's
     MAGIC16: gl.constexpr = 0x6400 if FP16 else 0x4300
     ZNEG8: gl.constexpr = (0xE408E408 if FP16 else 0xC308C308) - (1 << 32)
     pid_n = gl.program_id(0)
@@ -107,37 +121,53 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
     b0 = pid_k * KB
     b1 = gl.minimum(b0 + KB, nblk)
 
-    r = gl.arange(0, 16, layout=gl.SliceLayout(1, lb))
-    nw = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, lb))
-    wofs = ((r // 8) * 64 + r % 8)[:, None] + ((nw // 8) * 128 + (nw % 8) * 8)[None, :]
-    wstep = N * 16
-    magic = gl.full([16, BN], MAGIC16 * 65537, gl.int32, layout=lb)
-    if HAS_ZERO:
-        zofs = nw[None, :] + 0 * r[:, None]
+    # the words: element (r, n) (or (n, r) with WA) at (r // 8) * 64 + r % 8 + (n // 8) * 128 + (n % 8) * 8 of a block
+    if WA:
+        r = gl.arange(0, 16, layout=gl.SliceLayout(0, lw))
+        nw = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lw))
+        wofs = ((r // 8) * 64 + r % 8)[None, :] + ((nw // 8) * 128 + (nw % 8) * 8)[:, None]
+        zofs = nw[:, None] + 0 * r[None, :]
     else:
-        zneg = gl.full([16, BN], ZNEG8, gl.int32, layout=lb)
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, lw))
+        nw = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, lw))
+        wofs = ((r // 8) * 64 + r % 8)[:, None] + ((nw // 8) * 128 + (nw % 8) * 8)[None, :]
+        zofs = nw[None, :] + 0 * r[:, None]
+    wstep = N * 16
+    magic = gl.full(WSH, MAGIC16 * 65537, gl.int32, layout=lw)
+    if not HAS_ZERO:
+        zneg = gl.full(WSH, ZNEG8, gl.int32, layout=lw)
 
-    if XS:  # x [8 slots, 16, 16] tiles of each block into shared memory, once (static slices)
+    if XS:  # x [8 slots, BM, 16] tiles of each block into shared memory, once (static slices)
         xl3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [NW, 1, 1], [2, 1, 0])
-        xsm3 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [KB * 8, 16, 16], gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
+        xsm3 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [KB * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
         t0 = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, xl3)))
-        t1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
+        t1 = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
         t2 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, xl3)))
         x3 = t0[:, None, None] * 16 + t1[None, :, None] * stride_xm + t2[None, None, :]
         m3 = (t1 < M)[None, :, None] & (t2 < 16)[None, None, :] & (t0 < 8)[:, None, None]
         for j in gl.static_range(KB):
             xsm3.slice(j * 8, 8).store(gl.load(x_ptr + (b0 + j) * 128 + x3, mask=m3 & (b0 + j < b1), other=0.0))
-        xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KB * 8, 16, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
+        xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KB * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
         _barrier()
+    elif WA:  # x^T [16, BM]
+        xk = gl.arange(0, 16, layout=gl.SliceLayout(1, lx))
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(0, lx))
+        xofs = xm[None, :] * stride_xm + xk[:, None]
+        xmask = (xm < M)[None, :] & (xk < 16)[:, None]
     else:
-        xm = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
-        xk = gl.arange(0, 16, layout=gl.SliceLayout(0, la))
+        xm = gl.arange(0, 16, layout=gl.SliceLayout(1, lx))
+        xk = gl.arange(0, 16, layout=gl.SliceLayout(0, lx))
         xofs = xm[:, None] * stride_xm + xk[None, :]
         xmask = (xm < M)[:, None] & (xk < 16)[None, :]
 
-    on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-    om = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    acc = gl.zeros([16, BN], gl.float32, layout=mma)
+    if WA:
+        on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        om = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+        acc = gl.zeros([BN, BM], gl.float32, layout=mma)
+    else:
+        on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        om = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+        acc = gl.zeros([16, BN], gl.float32, layout=mma)
 
     w_n1 = _wload(qm_ptr + b0 * wstep + wofs, EVF)
     if PF == 2:
@@ -154,17 +184,30 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
             zt = gl.load(z_ptr + (b >> GSH) * N + zofs).to(gl.float32)
             zneg = (-(zt + (1024.0 if FP16 else 128.0))).to(gl.float16 if FP16 else gl.bfloat16).to(gl.int16, bitcast=True)
             zneg = (zneg.to(gl.int32) & 0xFFFF) * 65537
-        blk = gl.zeros([16, BN], gl.float32, layout=mma)
+        blk = gl.zeros_like(acc)
         for i in gl.static_range(8):
             if XS:
-                xs = xsm.index((b - b0) * 8 + i).load(la)
+                if WA:
+                    xs = xsm.index((b - b0) * 8 + i).permute([1, 0]).load(lx)
+                else:
+                    xs = xsm.index((b - b0) * 8 + i).load(lx)
             else:
                 xs = gl.load(x_ptr + xofs + (b * 128 + 16 * i), mask=xmask, other=0.0)
-            blk = mma_v2(xs, _dec(w, magic, zneg, i, FP16), blk)
-        acc += blk * s[None, :]
+            if WA:
+                blk = mma_v2(_dec(w, magic, zneg, i, FP16), xs, blk)
+            else:
+                blk = mma_v2(xs, _dec(w, magic, zneg, i, FP16), blk)
+        if WA:
+            acc += blk * s[:, None]
+        else:
+            acc += blk * s[None, :]
 
-    omask = (om < M)[:, None] & (on < N)[None, :]
-    oofs = om[:, None] * stride_om + on[None, :]
+    if WA:
+        omask = (om < M)[None, :] & (on < N)[:, None]
+        oofs = om[None, :] * stride_om + on[:, None]
+    else:
+        omask = (om < M)[:, None] & (on < N)[None, :]
+        oofs = om[:, None] * stride_om + on[None, :]
     if SPLIT_K == 1:
         gl.store(out_ptr + oofs, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
@@ -178,7 +221,7 @@ def default_config(n: int, k: int) -> dict:
 
 def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> torch.Tensor:
     """x2 [M <= 16, K] . W^T -> [M, N] in x's dtype (the split-K partials summed by weight_only's reduce kernel)."""
-    from .weight_only import _reduce
+    from .weight_only import _pdl_dev, _reduce
 
     why = fits(st, x2)
     if why:
@@ -194,10 +237,14 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     kb = -(-(k // 128) // sk)
     sk = -(-(k // 128) // kb)  # (no empty split)
     dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
+    wa = cfg.get("WA", False)
+    if wa and bn % (16 * nw):
+        raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
+    trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
                                 FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
-                                EVF=cfg.get("EVF", False), num_warps=nw)
+                                EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=8 if wa and m <= 8 else 16, num_warps=nw)
     if sk > 1:
-        _reduce(dst, out, m * n, sk)
+        _reduce(dst, out, m * n, sk, pdl=trig)
     return out
