@@ -21,6 +21,18 @@ from runtime.kernels import mma16  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def _loop(sass: str) -> collections.Counter:
+    """The instructions between the longest backward branch and its target (the hot loop)."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)]
+    best = None
+    for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass):
+        a, t = int(a, 16), int(t, 16)
+        if t < a and (best is None or a - t > best[1] - best[0]):
+            best = (t, a)
+    assert best, "no loop"
+    return collections.Counter(op for a, op in ins if best[0] <= a <= best[1])
+
+
 def _state(n=64, k=256, zero=False, group=128):
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k), generator=g).to(torch.uint8 if zero else torch.int8)
@@ -65,17 +77,18 @@ def test_fits_refuses_what_the_kernel_cannot_run():
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("zero,bn,nw,xs,wa", [(False, 128, 4, False, False), (True, 256, 8, False, False),
-                                              (False, 128, 4, True, False), (False, 128, 4, False, True),
-                                              (True, 128, 4, True, True)])
-def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa):
+@pytest.mark.parametrize("zero,bn,nw,xs,wa,bias", [(False, 128, 4, False, False, False), (True, 256, 8, False, False, False),
+                                                   (False, 128, 4, True, False, False), (False, 128, 4, False, True, False),
+                                                   (True, 128, 4, True, True, False), (True, 128, 4, True, True, True)])
+def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias):
     """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier;
-    WA (weights left, 8 tokens) takes half the mma.sync of the x-left form."""
+    WA (weights left, 8 tokens) takes half the mma.sync of the x-left form; BIAS decodes a K pair in two instructions
+    (prmt shared by four slots, shift, lop3: no add), so the loop has no packed add at all."""
     from triton.backends.compiler import GPUTarget
 
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
-    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16)
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
     k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
@@ -96,9 +109,12 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa):
     # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
     assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // (16 if wa else 8)
     assert ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
+    if bias:
+        body = _loop(sass)
+        assert not any(o.startswith(("HADD2.BF16", "HFMA2.BF16")) for o in body)
     if xs:
         assert ops["LDSM.16.M88.2" if wa else "LDSM.16.M88.4"] == 8  # one ldmatrix a slot
-        assert ops["BAR.SYNC.DEFER_BLOCKING"] <= 4 + 1  # (the fill's, outside the loop)
+        assert not any(o.startswith(("BAR", "STS")) for o in _loop(sass))  # (the fill's, before the loop)
     else:
         assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)
     assert "STACK:0" in res and "LOCAL:0" in res

@@ -76,6 +76,27 @@ def _dec(words, magic, zneg, i: gl.constexpr, FP16: gl.constexpr):
                                          dtype=gl.bfloat16, is_pure=True, pack=2)
 
 
+def _dec4b_asm(i: int) -> str:
+    """Slot i of a K pair of words as MAGIC + q (16-bit float pair, exact): prmt pairs the half-words, lop3 ORs the
+    nibble pair into the magic's mantissa. The offset MAGIC + z comes off per block through x's row sums (BIAS)."""
+    sh = f"shr.b32 t, t, {4 * (i % 4)};" if i % 4 else ""
+    return ("{ .reg .b32 t; " + f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'}; " + sh +
+            " lop3.b32 $0, t, 0x000F000F, $3, 0xEA; }")
+
+
+_DEC4B = gl.constexpr(tuple(_dec4b_asm(i) for i in range(8)))
+
+
+@gluon.jit
+def _decb(words, magic, i: gl.constexpr, FP16: gl.constexpr):
+    if FP16:
+        return gl.inline_asm_elementwise(asm=_DEC4B[i], constraints="=r,r,r,r,r", args=[words, magic],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(asm=_DEC4B[i], constraints="=r,r,r,r,r", args=[words, magic],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (Triton 3.6 / 3.8)
 
 
@@ -92,7 +113,7 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
                   BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
                   HAS_ZERO: gl.constexpr, FP16: gl.constexpr, KB: gl.constexpr = 1, XS: gl.constexpr = False,
                   PF: gl.constexpr = 1, EVF: gl.constexpr = False, TRIG: gl.constexpr = False, WA: gl.constexpr = False,
-                  BM: gl.constexpr = 16):
+                  BM: gl.constexpr = 16, BIAS: gl.constexpr = False):
     """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
     (1)'s share of the 128-channel blocks (at most KB); the words of the next PF (1 or 2) blocks are loaded before
     this one's are decoded. XS: the program's x [BM, KB * 128] read once into shared memory (then one ldmatrix a
@@ -100,7 +121,8 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
     launch) may start at once; it waits for this kernel's writes. WA (weights the left operand): out^T [BN, BM] =
     W . x^T, the decoded [BN, 16] slot tile mma's m16 side and x^T [16, BM] its n8 side (BM = 8: M <= 8 in half the
     mma.sync and x loads); the same repacked words, read as [BN, 16] (the operand's K pairs are again two adjacent
-    words)."""
+    words). BIAS (with XS): the slots decoded as MAGIC + q only (two instructions a K pair, not three) and
+    (MAGIC + z) times x's row sum over the block taken off each block's result (the sums made as x is staged)."""
     if TRIG:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     if WA:
@@ -134,7 +156,7 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         zofs = nw[None, :] + 0 * r[:, None]
     wstep = N * 16
     magic = gl.full(WSH, MAGIC16 * 65537, gl.int32, layout=lw)
-    if not HAS_ZERO:
+    if not HAS_ZERO or BIAS:
         zneg = gl.full(WSH, ZNEG8, gl.int32, layout=lw)
 
     if XS:  # x [8 slots, BM, 16] tiles of each block into shared memory, once (static slices)
@@ -145,8 +167,13 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         t2 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, xl3)))
         x3 = t0[:, None, None] * 16 + t1[None, :, None] * stride_xm + t2[None, None, :]
         m3 = (t1 < M)[None, :, None] & (t2 < 16)[None, None, :] & (t0 < 8)[:, None, None]
+        if BIAS:
+            xsum = gl.allocate_shared_memory(gl.float32, [KB, BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         for j in gl.static_range(KB):
-            xsm3.slice(j * 8, 8).store(gl.load(x_ptr + (b0 + j) * 128 + x3, mask=m3 & (b0 + j < b1), other=0.0))
+            xt = gl.load(x_ptr + (b0 + j) * 128 + x3, mask=m3 & (b0 + j < b1), other=0.0)
+            xsm3.slice(j * 8, 8).store(xt)
+            if BIAS:
+                xsum.index(j).store(gl.sum(gl.sum(xt.to(gl.float32), axis=2), axis=0))
         xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KB * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
         _barrier()
     elif WA:  # x^T [16, BM]
@@ -180,10 +207,19 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         else:
             w_n1 = _wload(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs, EVF)
         s = gl.load(s_ptr + (b >> GSH) * N + on).to(gl.float32)
-        if HAS_ZERO:
+        if HAS_ZERO and not BIAS:
             zt = gl.load(z_ptr + (b >> GSH) * N + zofs).to(gl.float32)
             zneg = (-(zt + (1024.0 if FP16 else 128.0))).to(gl.float16 if FP16 else gl.bfloat16).to(gl.int16, bitcast=True)
             zneg = (zneg.to(gl.int32) & 0xFFFF) * 65537
+        if BIAS:  # (MAGIC + z) per column, x's row sums over the block
+            if HAS_ZERO:
+                zc = gl.load(z_ptr + (b >> GSH) * N + on).to(gl.float32) + (1024.0 if FP16 else 128.0)
+            else:
+                zc = gl.full([BN], (1024.0 if FP16 else 128.0) + 8.0, gl.float32, layout=gl.SliceLayout(1 if WA else 0, mma))
+            if WA:
+                xr = xsum.index(b - b0).load(gl.SliceLayout(0, mma))
+            else:
+                xr = xsum.index(b - b0).load(gl.SliceLayout(1, mma))
         blk = gl.zeros_like(acc)
         for i in gl.static_range(8):
             if XS:
@@ -193,10 +229,19 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
                     xs = xsm.index((b - b0) * 8 + i).load(lx)
             else:
                 xs = gl.load(x_ptr + xofs + (b * 128 + 16 * i), mask=xmask, other=0.0)
-            if WA:
-                blk = mma_v2(_dec(w, magic, zneg, i, FP16), xs, blk)
+            if BIAS:
+                wd = _decb(w, magic, i, FP16)
             else:
-                blk = mma_v2(xs, _dec(w, magic, zneg, i, FP16), blk)
+                wd = _dec(w, magic, zneg, i, FP16)
+            if WA:
+                blk = mma_v2(wd, xs, blk)
+            else:
+                blk = mma_v2(xs, wd, blk)
+        if BIAS:
+            if WA:
+                blk -= zc[:, None] * xr[None, :]
+            else:
+                blk -= xr[:, None] * zc[None, :]
         if WA:
             acc += blk * s[:, None]
         else:
@@ -238,13 +283,17 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     sk = -(-(k // 128) // kb)  # (no empty split)
     dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
     wa = cfg.get("WA", False)
+    bias = cfg.get("BIAS", False)
+    if bias and not cfg.get("XS", False):
+        raise ValueError("mma16: BIAS needs XS (x's row sums are made as x is staged)")
     if wa and bn % (16 * nw):
         raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
     trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
                                 FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
-                                EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=8 if wa and m <= 8 else 16, num_warps=nw)
+                                EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=8 if wa and m <= 8 else 16,
+                                BIAS=bias, num_warps=nw)
     if sk > 1:
         _reduce(dst, out, m * n, sk, pdl=trig)
     return out
