@@ -74,6 +74,10 @@ def test_fits_refuses_what_the_kernel_cannot_run():
     assert "fp16 or bf16" in mma16.fits(_state(), x.float())
     with pytest.raises(ValueError, match="mma16"):
         mma16.matmul(x.float(), _state())
+    with pytest.raises(ValueError, match="BIAS needs XS"):
+        mma16.matmul(x, _state(), dict(BN=64, SPLIT_K=1, NW=4, BIAS=True))
+    with pytest.raises(ValueError, match="160 KiB"):  # x for 80 blocks of 16 rows staged at once
+        mma16.matmul(torch.zeros(16, 10240, dtype=torch.bfloat16), _state(k=10240), dict(BN=64, SPLIT_K=1, NW=4, XS=True))
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")

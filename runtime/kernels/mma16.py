@@ -288,11 +288,14 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
         raise ValueError("mma16: BIAS needs XS (x's row sums are made as x is staged)")
     if wa and bn % (16 * nw):
         raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
+    bm = 8 if wa and m <= 8 else 16
+    if cfg.get("XS", False) and kb * 8 * bm * 16 * x2.element_size() > 160 << 10:
+        raise ValueError(f"mma16: x staged for {kb} blocks needs more than 160 KiB of shared memory (raise SPLIT_K)")
     trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
                                 FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
-                                EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=8 if wa and m <= 8 else 16,
+                                EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=bm,
                                 BIAS=bias, num_warps=nw)
     if sk > 1:
         _reduce(dst, out, m * n, sk, pdl=trig)
