@@ -259,7 +259,7 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         gl.store(out_ptr + pid_k * stride_ok + oofs, acc, mask=omask)
 
 
-def default_config(n: int, k: int) -> dict:
+def default_config(n: int, k: int, m: int = 16) -> dict:
     """Untimed first guess: 128 columns on four warps, split-K 8 (N < 16384), 256 x 2 above (dot4's tiles)."""
     return dict(BN=256, SPLIT_K=2, NW=4) if n >= 16384 else dict(BN=128, SPLIT_K=8, NW=4)
 
@@ -271,8 +271,8 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     why = fits(st, x2)
     if why:
         raise ValueError(f"mma16: {why}")
-    cfg = cfg or default_config(st.n, st.k)
     m, n, k = x2.shape[0], st.n, st.k
+    cfg = cfg or default_config(n, k, m)
     bn, sk, nw = cfg["BN"], cfg["SPLIT_K"], cfg["NW"]
     if n % bn:
         raise ValueError(f"mma16: N {n} not a multiple of BN {bn}")

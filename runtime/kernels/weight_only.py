@@ -1788,6 +1788,23 @@ def _clu_for(x: torch.Tensor) -> bool:
     return _clu_ok(x.device)
 
 
+# mma16 (Gluon, mma16.py: the repacked words straight into mma.sync's operand registers) for M <= 16 where it runs;
+# QTOOL_MMA16=1 makes it the default there (off: not yet timed against gemv16 / dot4 on a GPU)
+MMA16_DEFAULT = os.environ.get("QTOOL_MMA16", "0") == "1"
+
+
+def mma16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
+    """int4 with groups of 128 channels or more, no act order, x fp16 / bf16 of at most 16 rows on an sm_80+ GPU,
+    and a Triton with Gluon."""
+    if x.device.type != "cuda" or tuning.interpreting() or torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    try:
+        from . import mma16
+    except ImportError:  # a Triton without Gluon
+        return False
+    return mma16.fits(st, x) is None
+
+
 def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """The tensor-core int4 path: 4-bit int weights whose 128-channel blocks each lie in one group."""
     return st.bits == 4 and st.wtype == WTYPE_INT and st.uniform and x.dtype in (torch.float16, torch.bfloat16)
@@ -1959,7 +1976,9 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path is None:
-        if m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (
+        if MMA16_DEFAULT and m <= 16 and mma16_fits(st, x2):
+            path = "mma16"
+        elif m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (
                 tuning.interpreting() or _h2_ok(x2.device, "nvfp4" if st.wtype == WTYPE_NVFP4 else "int4")):
             path = "gemv16"
         elif 1 < m <= 16 and DOT4_DEFAULT and dot4_fits(st, x2):
@@ -2040,7 +2059,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     elif path == "mma16":  # Gluon, the words straight into mma.sync's operand registers (mma16.py; forced only)
         from . import mma16
 
-        cfg = tuning._cache.get(_key(st, path, m)) or mma16.default_config(st.n, st.k)
+        cfg = tuning._cache.get(_key(st, path, m)) or mma16.default_config(st.n, st.k, m)
         y = mma16.matmul(x2, st, cfg)
     elif path in ("dequant", "dequant-v0", "dequant-hint", "dequant-nohint"):
         # cache hints (the weight written evict-last for cuBLAS to read from L2) when it fits in half an H100's L2 or
