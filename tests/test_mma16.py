@@ -92,7 +92,7 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias):
 
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
-    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=4, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias)
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=3, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias, KBP=4)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
     k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),

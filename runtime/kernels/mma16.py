@@ -23,6 +23,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .launch import next_pow2
 from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState
 
 
@@ -113,10 +114,10 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
                   BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
                   HAS_ZERO: gl.constexpr, FP16: gl.constexpr, KB: gl.constexpr = 1, XS: gl.constexpr = False,
                   PF: gl.constexpr = 1, EVF: gl.constexpr = False, TRIG: gl.constexpr = False, WA: gl.constexpr = False,
-                  BM: gl.constexpr = 16, BIAS: gl.constexpr = False):
+                  BM: gl.constexpr = 16, BIAS: gl.constexpr = False, KBP: gl.constexpr = 1):
     """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
     (1)'s share of the 128-channel blocks (at most KB); the words of the next PF (1 or 2) blocks are loaded before
-    this one's are decoded. XS: the program's x [BM, KB * 128] read once into shared memory (then one ldmatrix a
+    this one's are decoded. XS: the program's x [BM, KB * 128] (KBP: KB to a power of two) read once into shared memory (then one ldmatrix a
     slot) instead of from L1 per slot. EVF: the words read evict-first. TRIG: the split-K sum (a programmatic dependent
     launch) may start at once; it waits for this kernel's writes. WA (weights the left operand): out^T [BN, BM] =
     W . x^T, the decoded [BN, 16] slot tile mma's m16 side and x^T [16, BM] its n8 side (BM = 8: M <= 8 in half the
@@ -161,20 +162,20 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 
     if XS:  # x [8 slots, BM, 16] tiles of each block into shared memory, once (static slices)
         xl3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [NW, 1, 1], [2, 1, 0])
-        xsm3 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [KB * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
+        xsm3 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [KBP * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
         t0 = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, xl3)))
         t1 = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
         t2 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, xl3)))
         x3 = t0[:, None, None] * 16 + t1[None, :, None] * stride_xm + t2[None, None, :]
         m3 = (t1 < M)[None, :, None] & (t2 < 16)[None, None, :] & (t0 < 8)[:, None, None]
         if BIAS:
-            xsum = gl.allocate_shared_memory(gl.float32, [KB, BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+            xsum = gl.allocate_shared_memory(gl.float32, [KBP, BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         for j in gl.static_range(KB):
             xt = gl.load(x_ptr + (b0 + j) * 128 + x3, mask=m3 & (b0 + j < b1), other=0.0)
             xsm3.slice(j * 8, 8).store(xt)
             if BIAS:
                 xsum.index(j).store(gl.sum(gl.sum(xt.to(gl.float32), axis=2), axis=0))
-        xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KB * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
+        xsm = xsm3._reinterpret(x_ptr.dtype.element_ty, [KBP * 8, BM, 16], gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
         _barrier()
     elif WA:  # x^T [16, BM]
         xk = gl.arange(0, 16, layout=gl.SliceLayout(1, lx))
@@ -289,14 +290,14 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     if wa and bn % (16 * nw):
         raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
     bm = 8 if wa and m <= 8 else 16
-    if cfg.get("XS", False) and kb * 8 * bm * 16 * x2.element_size() > 160 << 10:
+    if cfg.get("XS", False) and next_pow2(kb) * 8 * bm * 16 * x2.element_size() > 160 << 10:
         raise ValueError(f"mma16: x staged for {kb} blocks needs more than 160 KiB of shared memory (raise SPLIT_K)")
     trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
                                 FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
                                 EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=bm,
-                                BIAS=bias, num_warps=nw)
+                                BIAS=bias, KBP=next_pow2(kb), num_warps=nw)
     if sk > 1:
         _reduce(dst, out, m * n, sk, pdl=trig)
     return out
