@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -273,7 +274,7 @@ def main():
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
-    ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X)")
+    ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X, Rn: the words through an n-stage cp.async ring)")
     ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
@@ -478,7 +479,7 @@ def main():
                     bn, sk, w, *fl = c.split(",")  # a fourth field's letters: X x through shared memory, 2 two blocks ahead, E EVF
                     fl = fl[0].upper() if fl else ""
                     tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), NW=int(w), XS="X" in fl, PF=2 if "2" in fl else 1, EVF="E" in fl,
-                                              WA="W" in fl, BIAS="B" in fl)
+                                              WA="W" in fl, BIAS="B" in fl, ST=int(re.search(r"R(\d)", fl).group(1)) if "R" in fl else 0)
                     pf = [lambda s=s_.state: weight_only.matmul(xs, s, "mma16") for s_ in preps["w4a16-g128"][0]]
                     try:
                         err = rel_err_of(weight_only.matmul(xs, st0, "mma16"), xs, preps["w4a16-g128"][2])
