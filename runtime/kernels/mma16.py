@@ -314,8 +314,10 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     if wa and bn % (16 * nw):
         raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
     bm = 8 if wa and m <= 8 else 16
-    if cfg.get("XS", False) and next_pow2(kb) * 8 * bm * 16 * x2.element_size() > 160 << 10:
-        raise ValueError(f"mma16: x staged for {kb} blocks needs more than 160 KiB of shared memory (raise SPLIT_K)")
+    smem = (next_pow2(kb) * 8 * bm * 16 * x2.element_size() if cfg.get("XS", False) else 0) + cfg.get("ST", 0) * bn * 64
+    if smem > 160 << 10:
+        raise ValueError(f"mma16: x staged for {kb} blocks and the words' ring need more than 160 KiB of shared memory "
+                         "(raise SPLIT_K, fewer stages)")
     trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
