@@ -261,6 +261,18 @@ def path_rows(paths, prep, xs, sname, m, t_bf, e_bf, io, peak, rows, checks, che
             print(f"  {name} {path} M={m}: failed {str(e)[:300]}", flush=True)
 
 
+def sweep_row(label: str, path: str, prep, xs, sname: str, m: int, t_bf: float) -> None:
+    """One row of a tile sweep: the forced path at the config the caller put in the tuner's cache, its error and time."""
+    from runtime.kernels import weight_only
+
+    try:
+        err = rel_err_of(weight_only.matmul(xs, prep[0][0].state, path), xs, prep[2])
+        t = time_graph([lambda s=c.state: weight_only.matmul(xs, s, path) for c in prep[0]])
+        print(f"  {label:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16  err {err:.1e}", flush=True)
+    except Exception as e:
+        print(f"  {label}: failed {str(e)[:300]}", flush=True)
+
+
 def nbytes_of(prep) -> int:
     return prep.state.nbytes()
 
@@ -463,14 +475,7 @@ def main():
                     for c in a.tc_configs.split(";"):
                         bn, sk, ku, w, ns = (int(v) for v in c.split(","))
                         tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w, num_stages=ns)
-                        pf = [lambda s=s_.state: weight_only.matmul(xs, s, tp) for s_ in preps["w4a16-g128"][0]]
-                        try:
-                            err = rel_err_of(weight_only.matmul(xs, st0, tp), xs, preps["w4a16-g128"][2])
-                            t = time_graph(pf)
-                            print(f"  {'int4 ' + tp + ' ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16"
-                                  f"  err {err:.1e}", flush=True)
-                        except Exception as e:
-                            print(f"  {tp} {c}: failed {str(e)[:200]}", flush=True)
+                        sweep_row(f"int4 {tp} {c}", tp, preps["w4a16-g128"], xs, sname, m, t_bf)
                     tuning._cache.pop(key, None)
             if m <= 16 and a.mma16_configs and "w4a16-g128" in preps:  # the Gluon mma16 kernel at other tiles (any M <= 16)
                 st0 = preps["w4a16-g128"][0][0].state
@@ -480,14 +485,7 @@ def main():
                     fl = fl[0].upper() if fl else ""
                     tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), NW=int(w), XS="X" in fl, PF=2 if "2" in fl else 1, EVF="E" in fl,
                                               WA="W" in fl, BIAS="B" in fl, ST=int(re.search(r"R(\d)", fl).group(1)) if "R" in fl else 0)
-                    pf = [lambda s=s_.state: weight_only.matmul(xs, s, "mma16") for s_ in preps["w4a16-g128"][0]]
-                    try:
-                        err = rel_err_of(weight_only.matmul(xs, st0, "mma16"), xs, preps["w4a16-g128"][2])
-                        t = time_graph(pf)
-                        print(f"  {'int4 mma16 ' + c:<30} {sname:<8} M={m:<5} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} bf16"
-                              f"  err {err:.1e}", flush=True)
-                    except Exception as e:
-                        print(f"  mma16 {c}: failed {str(e)[:300]}", flush=True)
+                    sweep_row(f"int4 mma16 {c}", "mma16", preps["w4a16-g128"], xs, sname, m, t_bf)
                 tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the
             # block scales' loads, -abl2 without the split-K sum (wrong values); -spk: the scales packed (_spk)
