@@ -13,12 +13,17 @@ Word (r, n) of 128-channel block b holds the eight slots i = 0..7 of channel b *
 `WeightOnlyState.qw`; only the order of the words in memory changes:
     [b][n // 8][r // 8][n % 8][r % 8]   (int32, N / 8 * 128 words a block)
 The group scales multiply each block's fp32 result (groups of 128 channels or more: `st.gshift >= 0`).
+
+Switches (`_mma16_kernel`'s docstring; bench letters): x staged in shared memory (XS), the weights the left operand
+(WA), the decode's offset taken off through x's row sums (BIAS), two blocks ahead (PF), evict-first (EVF), and the
+words through a cp.async ring in shared memory (ST, Marlin's streaming). Session 20 (H100): right, but slower than
+dot4-tma at M=16 and gemv16 at M=1 in every shape (runtime/kernels/NOTES.md); a forced path, `QTOOL_MMA16=1` makes it
+the default for M <= 16. The ring is compiled and checked on the CPU, not yet timed.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
