@@ -223,12 +223,12 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         if ST > 1:
             async_copy.wait_group(ST - 2)  # block b's words are in
             _barrier()  # everyone's copies visible; everyone done with the stage refilled below
+            _acopy(wsm.index((b - b0 + ST - 1) % ST), qm_ptr + gl.minimum(b + ST - 1, b1 - 1) * wstep + cofs)
+            async_copy.commit_group()
             if WA:
                 w = wsm.index((b - b0) % ST).load(lw)
             else:
                 w = wsm.index((b - b0) % ST).permute([1, 0]).load(lw)
-            _acopy(wsm.index((b - b0 + ST - 1) % ST), qm_ptr + gl.minimum(b + ST - 1, b1 - 1) * wstep + cofs)
-            async_copy.commit_group()
         else:
             w = w_n1
             if PF == 2:
