@@ -483,8 +483,10 @@ def main():
                 for c in a.mma16_configs.split(";"):
                     bn, sk, w, *fl = c.split(",")  # a fourth field's letters: X x through shared memory, 2 two blocks ahead, E EVF
                     fl = fl[0].upper() if fl else ""
+                    rn = re.search(r"R(\d)", fl)  # Rn: an n-stage ring (its digit not read as letter 2)
+                    fl = re.sub(r"R\d", "", fl)
                     tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), NW=int(w), XS="X" in fl, PF=2 if "2" in fl else 1, EVF="E" in fl,
-                                              WA="W" in fl, BIAS="B" in fl, ST=int(re.search(r"R(\d)", fl).group(1)) if "R" in fl else 0)
+                                              WA="W" in fl, BIAS="B" in fl, ST=int(rn.group(1)) if rn else 0)
                     sweep_row(f"int4 mma16 {c}", "mma16", preps["w4a16-g128"], xs, sname, m, t_bf)
                 tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the

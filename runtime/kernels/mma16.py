@@ -29,7 +29,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .launch import next_pow2
-from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState
+from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState, _dec4z_asm
 
 
 def repack(qw: torch.Tensor) -> torch.Tensor:
@@ -82,15 +82,8 @@ def _dec(words, magic, zneg, i: gl.constexpr, FP16: gl.constexpr):
                                          dtype=gl.bfloat16, is_pure=True, pack=2)
 
 
-def _dec4b_asm(i: int) -> str:
-    """Slot i of a K pair of words as MAGIC + q (16-bit float pair, exact): prmt pairs the half-words, lop3 ORs the
-    nibble pair into the magic's mantissa. The offset MAGIC + z comes off per block through x's row sums (BIAS)."""
-    sh = f"shr.b32 t, t, {4 * (i % 4)};" if i % 4 else ""
-    return ("{ .reg .b32 t; " + f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'}; " + sh +
-            " lop3.b32 $0, t, 0x000F000F, $3, 0xEA; }")
-
-
-_DEC4B = gl.constexpr(tuple(_dec4b_asm(i) for i in range(8)))
+# MAGIC + q only (BIAS: the offset MAGIC + z comes off per block through x's row sums)
+_DEC4B = gl.constexpr(tuple(_dec4z_asm(False, i, raw=True) for i in range(8)))
 
 
 @gluon.jit
@@ -290,7 +283,8 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 
 
 def default_config(n: int, k: int, m: int = 16) -> dict:
-    """Untimed first guess: 128 columns on four warps, split-K 8 (N < 16384), 256 x 2 above (dot4's tiles)."""
+    """dot4's tiles: 128 columns on four warps, split-K 8 (N < 16384), 256 x 2 above (session 20's sweep found no
+    mma16 tile faster than the defaults of the other paths: runtime/kernels/NOTES.md)."""
     return dict(BN=256, SPLIT_K=2, NW=4) if n >= 16384 else dict(BN=128, SPLIT_K=8, NW=4)
 
 

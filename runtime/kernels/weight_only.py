@@ -928,13 +928,18 @@ def _tc_tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
     return pid_k, offs_m, offs_m < M, offs_n, offs_n < N, b0, tl.minimum(b0 + per_split, nblk)
 
 
-def _dec4z_asm(fp16: bool, i: int, scaled: bool = False) -> str:
+def _dec4z_asm(fp16: bool, i: int, scaled: bool = False, raw: bool = False) -> str:
     """PTX for slot i of two words (word rows 2c, 2c + 1 of a block: a K pair of wgmma's register operand)
     -> one 16-bit float pair q - z: prmt pairs the half-words, lop3 ORs the nibble pair into the magic
     exponent (MAGIC + q, exact), one packed FMA adds -(MAGIC + z) (exact: small integers); scaled (dot4s):
     then times the group scale pair $7, one rounding, as a dequantize to the activations' dtype (Marlin's).
     One output per call: Triton moves the layout conversion of a single-output asm back to the load (the
-    decoded tile stays in registers), not of a multi-output one."""
+    decoded tile stays in registers), not of a multi-output one. raw (mma16's BIAS): MAGIC + q as it is (prmt,
+    shift, lop3; two inputs, the words and the magic pair), the offset taken off elsewhere."""
+    if raw:
+        sh = f"shr.b32 t, t, {4 * (i % 4)}; " if i % 4 else ""
+        return ("{ .reg .b32 t; " + f"prmt.b32 t, $1, $2, {'0x5410' if i < 4 else '0x7632'}; " + sh +
+                "lop3.b32 $0, t, 0x000F000F, $3, 0xEA; }")
     one, ty = ("0x3C003C00", "f16x2") if fp16 else ("0x3F803F80", "bf16x2")
     out = [".reg .b32 t, one, nz;" if scaled else ".reg .b32 t, one;", f"mov.b32 one, {one};"]
     if scaled:
@@ -1789,20 +1794,20 @@ def _clu_for(x: torch.Tensor) -> bool:
 
 
 # mma16 (Gluon, mma16.py: the repacked words straight into mma.sync's operand registers) for M <= 16 where it runs;
-# QTOOL_MMA16=1 makes it the default there (off: not yet timed against gemv16 / dot4 on a GPU)
+# QTOOL_MMA16=1 makes it the default there (off: slower than gemv16 / dot4-tma in every shape, session 20, H100)
 MMA16_DEFAULT = os.environ.get("QTOOL_MMA16", "0") == "1"
 
 
 def mma16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """int4 with groups of 128 channels or more, no act order, x fp16 / bf16 of at most 16 rows on an sm_80+ GPU,
-    and a Triton with Gluon."""
+    N a multiple of the default tile, and a Triton with Gluon."""
     if x.device.type != "cuda" or tuning.interpreting() or torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
     try:
         from . import mma16
     except ImportError:  # a Triton without Gluon
         return False
-    return mma16.fits(st, x) is None
+    return mma16.fits(st, x) is None and st.n % mma16.default_config(st.n, st.k, x.shape[0])["BN"] == 0
 
 
 def dot4_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
@@ -2056,7 +2061,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
-    elif path == "mma16":  # Gluon, the words straight into mma.sync's operand registers (mma16.py; forced only)
+    elif path == "mma16":  # Gluon, the words straight into mma.sync's operand registers (mma16.py; default: QTOOL_MMA16=1)
         from . import mma16
 
         cfg = tuning._cache.get(_key(st, path, m)) or mma16.default_config(st.n, st.k, m)
