@@ -286,7 +286,7 @@ def main():
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
-    ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X, Rn: the words through an n-stage cp.async ring)")
+    ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X)")
     ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
     a = ap.parse_args()
@@ -481,12 +481,10 @@ def main():
                 st0 = preps["w4a16-g128"][0][0].state
                 key = weight_only._key(st0, "mma16", m)
                 for c in a.mma16_configs.split(";"):
-                    bn, sk, w, *fl = c.split(",")  # a fourth field's letters: X x through shared memory, 2 two blocks ahead, E EVF
+                    bn, sk, w, *fl = c.split(",")  # a fourth field's letters: X x through shared memory, 2 two blocks ahead, E EVF, W, B
                     fl = fl[0].upper() if fl else ""
-                    rn = re.search(r"R(\d)", fl)  # Rn: an n-stage ring (its digit not read as letter 2)
-                    fl = re.sub(r"R\d", "", fl)
                     tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), NW=int(w), XS="X" in fl, PF=2 if "2" in fl else 1, EVF="E" in fl,
-                                              WA="W" in fl, BIAS="B" in fl, ST=int(rn.group(1)) if rn else 0)
+                                              WA="W" in fl, BIAS="B" in fl)
                     sweep_row(f"int4 mma16 {c}", "mma16", preps["w4a16-g128"], xs, sname, m, t_bf)
                 tuning._cache.pop(key, None)
             # -fp4q: the pair-summed NVFP4 word sum (session 15); -abl4 / -fp4q-abl4: without the sign's own move, -abl8 without the

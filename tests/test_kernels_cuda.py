@@ -352,9 +352,7 @@ def test_mma16_matches_reference(wtype, m, dtype):
     """mma16 (Gluon: the repacked words loaded straight into mma.sync's operand registers) against x @ the dequantized
     weight in fp32, at split-K 1 .. 8 (3: a short last split) and tiles of 64 .. 256 columns on 2 .. 8 warps, x from L1 or
     staged in shared memory (XS), one or two blocks ahead, weights the left operand (WA) or the right, the offset off
-    through x's row sums (BIAS) or per pair, the words
-    through a cp.async ring (ST) or registers; a CUDA graph
-    replays it."""
+    through x's row sums (BIAS) or per pair; a CUDA graph replays it."""
     from runtime import kernels
     from runtime.kernels import mma16, weight_only
 
@@ -367,7 +365,6 @@ def test_mma16_matches_reference(wtype, m, dtype):
                 dict(BN=128, SPLIT_K=4, NW=4, XS=True, PF=2, EVF=True), dict(BN=64, SPLIT_K=3, NW=2, XS=True),
                 dict(BN=128, SPLIT_K=8, NW=4, WA=True), dict(BN=256, SPLIT_K=2, NW=8, WA=True, XS=True, PF=2),
                 dict(BN=128, SPLIT_K=4, NW=4, XS=True, BIAS=True), dict(BN=128, SPLIT_K=8, NW=4, WA=True, XS=True, BIAS=True),
-                dict(BN=128, SPLIT_K=2, NW=4, WA=True, XS=True, ST=4), dict(BN=64, SPLIT_K=3, NW=2, XS=True, ST=3),
                 mma16.default_config(st.n, st.k)):
         y = mma16.matmul(x, st, cfg)
         assert y.dtype == dtype and y.shape == (m, 1024)

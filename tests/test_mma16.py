@@ -81,27 +81,24 @@ def test_fits_refuses_what_the_kernel_cannot_run():
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("zero,bn,nw,xs,wa,bias,st", [(False, 128, 4, False, False, False, 0), (True, 256, 8, False, False, False, 0),
-                                                      (False, 128, 4, True, False, False, 0), (False, 128, 4, False, True, False, 0),
-                                                      (True, 128, 4, True, True, False, 0), (True, 128, 4, True, True, True, 0),
-                                                      (False, 128, 4, True, True, False, 4), (True, 128, 4, True, False, False, 3)])
-def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias, st):
+@pytest.mark.parametrize("zero,bn,nw,xs,wa,bias", [(False, 128, 4, False, False, False), (True, 256, 8, False, False, False),
+                                                   (False, 128, 4, True, False, False), (False, 128, 4, False, True, False),
+                                                   (True, 128, 4, True, True, False), (True, 128, 4, True, True, True)])
+def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias):
     """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier;
     WA (weights left, 8 tokens) takes half the mma.sync of the x-left form; BIAS decodes a K pair in two instructions
-    (prmt shared by four slots, shift, lop3: no add), so the loop has no packed add at all; ST (the words through a
-    cp.async ring) copies 16 bytes at a time and reads them back with 8-byte shared loads, no global load in the loop
-    but the scales'."""
+    (prmt shared by four slots, shift, lop3: no add), so the loop has no packed add at all."""
     from triton.backends.compiler import GPUTarget
 
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
-    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=3, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias, KBP=4, ST=st)
+    cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=3, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias, KBP=4)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
     k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
                                                constexprs=cx, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
-    if not xs and not st:
+    if not xs:
         assert k.metadata.shared == 0
         assert "ld.shared" not in k.asm["ptx"] and "st.shared" not in k.asm["ptx"]
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mma16_{os.getpid()}.cubin")
@@ -115,18 +112,14 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias, st):
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
     # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
     assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // (16 if wa else 8)
-    assert st or ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
-    if st:
-        body = _loop(sass)
-        assert body["LDGSTS.E.BYPASS.128"] >= 1 and body["LDS.64"] == bn // nw // 4  # a lane: 4 words a subtile, pairs
-        assert not any(o.startswith("LDG.E.64") for o in body)
+    assert ops["LDG.E.64"] >= 2 * 2 * bn // nw // 8
     if bias:
         body = _loop(sass)
         assert not any(o.startswith(("HADD2.BF16", "HFMA2.BF16")) for o in body)
     if xs:
         assert ops["LDSM.16.M88.2" if wa else "LDSM.16.M88.4"] == 8  # one ldmatrix a slot
         assert not any(o.startswith("STS") for o in _loop(sass))  # (the fill's, before the loop)
-        assert st or not any(o.startswith("BAR") for o in _loop(sass))  # (the ring waits once a block)
+        assert not any(o.startswith("BAR") for o in _loop(sass))
     else:
         assert not any(o.startswith(("LDS", "STS", "LDSM", "BAR")) for o in ops)
     assert "STACK:0" in res and "LOCAL:0" in res

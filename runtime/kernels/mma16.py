@@ -15,10 +15,11 @@ Word (r, n) of 128-channel block b holds the eight slots i = 0..7 of channel b *
 The group scales multiply each block's fp32 result (groups of 128 channels or more: `st.gshift >= 0`).
 
 Switches (`_mma16_kernel`'s docstring; bench letters): x staged in shared memory (XS), the weights the left operand
-(WA), the decode's offset taken off through x's row sums (BIAS), two blocks ahead (PF), evict-first (EVF), and the
-words through a cp.async ring in shared memory (ST, Marlin's streaming). Session 20 (H100): right, but slower than
-dot4-tma at M=16 and gemv16 at M=1 in every shape (runtime/kernels/NOTES.md); a forced path, `QTOOL_MMA16=1` makes it
-the default for M <= 16. The ring is compiled and checked on the CPU, not yet timed.
+(WA), the decode's offset taken off through x's row sums (BIAS), two blocks ahead (PF), evict-first (EVF). Sessions
+20-21 (H100): right, but slower than dot4-tma at M=16 and gemv16 at M=1 in every shape (runtime/kernels/NOTES.md); a
+forced path, `QTOOL_MMA16=1` makes it the default for M <= 16 (at `default_config`, XS + WA: the fastest mma16 tile
+measured). A cp.async ring of the words in shared memory (Marlin's streaming, a wait and a barrier a block) was 20-60%
+slower still and is gone (session 21).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .launch import next_pow2
 from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState, _dec4z_asm
@@ -97,7 +98,6 @@ def _decb(words, magic, i: gl.constexpr, FP16: gl.constexpr):
 
 
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (Triton 3.6 / 3.8)
-_acopy = getattr(async_copy, "async_copy_global_to_shared", None) or async_copy.async_load
 
 
 @gluon.jit
@@ -113,7 +113,7 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
                   BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr, GSH: gl.constexpr,
                   HAS_ZERO: gl.constexpr, FP16: gl.constexpr, KB: gl.constexpr = 1, XS: gl.constexpr = False,
                   PF: gl.constexpr = 1, EVF: gl.constexpr = False, TRIG: gl.constexpr = False, WA: gl.constexpr = False,
-                  BM: gl.constexpr = 16, BIAS: gl.constexpr = False, KBP: gl.constexpr = 1, ST: gl.constexpr = 0):
+                  BM: gl.constexpr = 16, BIAS: gl.constexpr = False, KBP: gl.constexpr = 1):
     """out [M, N] (or fp32 partials [SPLIT_K, M, N]) = x [M, K] . W^T over program (0)'s BN columns and program
     (1)'s share of the 128-channel blocks (at most KB); the words of the next PF (1 or 2) blocks are loaded before
     this one's are decoded. XS: the program's x [BM, KB * 128] (KBP: KB to a power of two) read once into shared memory (then one ldmatrix a
@@ -122,10 +122,7 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
     W . x^T, the decoded [BN, 16] slot tile mma's m16 side and x^T [16, BM] its n8 side (BM = 8: M <= 8 in half the
     mma.sync and x loads); the same repacked words, read as [BN, 16] (the operand's K pairs are again two adjacent
     words). BIAS (with XS): the slots decoded as MAGIC + q only (two instructions a K pair, not three) and
-    (MAGIC + z) times x's row sum over the block taken off each block's result (the sums made as x is staged).
-    ST > 1 (Marlin's streaming): the words through a ring of ST stages in shared memory, [BN, 16] a block, filled by
-    cp.async ST - 1 blocks ahead (16-byte copies, no registers held), read back in the operand layout (8-byte
-    shared loads); else the next PF blocks ahead in registers."""
+    (MAGIC + z) times x's row sum over the block taken off each block's result (the sums made as x is staged)."""
     if TRIG:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     if WA:
@@ -199,36 +196,16 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
         om = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         acc = gl.zeros([16, BN], gl.float32, layout=mma)
 
-    if ST > 1:  # the ring: [ST, BN, 16] words, rows of 16 swizzled by 4-word vectors (2-way bank conflicts at most)
-        cl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])
-        wsm = gl.allocate_shared_memory(gl.int32, [ST, BN, 16], gl.SwizzledSharedLayout(4, 1, 4, [1, 0]))
-        cr = gl.arange(0, 16, layout=gl.SliceLayout(0, cl))
-        cn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, cl))
-        cofs = ((cr // 8) * 64 + cr % 8)[None, :] + ((cn // 8) * 128 + (cn % 8) * 8)[:, None]
-        for j in gl.static_range(ST - 1):
-            _acopy(wsm.index(j), qm_ptr + gl.minimum(b0 + j, b1 - 1) * wstep + cofs)
-            async_copy.commit_group()
-    else:
-        w_n1 = _wload(qm_ptr + b0 * wstep + wofs, EVF)
-        if PF == 2:
-            w_n2 = _wload(qm_ptr + gl.minimum(b0 + 1, b1 - 1) * wstep + wofs, EVF)
+    w_n1 = _wload(qm_ptr + b0 * wstep + wofs, EVF)
+    if PF == 2:
+        w_n2 = _wload(qm_ptr + gl.minimum(b0 + 1, b1 - 1) * wstep + wofs, EVF)
     for b in range(b0, b1):
-        if ST > 1:
-            async_copy.wait_group(ST - 2)  # block b's words are in
-            _barrier()  # everyone's copies visible; everyone done with the stage refilled below
-            _acopy(wsm.index((b - b0 + ST - 1) % ST), qm_ptr + gl.minimum(b + ST - 1, b1 - 1) * wstep + cofs)
-            async_copy.commit_group()
-            if WA:
-                w = wsm.index((b - b0) % ST).load(lw)
-            else:
-                w = wsm.index((b - b0) % ST).permute([1, 0]).load(lw)
+        w = w_n1
+        if PF == 2:
+            w_n1 = w_n2
+            w_n2 = _wload(qm_ptr + gl.minimum(b + 2, b1 - 1) * wstep + wofs, EVF)
         else:
-            w = w_n1
-            if PF == 2:
-                w_n1 = w_n2
-                w_n2 = _wload(qm_ptr + gl.minimum(b + 2, b1 - 1) * wstep + wofs, EVF)
-            else:
-                w_n1 = _wload(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs, EVF)
+            w_n1 = _wload(qm_ptr + gl.minimum(b + 1, b1 - 1) * wstep + wofs, EVF)
         s = gl.load(s_ptr + (b >> GSH) * N + on).to(gl.float32)
         if HAS_ZERO and not BIAS:
             zt = gl.load(z_ptr + (b >> GSH) * N + zofs).to(gl.float32)
@@ -283,9 +260,10 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 
 
 def default_config(n: int, k: int, m: int = 16) -> dict:
-    """dot4's tiles: 128 columns on four warps, split-K 8 (N < 16384), 256 x 2 above (session 20's sweep found no
-    mma16 tile faster than the defaults of the other paths: runtime/kernels/NOTES.md)."""
-    return dict(BN=256, SPLIT_K=2, NW=4) if n >= 16384 else dict(BN=128, SPLIT_K=8, NW=4)
+    """128 columns on four warps, split-K 8, x staged in shared memory, the weights the left operand: the fastest
+    mma16 tile of sessions 20-21's sweeps in every shape (H100, M=16: qkv 9.6 us, o 8.0, gate_up 37.1, down 20.7
+    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9)."""
+    return dict(BN=128, SPLIT_K=8, NW=4, XS=True, WA=True)
 
 
 def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> torch.Tensor:
@@ -313,16 +291,15 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     if wa and bn % (16 * nw):
         raise ValueError(f"mma16: BN {bn} not a multiple of 16 x {nw} warps (WA)")
     bm = 8 if wa and m <= 8 else 16
-    smem = (next_pow2(kb) * 8 * bm * 16 * x2.element_size() if cfg.get("XS", False) else 0) + cfg.get("ST", 0) * bn * 64
+    smem = (next_pow2(kb) * 8 * bm * 16 * x2.element_size() if cfg.get("XS", False) else 0)
     if smem > 160 << 10:
-        raise ValueError(f"mma16: x staged for {kb} blocks and the words' ring need more than 160 KiB of shared memory "
-                         "(raise SPLIT_K, fewer stages)")
+        raise ValueError(f"mma16: x staged for {kb} blocks needs more than 160 KiB of shared memory (raise SPLIT_K)")
     trig = sk > 1 and cfg.get("TRIG", True) and _pdl_dev(x2)  # the sum as a dependent launch (weight_only's rule)
     _mma16_kernel[(n // bn, sk)](x2, words(st), st.scales, zeros, dst, m, n, k, x2.stride(0), n, m * n,
                                 BN=bn, SPLIT_K=sk, NW=nw, GSH=st.gshift, HAS_ZERO=st.zeros is not None,
                                 FP16=x2.dtype == torch.float16, KB=kb, XS=cfg.get("XS", False), PF=cfg.get("PF", 1),
                                 EVF=cfg.get("EVF", False), TRIG=trig, WA=wa, BM=bm,
-                                BIAS=bias, KBP=next_pow2(kb), ST=cfg.get("ST", 0), num_warps=nw)
+                                BIAS=bias, KBP=next_pow2(kb), num_warps=nw)
     if sk > 1:
         _reduce(dst, out, m * n, sk, pdl=trig)
     return out
