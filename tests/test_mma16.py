@@ -78,6 +78,9 @@ def test_fits_refuses_what_the_kernel_cannot_run():
         mma16.matmul(x, _state(), dict(BN=64, SPLIT_K=1, NW=4, BIAS=True))
     with pytest.raises(ValueError, match="160 KiB"):  # x for 80 blocks of 16 rows staged at once
         mma16.matmul(torch.zeros(16, 10240, dtype=torch.bfloat16), _state(k=10240), dict(BN=64, SPLIT_K=1, NW=4, XS=True))
+    for k in (4096, 14336, 65536):  # the default tile stages x for at most 32 blocks (128 KiB at 16 rows) at any K
+        cfg = mma16.default_config(4096, k)
+        assert cfg["XS"] and -(-(k // 128) // cfg["SPLIT_K"]) <= 32 and cfg["SPLIT_K"] >= 8
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")

@@ -262,8 +262,9 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 def default_config(n: int, k: int, m: int = 16) -> dict:
     """128 columns on four warps, split-K 8, x staged in shared memory, the weights the left operand: the fastest
     mma16 tile of sessions 20-21's sweeps in every shape (H100, M=16: qkv 9.6 us, o 8.0, gate_up 37.1, down 20.7
-    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9)."""
-    return dict(BN=128, SPLIT_K=8, NW=4, XS=True, WA=True)
+    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9). More splits where K passes 32 blocks a split (x's staging in
+    shared memory: at most 128 KiB)."""
+    return dict(BN=128, SPLIT_K=max(8, -(-(k // 128) // 32)), NW=4, XS=True, WA=True)
 
 
 def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> torch.Tensor:
