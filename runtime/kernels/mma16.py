@@ -17,9 +17,9 @@ The group scales multiply each block's fp32 result (groups of 128 channels or mo
 Switches (`_mma16_kernel`'s docstring; bench letters): x staged in shared memory (XS), the weights the left operand
 (WA), the decode's offset taken off through x's row sums (BIAS), two blocks ahead (PF), evict-first (EVF). Sessions
 20-21 (H100): right, but slower than dot4-tma at M=16 and gemv16 at M=1 in every shape (runtime/kernels/NOTES.md); a
-forced path, `QTOOL_MMA16=1` makes it the default for M <= 16 (at `default_config`, XS + WA: the fastest mma16 tile
-measured). A cp.async ring of the words in shared memory (Marlin's streaming, a wait and a barrier a block) was 20-60%
-slower still and is gone (session 21).
+forced path, `QTOOL_MMA16=1` makes it the default for M <= 16 (at `default_config`, XS + WA). A cp.async ring of the
+words in shared memory (Marlin's streaming, a wait and a barrier a block) was 20-60% slower still and is gone
+(session 21).
 """
 
 from __future__ import annotations
@@ -261,8 +261,8 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 
 def default_config(n: int, k: int, m: int = 16) -> dict:
     """128 columns on four warps, split-K 8, x staged in shared memory, the weights the left operand: the fastest
-    mma16 tile of sessions 20-21's sweeps in every shape (H100, M=16: qkv 9.6 us, o 8.0, gate_up 37.1, down 20.7
-    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9). More splits where K passes 32 blocks a split (x's staging in
+    mma16 tile of sessions 20-21's sweeps for qkv, o and down (H100, M=16: qkv 9.6 us, o 8.0, gate_up 37.1, down 20.7
+    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9; gate_up's best, 256 x 4 on 8 warps XS WA BIAS PF 2 EVF, 35.8 us). More splits where K passes 32 blocks a split (x's staging in
     shared memory: at most 128 KiB)."""
     return dict(BN=128, SPLIT_K=max(8, -(-(k // 128) // 32)), NW=4, XS=True, WA=True)
 
