@@ -29,7 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .launch import next_pow2
+from .launch import cdiv, next_pow2
 from .weight_only import _DEC4Z_BF16, _DEC4Z_F16, WTYPE_INT, WeightOnlyState, _dec4z_asm
 
 
@@ -262,9 +262,9 @@ def _mma16_kernel(x_ptr, qm_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
 def default_config(n: int, k: int, m: int = 16) -> dict:
     """128 columns on four warps, split-K 8, x staged in shared memory, the weights the left operand: the fastest
     mma16 tile of sessions 20-21's sweeps for qkv, o and down (H100, M=16: qkv 9.6 us, o 8.0, gate_up 37.1, down 20.7
-    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9; gate_up's best, 256 x 4 on 8 warps XS WA BIAS PF 2 EVF, 35.8 us). More splits where K passes 32 blocks a split (x's staging in
-    shared memory: at most 128 KiB)."""
-    return dict(BN=128, SPLIT_K=max(8, -(-(k // 128) // 32)), NW=4, XS=True, WA=True)
+    against dot4-tma's 9.1 / 7.3 / 28.7 / 15.9; gate_up's best, 256 x 4 on 8 warps XS WA BIAS PF 2 EVF, 35.8 us).
+    More splits where K passes 32 blocks a split (x's staging in shared memory: at most 128 KiB)."""
+    return dict(BN=128, SPLIT_K=max(8, cdiv(k // 128, 32)), NW=4, XS=True, WA=True)
 
 
 def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> torch.Tensor:
@@ -282,8 +282,8 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None) -> to
     x2 = x2.contiguous()
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     zeros = st.zeros if st.zeros is not None else st.scales
-    kb = -(-(k // 128) // sk)
-    sk = -(-(k // 128) // kb)  # (no empty split)
+    kb = cdiv(k // 128, sk)
+    sk = cdiv(k // 128, kb)  # (no empty split)
     dst = out if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
     wa = cfg.get("WA", False)
     bias = cfg.get("BIAS", False)

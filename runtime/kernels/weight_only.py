@@ -1794,7 +1794,7 @@ def _clu_for(x: torch.Tensor) -> bool:
 
 
 # mma16 (Gluon, mma16.py: the repacked words straight into mma.sync's operand registers) for M <= 16 where it runs;
-# QTOOL_MMA16=1 makes it the default there (off: slower than gemv16 / dot4-tma in every shape, session 20, H100)
+# QTOOL_MMA16=1 makes it the default there (off: slower than gemv16 / dot4-tma in every shape, sessions 20-21, H100)
 MMA16_DEFAULT = os.environ.get("QTOOL_MMA16", "0") == "1"
 
 
