@@ -283,7 +283,7 @@ def main():
     ap.add_argument("--ms", default="1,16,128,4096")
     ap.add_argument("--kernels", default=",".join(["bf16", "tinygemm", *KERNELS]))
     ap.add_argument("--no-tune", action="store_true")
-    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals; -s18 rows: session 18's tiles)")
+    ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP[,MAXNREG]];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals, Q: scales a step ahead (before a dependent launch's wait); MAXNREG: registers a thread may use; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
     ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X)")
@@ -453,10 +453,12 @@ def main():
                     for gp in a.gemv16_paths.split(","):
                         key = weight_only._key(st0, gp, 1)
                         for c in a.gemv16_configs.split(";"):
-                            bn, sk, ku, w, *fl = c.split(",")  # a fifth field's letters: R REGX, E EVF, P SPK (NVFP4), S SUB
+                            bn, sk, ku, w, *fl = c.split(",")  # a fifth field's letters: R REGX, E EVF, P SPK (NVFP4), S SUB, Q SPRE;
+                            mr = int(fl[1]) if len(fl) > 1 else 0  # a sixth: the registers a thread may use (maxnreg)
                             fl = fl[0].upper() if fl else ""
                             tuning._cache[key] = dict(BN=int(bn), SPLIT_K=int(sk), KU=int(ku), num_warps=int(w),
-                                                      REGX="R" in fl, EVF="E" in fl, SPK="P" in fl, SUB="S" in fl)
+                                                      REGX="R" in fl, EVF="E" in fl, SPK="P" in fl, SUB="S" in fl, MAXNREG=mr,
+                                                      **({"SPRE": True} if "Q" in fl else {}))
                             pf = [lambda s=s_.state: weight_only.matmul(xs, s, gp) for s_ in preps[name][0]]
                             try:
                                 note = ""

@@ -47,7 +47,8 @@ def build(fn, signature: dict, constexprs: dict, num_warps: int, keep: str, name
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t != "constexpr"}
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, **(
+                           dict(maxnreg=int(os.environ["MAXNREG"])) if os.environ.get("MAXNREG") else {})))
     cub = os.path.join(keep, name + ".cubin")
     with open(cub, "wb") as f:
         f.write(k.asm["cubin"])
@@ -103,7 +104,7 @@ def main():
     for cfg in a.configs.split(";"):
         bn, sk, ku, w = (int(v) for v in cfg.split(","))
         for fp4 in (False, True):
-            c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=sk > 1 and os.environ.get("CLU", "0") != "1", BN=bn, SPLIT_K=sk, KU=ku, XB=1024, PREFETCH=True, FP4=fp4, SCAN=False, GSH=-1 if fp4 else int(os.environ.get("GSH", 0)), SPRE=os.environ.get("SPRE", "1") == "1", PDL=os.environ.get("PDL", "0") == "1",
+            c = dict(HAS_ZERO=False, HAS_PERM=False, PTX=True, FUSED_REDUCE=sk > 1 and os.environ.get("CLU", "0") != "1", BN=bn, SPLIT_K=sk, KU=ku, XB=1024, PREFETCH=os.environ.get("PREFETCH", "1") == "1", FP4=fp4, SCAN=False, GSH=-1 if fp4 else int(os.environ.get("GSH", 0)), SPRE=os.environ.get("SPRE", "1") == "1", PDL=os.environ.get("PDL", "0") == "1",
                      REGX=os.environ.get("REGX", "0") == "1", EVF=os.environ.get("EVF", "0") == "1", ABL=int(os.environ.get("ABL", "0")),
                      CLU=os.environ.get("CLU", "0") == "1", FP4Q=os.environ.get("FP4Q", "0") == "1", SUB=os.environ.get("SUB", "0") == "1",
                      SPK=os.environ.get("SPK", "0") == "1")

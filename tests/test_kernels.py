@@ -354,6 +354,8 @@ def test_gemv16_tuner_configs_with_switches():
     x = x_of(1, k).to(torch.bfloat16)
     swit = [c for c in weight_only.GEMV16_CONFIGS if set(c) - {"BN", "SPLIT_K", "KU", "num_warps"}]
     assert len(swit) >= 7
+    # the bench's sweep keys: scales a step ahead (SPRE), a register cap (a launch option; ignored by the interpreter)
+    swit += [dict(BN=32, SPLIT_K=2, KU=4, num_warps=4, SPRE=True, SUB=True), dict(BN=32, SPLIT_K=1, KU=8, num_warps=4, MAXNREG=128)]
     for cfg in swit:
         for t, q in ((st, qt), (fst, fq)):
             y = weight_only._launch_gemv16(x, t, cfg, False)

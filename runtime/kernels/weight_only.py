@@ -1592,7 +1592,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     cluster.ok); fp4q: NVFP4 word pairs summed before their scales (_FP4Q_ASM); sub: int4 codes decoded as fp16
     subnormals, the zero point taken off per block (the kernel's SUB)."""
     gshift = KERNEL_NEXT if gshift is None else gshift
-    spre = KERNEL_NEXT and prefetch if spre is None else spre
+    spre = cfg.get("SPRE", KERNEL_NEXT) and prefetch if spre is None else spre
     regx = regx or cfg.get("REGX", False)  # a config may ask for them (REGX: narrow tiles walking the whole K range)
     evf = evf or cfg.get("EVF", False)
     sub = sub or cfg.get("SUB", False)
@@ -1608,7 +1608,7 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
     spk = (spk or cfg.get("SPK", False)) and st.wtype == WTYPE_NVFP4
     # the x pairs, 1 / prescale of each block, and (SUB) the sums of each block's eight word pairs' x
     scr = _scratch(st, "pairs", (m, st.k // 2 + st.k // 128 + st.k // 16), torch.int32, x2.device)
-    ku, nw = cfg.get("KU", 2), cfg.get("num_warps", 4)
+    ku, nw, mr = cfg.get("KU", 2), cfg.get("num_warps", 4), cfg.get("MAXNREG", 0)
     args = (x2, st.qw, _spk(st) if spk else st.scales, st.zeros if st.zeros is not None else st.qw, st.gblk,
             st.perm if st.perm is not None else st.gblk, out, part, cnt, scr, st.n, st.k, x2.stride(0), st.n, m * st.n)
     consts = lambda: dict(  # noqa: E731 - built on a key's first launch only
@@ -1617,10 +1617,10 @@ def _launch_gemv16(x2, st: WeightOnlyState, cfg: dict, ptx: bool, fused: bool = 
         PREFETCH=prefetch, FP4=st.wtype == WTYPE_NVFP4, gs_ptr=st.global_scale, SCAN=scan,
         GSH=st.gshift if gshift else -1, SPRE=spre, PDL=int(pdl), REGX=regx, EVF=evf, ABL=abl, CLU=clu,
         FP4Q=fp4q and st.wtype == WTYPE_NVFP4, SUB=sub, SPK=spk, num_warps=nw,
-        **(dict(launch_pdl=True) if pdl else {}))
+        **(dict(launch_pdl=True) if pdl else {}), **(dict(maxnreg=mr) if mr else {}))
     # what decides the compiled kernel besides the weight: the constexprs, and x's dtype, row stride and alignment
     key = ("gemv16", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, bn, sk, ku, nw, ptx, fused, prefetch, scan, gshift, spre, int(pdl),
-           regx, evf, abl, clu, fp4q, sub, spk)
+           regx, evf, abl, clu, fp4q, sub, spk, mr)
     if clu:  # one cluster of the tile's sk programs along grid axis 0
         launch(_launches(st), key, _wo_gemv16_kernel, (cluster.grid_x(x2.device, sk), tiles, m), args, consts,
                ctas=sk, smem_extra=bn * 4)
