@@ -376,3 +376,39 @@ def test_mma16_matches_reference(wtype, m, dtype):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gv16s_matches_reference(dtype):
+    """gv16s (Gluon, M = 1: the words staged in shared memory by cp.async) against x @ the dequantized weight in fp32:
+    whole K and split-K (3: a split of 6 blocks, not a power of two; 4), 32 and 64 columns, 4 and 8 warps, one to
+    eight blocks a copy group, evict-first; as a dependent launch bit for bit the plain launch; a CUDA graph replays it;
+    what it refuses."""
+    from runtime import kernels
+    from runtime.kernels import gv16s, weight_only
+
+    qt = _random_qt("int4", 1024, 2304)
+    st = kernels.prepare(qt).state
+    x = torch.randn(1, 2304, device="cuda", dtype=dtype)
+    ref = x.float() @ qt.dequantize(torch.float32).t()
+    scale = ref.abs().max().item()
+    base = gv16s.matmul(x, st, None, pdl=0)
+    for cfg in (dict(BN=32, NW=8, SPLIT_K=1, CH=4), dict(BN=32, NW=8, SPLIT_K=3, CH=2), dict(BN=64, NW=8, SPLIT_K=1, CH=8),
+                dict(BN=32, NW=4, SPLIT_K=2, CH=1, EVF=True), dict(BN=64, NW=4, SPLIT_K=9, CH=2), gv16s.default_config(st.n, st.k)):
+        y = gv16s.matmul(x, st, cfg, pdl=0)
+        assert y.dtype == dtype and y.shape == (1, 1024)
+        assert (y.float() - ref).abs().max().item() <= 1e-2 * scale, cfg
+        if weight_only._pdl_dev(x):
+            assert torch.equal(gv16s.matmul(x, st, cfg, pdl=1), y), cfg
+    y0 = weight_only.matmul(x, st, "gv16s")
+    assert torch.equal(y0, base)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = weight_only.matmul(x, st, "gv16s")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+    assert "symmetric" in gv16s.fits(kernels.prepare(_random_qt("int4-asym", 256, 1024)).state, x[:, :1024])
+    with pytest.raises(ValueError, match="gv16s"):
+        gv16s.matmul(torch.randn(2, 2304, device="cuda", dtype=dtype), st)

@@ -2061,6 +2061,10 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
+    elif path == "gv16s":  # Gluon, M = 1: the words staged in shared memory by cp.async (gv16s.py; forced only)
+        from . import gv16s
+
+        y = gv16s.matmul(x2, st, tuning._cache.get(_key(st, path, m)))
     elif path == "mma16":  # Gluon, the words straight into mma.sync's operand registers (mma16.py; default: QTOOL_MMA16=1)
         from . import mma16
 
