@@ -42,7 +42,7 @@ def test_gemv16_cluster_launch(recorded, sk, bn, clu):
     weight_only._launch_gemv16(x, st, dict(BN=bn, SPLIT_K=sk, KU=1), False, clu=True)
     c = recorded[0]
     tiles = -(-96 // bn)
-    assert c["consts"]["CLU"] is clu and c["key"][-4] is clu  # (key: ..., clu, fp4q, sub, spk)
+    assert c["consts"]["CLU"] is clu and c["key"][-5] is clu  # (key: ..., clu, fp4q, sub, spk, maxnreg)
     if clu:
         assert c["grid"] == (cluster.grid_x(x.device, sk), tiles, 1) and c["ctas"] == sk and c["smem"] == bn * 4
         assert c["consts"]["FUSED_REDUCE"] is False and recorded[1:] == []
