@@ -56,3 +56,30 @@ def corrupt_scales(ckpt_dir: Path, module: str, factor: float = 4.0) -> None:
         hit = True
     if not hit:
         raise KeyError(f"no scales of {module} in {ckpt_dir}")
+
+
+def gluon_sm90(fn, sig: dict, constexprs: dict, num_warps: int, divisible=None):
+    """A Gluon kernel compiled for sm_90 on this machine (ptxas ships with Triton; no GPU): (compiled kernel, its SASS,
+    cuobjdump's resource usage). divisible: the parameters marked 16-divisible (default: all of sig)."""
+    import os
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import _runtime as gluon_rt
+
+    bin_ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (names if divisible is None else divisible)}
+    k = triton.compile(gluon_rt.GluonASTSource(fn=fn, signature=dict(sig, **{c: "constexpr" for c in constexprs}),
+                                               constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gluon_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    try:
+        sass = subprocess.run([os.path.join(bin_, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(bin_, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    finally:
+        os.remove(path)
+    return k, sass, res

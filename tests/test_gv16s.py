@@ -5,17 +5,17 @@ test_gv16s_matches_reference): Gluon kernels do not run under the interpreter.""
 
 import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
+pytest.importorskip("triton.experimental.gluon._runtime")
 
 from qtensor import QTensor  # noqa: E402
 from runtime import kernels  # noqa: E402
 from runtime.kernels import gv16s  # noqa: E402
+from tests.helpers import gluon_sm90  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -51,24 +51,10 @@ def test_fits_and_sizing():
 def test_gv16s_compiles_lean(nbs, bn, nw, ch, sk):
     """Compiled for sm_90: at most 64 registers a thread, no stack; the words by cp.async (LDGSTS), all issued before
     griddepcontrol.wait (ACQBULK in the SASS); one SUB decode a word pair (eight HFMA2 per PTX call)."""
-    from triton.backends.compiler import GPUTarget
-
     sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", out_ptr="*bf16" if sk == 1 else "*fp32", N="i32", stride_ok="i32")
     cx = dict(NBS=nbs, NBP=triton.next_power_of_2(nbs), BN=bn, NW=nw, CH=ch, SPLIT_K=sk, PDL=True, EVF=False)
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names}
-    k = triton.compile(gluon_rt.GluonASTSource(fn=gv16s._gvs_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
-                                               constexprs=cx, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+    k, sass, res = gluon_sm90(gv16s._gvs_kernel, sig, cx, nw)
     assert k.metadata.shared <= gv16s.smem_bytes(nbs * 128 * sk, bn, sk) + 4096  # (+ the reduction's scratch)
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gv16s_{os.getpid()}.cubin")
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    try:
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
-    finally:
-        os.remove(path)
     assert int(re.search(r"REG:(\d+)", res).group(1)) <= 64
     assert int(re.search(r"STACK:(\d+)", res).group(1)) == 0
     ops = re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)

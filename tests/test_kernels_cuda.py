@@ -104,6 +104,17 @@ def test_direct_relaunch_matches_the_jit_launch(m, zero, monkeypatch):
             assert torch.equal(y, ref[-1]), name
 
 
+def _replays_equal(fn) -> None:
+    """fn() captured in a CUDA graph and replayed gives what an eager call gives, bit for bit."""
+    y0 = fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+
+
 def _random_qt(wtype: str, n: int, k: int):
     """A random CUDA weight: int4 g128 sym ("int4") or asym ("int4-asym"), or NVFP4 ("nvfp4") with e4m3 scales from
     0.01 to 400 (N not a multiple of the kernels' tiles at n = 1000)."""
@@ -369,13 +380,7 @@ def test_mma16_matches_reference(wtype, m, dtype):
         y = mma16.matmul(x, st, cfg)
         assert y.dtype == dtype and y.shape == (m, 1024)
         assert (y.float() - ref).abs().max().item() <= 1e-2 * scale, cfg
-    y0 = weight_only.matmul(x, st, "mma16")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = weight_only.matmul(x, st, "mma16")
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, y0)
+    _replays_equal(lambda: weight_only.matmul(x, st, "mma16"))
 
 
 @torch.inference_mode()
@@ -401,14 +406,8 @@ def test_gv16s_matches_reference(dtype):
         assert (y.float() - ref).abs().max().item() <= 1e-2 * scale, cfg
         if weight_only._pdl_dev(x):
             assert torch.equal(gv16s.matmul(x, st, cfg, pdl=1), y), cfg
-    y0 = weight_only.matmul(x, st, "gv16s")
-    assert torch.equal(y0, base)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = weight_only.matmul(x, st, "gv16s")
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, y0)
+    assert torch.equal(weight_only.matmul(x, st, "gv16s"), base)
+    _replays_equal(lambda: weight_only.matmul(x, st, "gv16s"))
     assert "symmetric" in gv16s.fits(kernels.prepare(_random_qt("int4-asym", 256, 1024)).state, x[:, :1024])
     with pytest.raises(ValueError, match="gv16s"):
         gv16s.matmul(torch.randn(2, 2304, device="cuda", dtype=dtype), st)

@@ -6,17 +6,17 @@ Triton): no shared memory at all, mma.sync in its loop, no spill. Its numbers ar
 import collections
 import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
+pytest.importorskip("triton.experimental.gluon._runtime")
 
 from qtensor import QTensor  # noqa: E402
 from runtime import kernels  # noqa: E402
 from runtime.kernels import mma16  # noqa: E402
+from tests.helpers import gluon_sm90  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -91,27 +91,13 @@ def test_mma16_compiles_without_shared_memory(zero, bn, nw, xs, wa, bias):
     """Without XS no shared memory at all; with XS (x staged once) the loop reads x by ldmatrix and has no barrier;
     WA (weights left, 8 tokens) takes half the mma.sync of the x-left form; BIAS decodes a K pair in two instructions
     (prmt shared by four slots, shift, lop3: no add), so the loop has no packed add at all."""
-    from triton.backends.compiler import GPUTarget
-
     sig = dict(x_ptr="*bf16", qm_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", M="i32", N="i32", K="i32",
                stride_xm="i32", stride_om="i32", stride_ok="i32")
     cx = dict(BN=bn, SPLIT_K=8, NW=nw, GSH=0, HAS_ZERO=zero, FP16=False, KB=3, XS=xs, PF=1, EVF=False, TRIG=False, WA=wa, BM=8 if wa else 16, BIAS=bias, KBP=4)
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
-    k = triton.compile(gluon_rt.GluonASTSource(fn=mma16._mma16_kernel, signature=dict(sig, **{c: "constexpr" for c in cx}),
-                                               constexprs=cx, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+    k, sass, res = gluon_sm90(mma16._mma16_kernel, sig, cx, nw, divisible=[n for n in sig if n != "M"])
     if not xs:
         assert k.metadata.shared == 0
         assert "ld.shared" not in k.asm["ptx"] and "st.shared" not in k.asm["ptx"]
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mma16_{os.getpid()}.cubin")
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    try:
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
-    finally:
-        os.remove(path)
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
     # 8 slots x BN / NW / 8 subtiles of m16n8k16 per block, per warp; words two 8-byte pairs per subtile
     assert ops["HMMA.16816.F32.BF16"] == 8 * bn // nw // (16 if wa else 8)
