@@ -286,7 +286,7 @@ def main():
     ap.add_argument("--gemv16-configs", default="", help="BN,SPLIT_K,KU,warps[,REP[,MAXNREG]];... : gemv16 (M = 1) at each (R: x from registers, E: weights evict-first, P: NVFP4 scales packed, S: int4 codes as subnormals, Q: scales a step ahead (before a dependent launch's wait); MAXNREG: registers a thread may use; -s18 rows: session 18's tiles)")
     ap.add_argument("--w4-paths", default="", help="the w4a16-g128 paths timed beside the default (instead of those of its M)")
     ap.add_argument("--tc-configs", default="", help="BN,SPLIT_K,KU,warps,stages;... : the int4 tensor-core paths (1 < M <= 16) at each")
-    ap.add_argument("--gvs-configs", default="", help="BN,warps,SPLIT_K,CH[,E];... : the Gluon gv16s kernel (int4 sym g128, M = 1, the words staged in shared memory by cp.async, CH blocks a group) at each")
+    ap.add_argument("--gvs-configs", default="", help="BN,warps,SPLIT_K,CH[,E];... : the Gluon gv16s kernel (int4 sym g128 and NVFP4, M = 1, the words staged in shared memory by cp.async, CH blocks a group) at each")
     ap.add_argument("--mma16-configs", default="", help="BN,SPLIT_K,warps[,XE2];... : the Gluon mma16 kernel (int4, M <= 16) at each (X: x through shared memory, E: words evict-first, 2: two blocks ahead, W: weights the left operand, B: the offset through x's row sums, with X)")
     ap.add_argument("--tc-paths", default="dot4,dot4t", help="the paths the --tc-configs sweep runs")
     ap.add_argument("--gemv16-paths", default="gemv16", help="the gemv16 paths the config sweep runs (e.g. gemv16,gemv16-regx)")
@@ -480,14 +480,14 @@ def main():
                         tuning._cache[key] = dict(BN=bn, SPLIT_K=sk, KU=ku, num_warps=w, num_stages=ns)
                         sweep_row(f"int4 {tp} {c}", tp, preps["w4a16-g128"], xs, sname, m, t_bf)
                     tuning._cache.pop(key, None)
-            if m == 1 and a.gvs_configs and "w4a16-g128" in preps:  # the Gluon gv16s kernel (words staged by cp.async)
-                st0 = preps["w4a16-g128"][0][0].state
-                key = weight_only._key(st0, "gv16s", m)
-                for c in a.gvs_configs.split(";"):
-                    bn, nw, sk, ch, *fl = c.split(",")  # a fifth field's letters: E evict-first
-                    tuning._cache[key] = dict(BN=int(bn), NW=int(nw), SPLIT_K=int(sk), CH=int(ch), EVF="E" in (fl[0].upper() if fl else ""))
-                    sweep_row(f"int4 gv16s {c}", "gv16s", preps["w4a16-g128"], xs, sname, m, t_bf)
-                tuning._cache.pop(key, None)
+            for name in ("w4a16-g128", "nvfp4(w only)"):  # the Gluon gv16s kernel (words staged by cp.async), M = 1
+                if m == 1 and a.gvs_configs and name in preps:
+                    key = weight_only._key(preps[name][0][0].state, "gv16s", m)
+                    for c in a.gvs_configs.split(";"):
+                        bn, nw, sk, ch, *fl = c.split(",")  # a fifth field's letters: E evict-first
+                        tuning._cache[key] = dict(BN=int(bn), NW=int(nw), SPLIT_K=int(sk), CH=int(ch), EVF="E" in (fl[0].upper() if fl else ""))
+                        sweep_row(f"{name[:5]} gv16s {c}", "gv16s", preps[name], xs, sname, m, t_bf)
+                    tuning._cache.pop(key, None)
             if m <= 16 and a.mma16_configs and "w4a16-g128" in preps:  # the Gluon mma16 kernel at other tiles (any M <= 16)
                 st0 = preps["w4a16-g128"][0][0].state
                 key = weight_only._key(st0, "mma16", m)

@@ -44,17 +44,23 @@ def test_fits_and_sizing():
     assert gv16s.default_config(4096, 4096) == dict(BN=32, NW=8, SPLIT_K=1, CH=4)
     assert gv16s.default_config(4096, 14336)["SPLIT_K"] == 4
     assert gv16s.smem_bytes(14336, 32, 4) <= gv16s.SMEM_MAX
+    assert gv16s.smem_bytes(4096, 32, 1, fp4=True) - gv16s.smem_bytes(4096, 32, 1) == 32 * 32 * 6  # two words, not a half
+    assert gv16s.default_config(4096, 14336, fp4=True)["SPLIT_K"] == 4
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("nbs,bn,nw,ch,sk", [(32, 32, 8, 4, 1), (28, 32, 8, 4, 4), (32, 64, 4, 8, 1)])
-def test_gv16s_compiles_lean(nbs, bn, nw, ch, sk):
+@pytest.mark.parametrize("nbs,bn,nw,ch,sk,fp4", [(32, 32, 8, 4, 1, False), (28, 32, 8, 4, 4, False), (32, 64, 4, 8, 1, False),
+                                                (32, 32, 8, 4, 1, True), (28, 32, 8, 4, 4, True)])
+def test_gv16s_compiles_lean(nbs, bn, nw, ch, sk, fp4):
     """Compiled for sm_90: at most 64 registers a thread, no stack; the words by cp.async (LDGSTS), all issued before
-    griddepcontrol.wait (ACQBULK in the SASS); one SUB decode a word pair (eight HFMA2 per PTX call)."""
-    sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", out_ptr="*bf16" if sk == 1 else "*fp32", N="i32", stride_ok="i32")
-    cx = dict(NBS=nbs, NBP=triton.next_power_of_2(nbs), BN=bn, NW=nw, CH=ch, SPLIT_K=sk, PDL=True, EVF=False)
+    griddepcontrol.wait (ACQBULK in the SASS); one SUB decode a word pair (eight HFMA2 per PTX call); NVFP4: its block
+    scales converted from e4m3 pairs in the loop (F2FP ... E4M3)."""
+    sig = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*i32" if fp4 else "*fp16", out_ptr="*bf16" if sk == 1 else "*fp32",
+               N="i32", stride_ok="i32", **(dict(gs_ptr="*fp32") if fp4 else {}))
+    cx = dict(NBS=nbs, NBP=triton.next_power_of_2(nbs), BN=bn, NW=nw, CH=ch, SPLIT_K=sk, PDL=True, EVF=False, FP4=fp4,
+              **({} if fp4 else dict(gs_ptr=None)))
     k, sass, res = gluon_sm90(gv16s._gvs_kernel, sig, cx, nw)
-    assert k.metadata.shared <= gv16s.smem_bytes(nbs * 128 * sk, bn, sk) + 4096  # (+ the reduction's scratch)
+    assert k.metadata.shared <= gv16s.smem_bytes(nbs * 128 * sk, bn, sk, fp4) + 4096  # (+ the reduction's scratch)
     assert int(re.search(r"REG:(\d+)", res).group(1)) <= 64
     assert int(re.search(r"STACK:(\d+)", res).group(1)) == 0
     ops = re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
@@ -63,3 +69,4 @@ def test_gv16s_compiles_lean(nbs, bn, nw, ch, sk):
     words_per_thread = nbs * 16 * bn // (nw * 32 * 4)  # 16-byte copies
     assert len(copies) >= words_per_thread and max(copies) < wait
     assert sum(o.startswith("HFMA2") for o in ops) >= 8 * nbs * 2 * bn // (nw * 32) // 2
+    assert any("E4M3" in o for o in ops) is fp4

@@ -409,5 +409,12 @@ def test_gv16s_matches_reference(dtype):
     assert torch.equal(weight_only.matmul(x, st, "gv16s"), base)
     _replays_equal(lambda: weight_only.matmul(x, st, "gv16s"))
     assert "symmetric" in gv16s.fits(kernels.prepare(_random_qt("int4-asym", 256, 1024)).state, x[:, :1024])
+    # NVFP4 (its e4m3 block scales packed, gemv16's FP4 decode), whole K and split
+    fq = _random_qt("nvfp4", 1024, 2304)
+    fst = kernels.prepare(fq).state
+    fref = x.float() @ fq.dequantize(torch.float32).t()
+    for cfg in (dict(BN=32, NW=8, SPLIT_K=1, CH=4), dict(BN=32, NW=8, SPLIT_K=3, CH=2)):
+        y = gv16s.matmul(x, fst, cfg, pdl=0)
+        assert (y.float() - fref).abs().max().item() <= 1e-2 * fref.abs().max().item(), cfg
     with pytest.raises(ValueError, match="gv16s"):
         gv16s.matmul(torch.randn(2, 2304, device="cuda", dtype=dtype), st)

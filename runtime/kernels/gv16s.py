@@ -13,7 +13,8 @@ arithmetic.
 x (after the wait): the program's blocks' pairs (x[j 16 + r], x[(j + 4) 16 + r]) prescaled by a power of two per
 block, the same values gemv16's packing pass makes, into shared memory once, with each row pair's sum for the zero
 point (8: symmetric int4 only) and the inverse prescale. Split-K (long K) writes fp32 partials that weight_only's
-reduce kernel sums. int4, symmetric, groups of 128 channels, no act order, N a multiple of BN (`fits`).
+reduce kernel sums. int4 (symmetric, groups of 128 channels) or NVFP4 (its block scales packed two words a block and
+column, weight_only._spk, gemv16's FP4 decode); no act order; N a multiple of BN (`fits`).
 """
 
 from __future__ import annotations
@@ -24,21 +25,24 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from .launch import cdiv, next_pow2
-from .weight_only import WTYPE_INT, WeightOnlyState, _h2_asm
+from .weight_only import WTYPE_INT, WTYPE_NVFP4, WeightOnlyState, _fp4_asm, _h2_asm, _spk
 
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (Triton 3.6 / 3.8)
 _acopy = getattr(async_copy, "async_copy_global_to_shared", None) or async_copy.async_load
 _H2S = gl.constexpr(_h2_asm(True))
+_FP4 = gl.constexpr(_fp4_asm())
 SMEM_MAX = 112 << 10  # two programs an SM (H100: 227 KiB)
 
 
 def fits(st: WeightOnlyState, x: torch.Tensor) -> str | None:
     """None when gv16s can run this weight and input, else why not."""
-    if st.wtype != WTYPE_INT or st.bits != 4:
-        return "int4 only"
-    if st.zeros is not None:
+    if st.wtype == WTYPE_NVFP4:
+        pass
+    elif st.wtype != WTYPE_INT or st.bits != 4:
+        return "int4 or NVFP4 only"
+    elif st.zeros is not None:
         return "symmetric only"
-    if st.gshift != 0:
+    elif st.gshift != 0:
         return "groups of 128 channels only"
     if st.perm is not None:
         return "act order"
@@ -49,17 +53,18 @@ def fits(st: WeightOnlyState, x: torch.Tensor) -> str | None:
     return None
 
 
-def smem_bytes(k: int, bn: int, sk: int) -> int:
-    """Shared memory of a program: its words, scales, x pairs and per-row sums."""
+def smem_bytes(k: int, bn: int, sk: int, fp4: bool = False) -> int:
+    """Shared memory of a program: its words, scales (NVFP4: two packed words a block and column), x pairs and
+    per-row sums."""
     nbs = cdiv(k // 128, sk)
     nbp = next_pow2(nbs)
-    return nbp * 16 * bn * 4 + nbp * bn * 2 + nbp * 64 * 4 + 2 * nbp * 8 * 4
+    return nbp * 16 * bn * 4 + nbp * bn * (8 if fp4 else 2) + nbp * 64 * 4 + 2 * nbp * 8 * 4
 
 
-def default_config(n: int, k: int) -> dict:
+def default_config(n: int, k: int, fp4: bool = False) -> dict:
     """32 columns on 8 warps (a warp a word row), the K range split so that a program's words stay under SMEM_MAX."""
     sk = 1
-    while smem_bytes(k, 32, sk) > SMEM_MAX:
+    while smem_bytes(k, 32, sk, fp4) > SMEM_MAX:
         sk *= 2
     return dict(BN=32, NW=8, SPLIT_K=sk, CH=4)
 
@@ -84,12 +89,31 @@ def _bc(v, like):
 
 
 @gluon.jit
+def _e4m3x2(w, HI: gl.constexpr):
+    """The e4m3 pair in w's low (HI False) or high half-word as an fp16 pair, exactly."""
+    if HI:
+        return gl.inline_asm_elementwise(asm="{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.rn.f16x2.e4m3x2 $0, h; }",
+                                         constraints="=r,r", args=[w], dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        return gl.inline_asm_elementwise(asm="{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.rn.f16x2.e4m3x2 $0, l; }",
+                                         constraints="=r,r", args=[w], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _bcc(v, like):
+    """v [BN] (a column's value) broadcast over like's rows."""
+    a, _ = gl.broadcast(v[None, :], like)
+    return a
+
+
+@gluon.jit
 def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
                 NBS: gl.constexpr, NBP: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr, CH: gl.constexpr,
-                SPLIT_K: gl.constexpr, PDL: gl.constexpr, EVF: gl.constexpr):
+                SPLIT_K: gl.constexpr, PDL: gl.constexpr, EVF: gl.constexpr, FP4: gl.constexpr = False, gs_ptr=None):
     """out [N] (SPLIT_K 1) or fp32 partials [SPLIT_K, N] = x . W^T over program (0)'s BN columns and program (1)'s NBS
     blocks. PDL: launched as a programmatic dependent launch: the next kernel may launch at once, and this one's
-    copies of words and scales go out before it waits for the previous kernel."""
+    copies of words and scales go out before it waits for the previous kernel. FP4 (NVFP4): s_ptr holds the block
+    scales packed two words a block and column (weight_only._spk), gs_ptr the global scale; gemv16's FP4 decode."""
     if PDL:
         _gdc("griddepcontrol.launch_dependents; // $0")
     n0 = gl.program_id(0) * BN
@@ -100,15 +124,20 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
     flat1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     wsm = gl.allocate_shared_memory(gl.int32, [NBP * 16, BN], flat2)  # (power-of-two shapes)
-    ssm = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [NBP, BN], flat2)
-
     # the copies: scales (group 0), then the words in NCH groups of CH blocks
-    cs: gl.constexpr = gl.BlockedLayout([1, 8], [256 // BN, BN // 8], [NW, 1], [1, 0])
-    sr = gl.arange(0, NBP, layout=gl.SliceLayout(1, cs))
-    sn = gl.arange(0, BN, layout=gl.SliceLayout(0, cs))
-    _acopy(ssm, s_ptr + (b0 + sr)[:, None] * N + (n0 + sn)[None, :], mask=(sr < NBS)[:, None] & (sn < BN)[None, :])
-    async_copy.commit_group()
     cw: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BN, BN // 4], [NW, 1], [1, 0])
+    if FP4:  # [2 NBP, BN] int32: block b's two packed words at rows 2 b, 2 b + 1
+        ssm = gl.allocate_shared_memory(gl.int32, [NBP * 2, BN], flat2)
+        sr = gl.arange(0, NBP * 2, layout=gl.SliceLayout(1, cw))
+        sn = gl.arange(0, BN, layout=gl.SliceLayout(0, cw))
+        _acopy(ssm, s_ptr + (b0 * 2 + sr)[:, None] * N + (n0 + sn)[None, :], mask=(sr < NBS * 2)[:, None] & (sn < BN)[None, :])
+    else:  # [NBP, BN] 16-bit floats
+        ssm = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [NBP, BN], flat2)
+        cs: gl.constexpr = gl.BlockedLayout([1, 8], [256 // BN, BN // 8], [NW, 1], [1, 0])
+        sr = gl.arange(0, NBP, layout=gl.SliceLayout(1, cs))
+        sn = gl.arange(0, BN, layout=gl.SliceLayout(0, cs))
+        _acopy(ssm, s_ptr + (b0 + sr)[:, None] * N + (n0 + sn)[None, :], mask=(sr < NBS)[:, None] & (sn < BN)[None, :])
+    async_copy.commit_group()
     cr = gl.arange(0, CH * 16, layout=gl.SliceLayout(1, cw))
     cn = gl.arange(0, BN, layout=gl.SliceLayout(0, cw))
     wofs = (b0 * 16 + cr)[:, None] * N + (n0 + cn)[None, :]
@@ -149,11 +178,16 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
     am = gl.maximum(am, gl.maximum(gl.maximum(gl.maximum(gl.abs(u0), gl.abs(v0)), gl.maximum(gl.abs(u1), gl.abs(v1))),
                                    gl.maximum(gl.maximum(gl.abs(u2), gl.abs(v2)), gl.maximum(gl.abs(u3), gl.abs(v3)))))
     amax = gl.max(am, axis=1)
-    # the prescale 2^(fb - 127) with |x| up < 2^15 (weight_only._prescale_bits at SUB's 269), its inverse exactly
-    fb = gl.minimum(gl.maximum(269 - ((amax.to(gl.int32, bitcast=True) >> 23) & 255), 1), 253)
+    # the prescale 2^(fb - 127) with |x| up < 2^15 (weight_only._prescale_bits at SUB's 269; NVFP4's 267), its inverse
+    UPX: gl.constexpr = 267 if FP4 else 269
+    fb = gl.minimum(gl.maximum(UPX - ((amax.to(gl.int32, bitcast=True) >> 23) & 255), 1), 253)
     up = (fb << 23).to(gl.float32, bitcast=True)[:, None]
-    uo = up * 0.0625  # the 0x00F0 nibbles' pairs (j = 1, 3) / 16
-    dnm = ((254 - fb) << 23).to(gl.float32, bitcast=True)[:, None] * 16777216.0
+    if FP4:
+        uo = up
+        dnm = ((254 - fb) << 23).to(gl.float32, bitcast=True)[:, None]
+    else:
+        uo = up * 0.0625  # the 0x00F0 nibbles' pairs (j = 1, 3) / 16
+        dnm = ((254 - fb) << 23).to(gl.float32, bitcast=True)[:, None] * 16777216.0
     sx = ((((l0 + h0) + (l1 + h1)) + ((l2 + h2) + (l3 + h3))) + (((u0 + v0) + (u1 + v1)) + ((u2 + v2) + (u3 + v3)))) \
         * (up * 5.960464477539063e-08)
     xq = gl.allocate_shared_memory(gl.int32, [8 * NBP, 8], flat2)
@@ -177,7 +211,7 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
     w3 = wsm._reinterpret(gl.int32, [NBP * 2, 8, BN], flat2)
     xr1 = xq._reinterpret(gl.int32, [8 * NBP, 8], flat1)
     ar1 = aux._reinterpret(gl.float32, [2 * NBP, 8], flat1)
-    sr1 = ssm._reinterpret(s_ptr.dtype.element_ty, [NBP, BN], flat1)
+    sr1 = ssm._reinterpret(gl.int32 if FP4 else s_ptr.dtype.element_ty, [NBP * 2 if FP4 else NBP, BN], flat1)
     acc = gl.zeros([8, BN], gl.float32, layout=lw)
     for c in gl.static_range(NCH):
         async_copy.wait_group(NCH - 1 - c)  # this thread's copies of chunk c are in (and the scales)
@@ -186,18 +220,30 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
             b = c * CH + j
             ca = w3.index(2 * b).load(lw)
             cb = w3.index(2 * b + 1).load(lw)
-            part = gl.inline_asm_elementwise(
-                asm=_H2S, constraints="=r,r,r,r,r,r,r,r,r,r,r",
-                args=[ca, cb, _bc(xr1.index(0 * NBP + b).load(lr), ca), _bc(xr1.index(1 * NBP + b).load(lr), ca),
-                      _bc(xr1.index(2 * NBP + b).load(lr), ca), _bc(xr1.index(3 * NBP + b).load(lr), ca),
-                      _bc(xr1.index(4 * NBP + b).load(lr), ca), _bc(xr1.index(5 * NBP + b).load(lr), ca),
-                      _bc(xr1.index(6 * NBP + b).load(lr), ca), _bc(xr1.index(7 * NBP + b).load(lr), ca)],
-                dtype=gl.float32, is_pure=True, pack=1)
-            zsx = ar1.index(b).load(lr)
+            q0, q1 = _bc(xr1.index(0 * NBP + b).load(lr), ca), _bc(xr1.index(1 * NBP + b).load(lr), ca)
+            q2, q3 = _bc(xr1.index(2 * NBP + b).load(lr), ca), _bc(xr1.index(3 * NBP + b).load(lr), ca)
+            q4, q5 = _bc(xr1.index(4 * NBP + b).load(lr), ca), _bc(xr1.index(5 * NBP + b).load(lr), ca)
+            q6, q7 = _bc(xr1.index(6 * NBP + b).load(lr), ca), _bc(xr1.index(7 * NBP + b).load(lr), ca)
             dn = ar1.index(NBP + b).load(lr)
-            s = sr1.index(b).load(lc).to(gl.float32)
-            acc += (part - zsx[:, None]) * (dn[:, None] * s[None, :])
+            if FP4:  # the scale pairs (j, j + 4) of each column: (e0, e4) (e1, e5) in word A, (e2, e6) (e3, e7) in B
+                pa = sr1.index(2 * b).load(lc)
+                pb = sr1.index(2 * b + 1).load(lc)
+                part = gl.inline_asm_elementwise(
+                    asm=_FP4, constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    args=[ca, cb, q0, q1, q2, q3, q4, q5, q6, q7, _bcc(_e4m3x2(pa, False), ca), _bcc(_e4m3x2(pa, True), ca),
+                          _bcc(_e4m3x2(pb, False), ca), _bcc(_e4m3x2(pb, True), ca)],
+                    dtype=gl.float32, is_pure=True, pack=1)
+                acc += part * dn[:, None]
+            else:
+                part = gl.inline_asm_elementwise(asm=_H2S, constraints="=r,r,r,r,r,r,r,r,r,r,r",
+                                                 args=[ca, cb, q0, q1, q2, q3, q4, q5, q6, q7],
+                                                 dtype=gl.float32, is_pure=True, pack=1)
+                zsx = ar1.index(b).load(lr)
+                s = sr1.index(b).load(lc).to(gl.float32)
+                acc += (part - zsx[:, None]) * (dn[:, None] * s[None, :])
     y = gl.sum(acc, axis=0)
+    if FP4:  # the decode's 2^-14 and the global scale
+        y = y * (gl.load(gs_ptr) * 16384.0)
     on = n0 + gl.arange(0, BN, layout=lc)
     if SPLIT_K == 1:
         gl.store(out_ptr + on, y.to(out_ptr.dtype.element_ty))
@@ -214,7 +260,8 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None, pdl: 
     if why:
         raise ValueError(f"gv16s: {why}")
     n, k = st.n, st.k
-    cfg = cfg or default_config(n, k)
+    fp4 = st.wtype == WTYPE_NVFP4
+    cfg = cfg or default_config(n, k, fp4)
     bn, nw, sk, ch = cfg["BN"], cfg.get("NW", 8), cfg.get("SPLIT_K", 1), cfg.get("CH", 4)
     nb = k // 128
     if n % bn or bn % 32 or 8 % nw or nb % sk:
@@ -223,15 +270,15 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None, pdl: 
     ch = min(next_pow2(ch), next_pow2(nbs))
     while nbs % ch:  # a power of two dividing the split's blocks
         ch //= 2
-    if smem_bytes(k, bn, sk) > 200 << 10:
-        raise ValueError(f"gv16s: {smem_bytes(k, bn, sk)} bytes of shared memory (raise SPLIT_K)")
+    if smem_bytes(k, bn, sk, fp4) > 200 << 10:
+        raise ValueError(f"gv16s: {smem_bytes(k, bn, sk, fp4)} bytes of shared memory (raise SPLIT_K)")
     x2 = x2.contiguous()
     out = torch.empty(1, n, dtype=x2.dtype, device=x2.device)
     dst = out if sk == 1 else torch.empty(sk, 1, n, dtype=torch.float32, device=x2.device)
     pdl = _pdl_for(st, x2) if pdl is None else pdl
-    _gvs_kernel[(n // bn, sk)](x2, st.qw, st.scales, dst, n, n, NBS=nbs, NBP=next_pow2(nbs), BN=bn, NW=nw, CH=ch,
-                               SPLIT_K=sk, PDL=bool(pdl), EVF=cfg.get("EVF", False), num_warps=nw,
-                               **(dict(launch_pdl=True) if pdl else {}))
+    _gvs_kernel[(n // bn, sk)](x2, st.qw, _spk(st) if fp4 else st.scales, dst, n, n, NBS=nbs, NBP=next_pow2(nbs), BN=bn,
+                               NW=nw, CH=ch, SPLIT_K=sk, PDL=bool(pdl), EVF=cfg.get("EVF", False), FP4=fp4,
+                               gs_ptr=st.global_scale if fp4 else None, num_warps=nw, **(dict(launch_pdl=True) if pdl else {}))
     if sk > 1:
         _reduce(dst, out, n, sk, pdl=_pdl_dev(x2))
     return out
