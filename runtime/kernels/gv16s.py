@@ -82,6 +82,16 @@ def _pack(a, b):
 
 
 @gluon.jit
+def _fmax(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def _fadd(a, b):
+    return a + b
+
+
+@gluon.jit
 def _bc(v, like):
     """v [8] (a row's value) broadcast over like's columns."""
     a, _ = gl.broadcast(v[:, None], like)
@@ -177,7 +187,8 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
                     gl.maximum(gl.maximum(gl.abs(l2), gl.abs(h2)), gl.maximum(gl.abs(l3), gl.abs(h3))))
     am = gl.maximum(am, gl.maximum(gl.maximum(gl.maximum(gl.abs(u0), gl.abs(v0)), gl.maximum(gl.abs(u1), gl.abs(v1))),
                                    gl.maximum(gl.maximum(gl.abs(u2), gl.abs(v2)), gl.maximum(gl.abs(u3), gl.abs(v3)))))
-    amax = gl.max(am, axis=1)
+    amax = gl.reduce(am, 1, _fmax)  # (not gl.max / gl.sum: their combine functions are Triton's, interpreted ones
+    # where the interpreter is on in the same process, as in the CPU test suite)
     # the prescale 2^(fb - 127) with |x| up < 2^15 (weight_only._prescale_bits at SUB's 269; NVFP4's 267), its inverse
     UPX: gl.constexpr = 267 if FP4 else 269
     fb = gl.minimum(gl.maximum(UPX - ((amax.to(gl.int32, bitcast=True) >> 23) & 255), 1), 253)
@@ -241,7 +252,7 @@ def _gvs_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, stride_ok,
                 zsx = ar1.index(b).load(lr)
                 s = sr1.index(b).load(lc).to(gl.float32)
                 acc += (part - zsx[:, None]) * (dn[:, None] * s[None, :])
-    y = gl.sum(acc, axis=0)
+    y = gl.reduce(acc, 0, _fadd)
     if FP4:  # the decode's 2^-14 and the global scale
         y = y * (gl.load(gs_ptr) * 16384.0)
     on = n0 + gl.arange(0, BN, layout=lc)
