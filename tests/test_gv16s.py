@@ -46,6 +46,7 @@ def test_fits_and_sizing():
     assert gv16s.smem_bytes(14336, 32, 4) <= gv16s.SMEM_MAX
     assert gv16s.smem_bytes(4096, 32, 1, fp4=True) - gv16s.smem_bytes(4096, 32, 1) == 32 * 32 * 6  # two words, not a half
     assert gv16s.default_config(4096, 14336, fp4=True)["SPLIT_K"] == 4
+    assert gv16s.default_config(4096, 11008)["SPLIT_K"] == 43  # 86 blocks: 1 and 2 splits too big, 43 the next divisor
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="Triton without its CUDA tools")

@@ -46,6 +46,8 @@ def fits(st: WeightOnlyState, x: torch.Tensor) -> str | None:
         return "groups of 128 channels only"
     if st.perm is not None:
         return "act order"
+    if st.k % 128:
+        return "K not a multiple of 128"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return "x must be fp16 or bf16"
     if x.shape[0] != 1:
@@ -62,10 +64,10 @@ def smem_bytes(k: int, bn: int, sk: int, fp4: bool = False) -> int:
 
 
 def default_config(n: int, k: int, fp4: bool = False) -> dict:
-    """32 columns on 8 warps (a warp a word row), the K range split so that a program's words stay under SMEM_MAX."""
-    sk = 1
-    while smem_bytes(k, 32, sk, fp4) > SMEM_MAX:
-        sk *= 2
+    """32 columns on 8 warps (a warp a word row), the K range in the fewest equal splits that keep a program's shared
+    memory under SMEM_MAX."""
+    nb = k // 128
+    sk = next(d for d in range(1, nb + 1) if nb % d == 0 and smem_bytes(k, 32, d, fp4) <= SMEM_MAX)
     return dict(BN=32, NW=8, SPLIT_K=sk, CH=4)
 
 

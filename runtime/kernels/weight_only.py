@@ -1798,6 +1798,23 @@ def _clu_for(x: torch.Tensor) -> bool:
 MMA16_DEFAULT = os.environ.get("QTOOL_MMA16", "0") == "1"
 
 
+# gv16s (Gluon, gv16s.py: M = 1 with each program's words staged in shared memory by cp.async) where it runs;
+# QTOOL_GV16S=1 makes it the default there (session 22: written and compiled, not yet timed on a GPU)
+GV16S_DEFAULT = os.environ.get("QTOOL_GV16S", "0") == "1"
+
+
+def gv16s_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
+    """int4 symmetric g128 or NVFP4, one row of fp16 / bf16 x on an sm_90+ GPU (cp.async before a dependent launch's
+    wait), N a multiple of the default tile, and a Triton with Gluon."""
+    if x.device.type != "cuda" or tuning.interpreting() or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    try:
+        from . import gv16s
+    except ImportError:  # a Triton without Gluon
+        return False
+    return gv16s.fits(st, x) is None and st.n % gv16s.default_config(st.n, st.k, st.wtype == WTYPE_NVFP4)["BN"] == 0
+
+
 def mma16_fits(st: WeightOnlyState, x: torch.Tensor) -> bool:
     """int4 with groups of 128 channels or more, no act order, x fp16 / bf16 of at most 16 rows on an sm_80+ GPU,
     N a multiple of the default tile, and a Triton with Gluon."""
@@ -1983,6 +2000,8 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
     if path is None:
         if MMA16_DEFAULT and m <= 16 and mma16_fits(st, x2):
             path = "mma16"
+        elif GV16S_DEFAULT and m == 1 and gv16s_fits(st, x2):
+            path = "gv16s"
         elif m == 1 and GEMV16_DEFAULT and gemv16_fits(st, x2) and (
                 tuning.interpreting() or _h2_ok(x2.device, "nvfp4" if st.wtype == WTYPE_NVFP4 else "int4")):
             path = "gemv16"
