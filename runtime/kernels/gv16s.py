@@ -277,7 +277,7 @@ def matmul(x2: torch.Tensor, st: WeightOnlyState, cfg: dict | None = None, pdl: 
     cfg = cfg or default_config(n, k, fp4)
     bn, nw, sk, ch = cfg["BN"], cfg.get("NW", 8), cfg.get("SPLIT_K", 1), cfg.get("CH", 4)
     nb = k // 128
-    if n % bn or bn % 32 or 8 % nw or nb % sk:
+    if n % bn or bn not in (32, 64, 128) or 8 % nw or nb % sk:
         raise ValueError(f"gv16s: N {n} / BN {bn} / {nw} warps / {nb} blocks in {sk} splits do not fit the tile")
     nbs = nb // sk
     ch = min(next_pow2(ch), next_pow2(nbs))
