@@ -2080,7 +2080,7 @@ def matmul(x: torch.Tensor, st: WeightOnlyState, path: str | None = None) -> tor
                 default = dict(default, BN=32, num_warps=2, KU=1)
                 configs = [c for c in configs if c["BN"] == 32]
         y = run(tuning.pick(_key(st, path, m), configs, run, default=default))
-    elif path == "gv16s":  # Gluon, M = 1: the words staged in shared memory by cp.async (gv16s.py; forced only)
+    elif path == "gv16s":  # Gluon, M = 1: the words staged in shared memory by cp.async (gv16s.py; default: QTOOL_GV16S=1)
         from . import gv16s
 
         y = gv16s.matmul(x2, st, tuning._cache.get(_key(st, path, m)))
